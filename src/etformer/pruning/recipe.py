@@ -1,0 +1,240 @@
+"""The pruning recipe: dense fine-tune -> regularize (or prune gradually) -> hard prune -> retrain with masks fixed.
+
+Methods:
+    rgl      reweighted group lasso over each matrix's pattern groups, then hard prune (E.T.'s method)
+    oneshot  one-shot magnitude prune by the pattern, then masked retrain (baseline)
+    gmp      gradual magnitude pruning on the cubic schedule s_t = s_f (1 - (1 - t/T)^3), then retrain (baseline)
+
+Training signal: a model with a task head trains on the task's labels; a bare encoder (an embedding model such as
+all-MiniLM-L6-v2) distils itself — the dense model's token states and mean-pooled embeddings are the targets.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..data import load_split, task_spec
+from ..errors import EtformerError
+from ..evaluate import batches, mean_pool
+from ..models import base_model, encoder_linears, has_task_head
+from .patterns import make_mask, mask_sparsity
+from .plan import PruningPlan
+from .regularizers import ReweightedGroupLasso
+
+METHODS = ("rgl", "oneshot", "gmp")
+
+
+@dataclass
+class RecipeConfig:
+    plan: PruningPlan
+    task: str
+    method: str = "rgl"
+    dense_epochs: float = 0.0
+    epochs: float = 1.0  # length of each sparse stage (regularize or gradual prune; retrain), in passes over the data
+    lr: float = 5e-5
+    lam: float = 2e-4
+    eps: float = 1e-3
+    refresh_every: int = 25
+    batch_size: int = 32
+    max_len: int = 128
+    max_steps: int | None = None  # caps every stage (smoke runs, CPU demo)
+    train_limit: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    glue_dir: str | None = None
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise EtformerError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        task_spec(self.task)
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.dense_epochs < 0 or self.lam < 0:
+            raise EtformerError("lr and batch size must be positive; epochs and lambda must not be negative")
+
+
+class MaskKeeper:
+    """Holds the masks of the pruned matrices and keeps their zeros at zero through any optimizer.
+
+    Gradients of pruned weights are zeroed by a hook, and after every optimizer step the weights are multiplied by
+    their mask again, so neither momentum nor weight decay can revive a pruned weight.
+    """
+
+    def __init__(self, masks: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]):
+        self.masks = masks
+        self.hooks = [p.register_hook(lambda g, m=m: g * m.to(g.dtype)) for p, m in masks.values()]
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, m in self.masks.values():
+            p.mul_(m.to(p.dtype))
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def prunable(model, plan: PruningPlan) -> dict[str, tuple[str, torch.nn.Parameter]]:
+    """name -> (kind, weight) for the matrices the plan prunes (sparsity > 0)."""
+    return {n: (k, lin.weight) for n, (k, _, lin) in encoder_linears(model).items() if plan.sparsity(k) > 0}
+
+
+def hard_masks(model, plan: PruningPlan, scale: float = 1.0) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor]]:
+    out = {}
+    for name, (kind, w) in prunable(model, plan).items():
+        out[name] = (w, make_mask(w, plan.pattern(kind), plan.sparsity(kind) * scale))
+    return out
+
+
+def _training_items(cfg: RecipeConfig, distill: bool) -> list[tuple]:
+    spec = task_spec(cfg.task)
+    ex = load_split(spec.name, "train", cfg.glue_dir)
+    rng = random.Random(cfg.seed)
+    if cfg.train_limit:
+        ex = rng.sample(ex, min(cfg.train_limit, len(ex)))
+    if distill:  # sentences one by one, as an embedding model sees them
+        items = sorted({t for e in ex for t in e.texts})
+        return [((t,), None) for t in items]
+    return [(e.texts, e.label) for e in ex]
+
+
+class _Trainer:
+    def __init__(self, model, tok, cfg: RecipeConfig, on_step: Callable | None):
+        self.model, self.tok, self.cfg, self.on_step = model, tok, cfg, on_step
+        self.distill = not has_task_head(model)
+        self.teacher = copy.deepcopy(base_model(model)).eval().requires_grad_(False) if self.distill else None
+        self.items = _training_items(cfg, self.distill)
+        self.rng = random.Random(cfg.seed)
+        self.spec = task_spec(cfg.task)
+        self.use_amp = torch.device(cfg.device).type == "cuda"
+
+    def steps_for(self, epochs: float) -> int:
+        n = math.ceil(epochs * len(self.items) / self.cfg.batch_size)
+        return min(n, self.cfg.max_steps) if self.cfg.max_steps is not None else n
+
+    def _batches(self):
+        while True:
+            order = list(range(len(self.items)))
+            self.rng.shuffle(order)
+            for i in range(0, len(order) - self.cfg.batch_size + 1 if len(order) >= self.cfg.batch_size else 1,
+                           self.cfg.batch_size):
+                chunk = [self.items[j] for j in order[i: i + self.cfg.batch_size]]
+                batch = next(batches(self.tok, [c[0] for c in chunk], len(chunk), self.cfg.max_len, self.cfg.device))
+                yield batch, [c[1] for c in chunk]
+
+    def loss(self, batch, labels) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
+            if self.distill:
+                s = base_model(self.model)(**batch).last_hidden_state.float()
+                with torch.no_grad():
+                    t = self.teacher(**batch).last_hidden_state.float()
+                m = batch["attention_mask"].unsqueeze(-1).float()
+                token = ((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1])
+                emb = 1 - F.cosine_similarity(mean_pool(s, batch["attention_mask"]), mean_pool(t, batch["attention_mask"])).mean()
+                return token + emb
+            logits = self.model(**batch).logits.float()
+            if self.spec.is_regression:
+                return F.mse_loss(logits.squeeze(-1), torch.tensor(labels, dtype=torch.float32, device=logits.device))
+            return F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+
+    def run(self, stage: str, steps: int, *, reg: ReweightedGroupLasso | None = None, keeper: MaskKeeper | None = None,
+            on_tick: Callable[[int], None] | None = None) -> None:
+        if steps <= 0:
+            return
+        self.model.train()
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr, weight_decay=0.01)
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to zero
+            opt, lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm)))
+        it = self._batches()
+        for step in range(steps):
+            if on_tick:
+                on_tick(step)
+            batch, labels = next(it)
+            loss = self.loss(batch, labels)
+            task_loss = float(loss.detach())
+            if reg is not None:
+                reg.step(step)
+                loss = loss + reg.penalty()
+            if not math.isfinite(float(loss.detach())):
+                raise EtformerError(f"{stage}: the loss became {float(loss)} at step {step}; lower --lr or --lam")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if keeper is not None:
+                keeper.apply()
+            self.cfg.history.append({"stage": stage, "step": step, "loss": task_loss, "total": float(loss.detach())})
+            if self.on_step:
+                self.on_step(stage, step + 1, steps, task_loss)
+        self.model.eval()
+
+
+def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, on_stage: Callable | None = None) -> dict:
+    """Prune `model` in place by cfg.plan with cfg.method. Returns the final masks: name -> bool tensor."""
+    torch.manual_seed(cfg.seed)
+    model.to(cfg.device)
+    tr = _Trainer(model, tok, cfg, on_step)
+    plan = cfg.plan
+    say = on_stage or (lambda *_: None)
+
+    if cfg.dense_epochs > 0:
+        if tr.distill:
+            say("dense fine-tune skipped: a bare encoder has no labels to fine-tune on (it is its own teacher)")
+        else:
+            tr.run("dense", tr.steps_for(cfg.dense_epochs))
+            if tr.teacher is not None:
+                tr.teacher.load_state_dict(base_model(model).state_dict())
+
+    n = tr.steps_for(cfg.epochs)
+    if cfg.method == "rgl":
+        params = {name: (w, plan.pattern(kind)) for name, (kind, w) in prunable(model, plan).items()}
+        reg = ReweightedGroupLasso(params, cfg.lam, cfg.eps, cfg.refresh_every)
+        tr.run("regularize", n, reg=reg)
+        masks = hard_masks(model, plan)
+    elif cfg.method == "oneshot":
+        masks = hard_masks(model, plan)
+    else:  # gmp: cubic schedule from 0 to the target, masks re-chosen every `interval` steps
+        interval = max(1, n // 10)
+        state = {"keeper": None}
+
+        def tick(step):
+            if step % interval == 0:
+                frac = 1 - (1 - min(1.0, step / max(1, n - interval))) ** 3
+                if state["keeper"]:
+                    state["keeper"].remove()
+                state["keeper"] = MaskKeeper(hard_masks(model, plan, scale=frac))
+
+        tr.run("gradual", n, on_tick=tick)
+        if state["keeper"]:
+            state["keeper"].remove()
+        masks = hard_masks(model, plan)
+
+    keeper = MaskKeeper(masks)  # zeros the pruned weights now
+    tr.run("retrain", n, keeper=keeper)
+    keeper.apply()
+    keeper.remove()
+    return {name: m for name, (_, m) in masks.items()}
+
+
+def sparsity_report(model, plan: PruningPlan) -> dict[str, dict]:
+    """Per matrix: kind, pattern, element sparsity, and the fraction of whole (plan.tile) tiles that are zero."""
+    from .patterns import Pattern, group_norms
+
+    tile_pat = Pattern("tile", tile=plan.tile)
+    out = {}
+    for name, (kind, layer, lin) in encoder_linears(model).items():
+        w = lin.weight.detach()
+        tiles_zero = float((group_norms(w.float(), tile_pat) == 0).float().mean())
+        out[name] = {"kind": kind, "layer": layer, "pattern": plan.matrices[kind].pattern,
+                     "target": plan.sparsity(kind), "sparsity": mask_sparsity(w != 0), "tile_sparsity": tiles_zero,
+                     "shape": list(w.shape)}
+    return out

@@ -1,0 +1,40 @@
+"""The reweighted group lasso: lambda * sum_g ||W_g||_2 / (||W_g^prev||_2 + eps), over each pattern's groups.
+
+The denominators are frozen copies of the group norms, refreshed every `refresh_every` steps: groups that are
+already small get a large weight and are pushed to exactly zero, large groups are left nearly alone. This is the
+reweighted l1 idea (Candes, Wakin and Boyd) applied to groups, as E.T. uses it for tensor tiles.
+"""
+from __future__ import annotations
+
+import torch
+
+from .patterns import Pattern, group_norms
+
+
+class ReweightedGroupLasso:
+    def __init__(self, params: dict[str, tuple[torch.nn.Parameter, Pattern]], lam: float, eps: float = 1e-3,
+                 refresh_every: int = 50):
+        if lam < 0 or eps <= 0 or refresh_every < 1:
+            raise ValueError("need lam >= 0, eps > 0 and refresh_every >= 1")
+        self.params = params
+        self.lam, self.eps, self.refresh_every = float(lam), float(eps), int(refresh_every)
+        self.prev: dict[str, torch.Tensor] = {}
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        self.prev = {n: group_norms(p.detach().float(), pat) for n, (p, pat) in self.params.items()}
+
+    def step(self, step: int) -> None:
+        """Call once per optimizer step (0-based) before computing the penalty."""
+        if step > 0 and step % self.refresh_every == 0:
+            self.refresh()
+
+    def penalty(self) -> torch.Tensor:
+        total = None
+        for n, (p, pat) in self.params.items():
+            term = (group_norms(p.float(), pat) / (self.prev[n] + self.eps)).sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return self.lam * total
