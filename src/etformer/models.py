@@ -44,6 +44,9 @@ class Family:
     model_types: tuple[str, ...]
     layers: str  # attribute path from the base model to the ModuleList of layers
     names: dict  # kind -> relative module name
+    ln_attn: str = "attention.output.LayerNorm"  # LayerNorm after attention (relative to a layer)
+    ln_out: str = "output.LayerNorm"  # LayerNorm after the FFN
+    token_types: bool = True  # embeddings have token_type_embeddings
 
 
 BERT = Family(
@@ -57,6 +60,7 @@ DISTILBERT = Family(
     "transformer.layer",
     {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
      "o": "attention.out_lin", "ffn_in": "ffn.lin1", "ffn_out": "ffn.lin2"},
+    ln_attn="sa_layer_norm", ln_out="output_layer_norm", token_types=False,
 )
 FAMILIES = (BERT, DISTILBERT)
 

@@ -132,6 +132,9 @@ def make_mask(w: torch.Tensor, p: Pattern, sparsity: float, scores: torch.Tensor
         keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, order[:, : p.n], True)
         return _expand(keep, w, p)
     sc = group_norms(wf, p) if scores is None else scores.float()
+    if p.name.startswith("tile"):
+        size = group_sizes(w.shape, p)
+        sc = sc / size.sqrt()  # RMS: an overhanging edge tile is judged by its real weights, not its padding
     if p.name == "tile_balanced":
         bm, bk = p.tile
         nbr, nbc = -(-w.shape[0] // bm), -(-w.shape[1] // bk)
@@ -139,9 +142,29 @@ def make_mask(w: torch.Tensor, p: Pattern, sparsity: float, scores: torch.Tensor
         k = int(round(s * nbc))
         off = torch.stack([_lowest(sc2[r], k) for r in range(nbr)]) if nbr else sc2.bool()
         return _expand(~off.flatten(), w, p)
+    if p.name == "tile":  # prune lowest-RMS tiles until the pruned element count is nearest the target
+        order = torch.argsort(sc, stable=True)
+        cum = torch.cumsum(size[order], 0)
+        target = s * w.numel()
+        k = int(torch.argmin((torch.cat([cum.new_zeros(1), cum]) - target).abs()))
+        off = torch.zeros_like(sc, dtype=torch.bool)
+        off[order[:k]] = True
+        return _expand(~off, w, p)
     k = int(round(s * sc.numel()))
     return _expand(~_lowest(sc, k), w, p)
 
 
+def group_sizes(shape, p: Pattern) -> torch.Tensor:
+    """Number of real (unpadded) weights in each tile group, [G] float."""
+    o, i = shape
+    bm, bk = p.tile
+    nbr, nbc = -(-o // bm), -(-i // bk)
+    rows = torch.full((nbr,), float(bm))
+    rows[-1] = o - bm * (nbr - 1)
+    cols = torch.full((nbc,), float(bk))
+    cols[-1] = i - bk * (nbc - 1)
+    return (rows[:, None] * cols[None, :]).flatten()
+
+
 def mask_sparsity(mask: torch.Tensor) -> float:
-    return 1.0 - float(mask.float().mean())
+    return 1.0 - int(mask.count_nonzero()) / max(1, mask.numel())

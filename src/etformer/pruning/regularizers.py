@@ -23,7 +23,7 @@ class ReweightedGroupLasso:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        self.prev = {n: group_norms(p.detach().float(), pat) for n, (p, pat) in self.params.items()}
+        self.prev = {n: group_norms(_acc(p.detach()), pat) for n, (p, pat) in self.params.items()}
 
     def step(self, step: int) -> None:
         """Call once per optimizer step (0-based) before computing the penalty."""
@@ -33,8 +33,13 @@ class ReweightedGroupLasso:
     def penalty(self) -> torch.Tensor:
         total = None
         for n, (p, pat) in self.params.items():
-            term = (group_norms(p.float(), pat) / (self.prev[n] + self.eps)).sum()
+            term = (group_norms(_acc(p), pat) / (self.prev[n] + self.eps)).sum()
             total = term if total is None else total + term
         if total is None:
             return torch.zeros(())
         return self.lam * total
+
+
+def _acc(p: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for the norms (fp16/bf16 weights), and fp64 kept as it is."""
+    return p.to(torch.promote_types(p.dtype, torch.float32))

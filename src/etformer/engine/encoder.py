@@ -1,0 +1,261 @@
+"""ETEncoder: a BERT-family encoder run as fused etformer operators, padding-free, CUDA-graphed for small batches.
+
+    input_ids, attention_mask (B, S)
+      -> unpad once: packed tokens (T,), cu_seqlens (B+1,), max_seqlen        [host: one small sync]
+      -> embeddings: word + position + type, then LayerNorm                    # (T, d)
+      -> per layer (post-LN, as BERT):
+           qkv = X W_qkv^T + b      one tile-sparse launch into a (T, 3d) buffer (V compact if row-pruned)
+           ctx = attention(qkv)     on the fly, varlen, heads read in place   # (T, H*DV)
+           h   = LN(ctx W_O^T + b_O + X)                                      # fused add + LayerNorm
+           f   = GELU(h W_1^T + b_1)                                          # GELU in the GEMM epilogue
+           X   = LN(f W_2^T + b_2 + h)
+      -> pad once: last_hidden_state (B, S, d), zeros at padded positions
+
+Each matrix runs on the tile-sparse kernel when it is sparse enough to win, and on cuBLAS otherwise (the cut-off
+is measured: DENSE_CUTOFF). Without a GPU every operator runs its PyTorch reference.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import EtformerError
+from ..kernels.attention import attention
+from ..kernels.layernorm import add_layernorm
+from ..kernels.pruned_v_attention import CompactV
+from ..kernels.tile_linear import apply_activation, tile_linear
+from ..sparse.tiles import TileSparseWeight
+
+DENSE_CUTOFF = 0.75  # tile density at or above which cuBLAS beats the tile kernel on the H200 (kernels.md)
+GRAPH_MAX_TOKENS = 8192  # batches up to this many (B*S) tokens replay a captured CUDA graph
+GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
+
+
+@dataclass
+class EncoderConfig:
+    hidden: int
+    heads: int
+    layers: int
+    intermediate: int
+    max_positions: int
+    eps: float = 1e-12
+    activation: str = "gelu"
+    position_offset: int = 0  # RoBERTa numbers positions from padding_idx + 1
+    token_types: bool = True
+    causal: bool = False
+    norm_first: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+class Linear:
+    """One matrix: the tile-sparse kernel when sparse enough, cuBLAS when dense. Knows its own bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: tuple[int, int], force: str | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.sparse = TileSparseWeight.from_dense(weight, tile)
+        dense = self.sparse.density >= DENSE_CUTOFF if force is None else force == "dense"
+        self.dense_weight = weight.contiguous() if dense else None
+        if dense:
+            self.sparse = None
+
+    @property
+    def density(self) -> float:
+        return 1.0 if self.sparse is None else self.sparse.density
+
+    def __call__(self, x, activation=None, residual=None, out=None, out_col=0, backend="auto"):
+        if self.sparse is not None:
+            return tile_linear(x, self.sparse, self.bias, activation=activation, residual=residual, out=out,
+                               out_col=out_col, backend=backend)
+        y = F.linear(x, self.dense_weight, self.bias)
+        y = apply_activation(y, activation)
+        if residual is not None:
+            y = y + residual
+        if out is None:
+            return y
+        out[:, out_col:out_col + self.out_features] = y
+        return out
+
+    def to(self, device, dtype):
+        if self.sparse is not None:
+            self.sparse = self.sparse.to(device, dtype)
+        if self.dense_weight is not None:
+            self.dense_weight = self.dense_weight.to(device, dtype)
+        if self.bias is not None:
+            self.bias = self.bias.to(device, dtype)
+        return self
+
+
+@dataclass
+class Layer:
+    qkv: Linear  # (3d or 2d + H*C) x d
+    o: Linear
+    ffn_in: Linear
+    ffn_out: Linear
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    v_width: int  # V head dim as attention sees it: D, or C for compact pruned V
+
+
+class ETEncoder(torch.nn.Module):
+    def __init__(self, cfg: EncoderConfig, embeddings: dict, layers: list[Layer], dtype: torch.dtype,
+                 device: torch.device, final_norm: tuple | None = None):
+        super().__init__()
+        self.cfg, self.emb, self.layers = cfg, embeddings, layers
+        self.dtype, self.device = dtype, torch.device(device)
+        self.final_norm = final_norm
+        self.use_graphs = self.device.type == "cuda"
+        self.backend = "auto"  # "reference" forces the PyTorch references, "triton" the kernels
+        self.check_finite = True
+        self._graphs: OrderedDict = OrderedDict()
+
+    # ------------------------------------------------------------------ inputs
+    def _validate(self, input_ids, attention_mask, token_type_ids):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise EtformerError("input_ids must be a 2-D (batch, seq) tensor")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise EtformerError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        B, S = input_ids.shape
+        if B == 0 or S == 0:
+            raise EtformerError(f"empty batch: input_ids has shape {(B, S)}")
+        if input_ids.device != self.device:
+            raise EtformerError(f"input_ids is on {input_ids.device}, the encoder on {self.device}; move the inputs")
+        if S > self.cfg.max_positions:
+            raise EtformerError(f"sequence length {S} exceeds the model's {self.cfg.max_positions} positions")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape or attention_mask.device != self.device:
+            raise EtformerError(f"attention_mask must be {(B, S)} on {self.device}, got {tuple(attention_mask.shape)} "
+                                f"on {attention_mask.device}")
+        if attention_mask.is_floating_point() and not bool(torch.isfinite(attention_mask).all()):
+            raise EtformerError("attention_mask holds NaN or inf")
+        if token_type_ids is not None and (token_type_ids.shape != input_ids.shape or token_type_ids.device != self.device):
+            raise EtformerError(f"token_type_ids must be {(B, S)} on {self.device}")
+        return attention_mask.ne(0)
+
+    def _unpad(self, input_ids, mask, token_type_ids):
+        B, S = input_ids.shape
+        lengths = mask.sum(1)
+        lens = lengths.tolist()
+        if min(lens) == 0:
+            raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
+        flat = torch.nonzero(mask.flatten(), as_tuple=False).flatten()  # (T,) indices into B*S
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=self.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        if self.cfg.position_offset:  # RoBERTa: positions count real tokens only
+            pos = (torch.cumsum(mask.int(), 1) * mask).flatten()[flat] + self.cfg.position_offset - 1
+        else:  # BERT: the absolute index in the padded row, as HF does
+            pos = flat % S
+        ids = input_ids.flatten()[flat]
+        tt = token_type_ids.flatten()[flat] if token_type_ids is not None else torch.zeros_like(ids)
+        return ids, pos, tt, cu, max(lens), flat
+
+    # ------------------------------------------------------------------ compute
+    def _layers(self, ids, pos, tt, cu, max_len):
+        cfg = self.cfg
+        e = self.emb
+        x = F.embedding(ids, e["word"]) + F.embedding(pos, e["pos"])
+        if cfg.token_types:
+            x = x + F.embedding(tt, e["type"])
+        bk = self.backend
+        ln = lambda a, r, wb: add_layernorm(a, r, wb[0], wb[1], cfg.eps, backend=bk)  # noqa: E731
+        x = ln(x.contiguous(), None, (e["ln_w"], e["ln_b"]))  # (T, d)
+        H, D = cfg.heads, cfg.head_dim
+
+        def attend(qkv, L):  # (T, 2*H*D + H*DV) -> (T, H*DV)
+            return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=cfg.causal, backend=bk)
+
+        for L in self.layers:
+            if cfg.norm_first:
+                x = L.o(attend(L.qkv(ln(x, None, L.ln1), backend=bk), L), residual=x, backend=bk)
+                f = L.ffn_in(ln(x, None, L.ln2), activation=cfg.activation, backend=bk)
+                x = L.ffn_out(f, residual=x, backend=bk)
+            else:
+                h = ln(L.o(attend(L.qkv(x, backend=bk), L), backend=bk), x, L.ln1)
+                f = L.ffn_in(h, activation=cfg.activation, backend=bk)
+                x = ln(L.ffn_out(f, backend=bk), h, L.ln2)
+        if self.final_norm is not None:
+            x = ln(x, None, self.final_norm)
+        return x
+
+    def _pad(self, x, flat, B, S, out=None):
+        out = x.new_zeros(B * S, x.shape[1]) if out is None else out.zero_()
+        out[flat] = x
+        return out.view(B, S, -1)
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_ignored):
+        mask = self._validate(input_ids, attention_mask, token_type_ids)
+        B, S = input_ids.shape
+        ids, pos, tt, cu, max_len, flat = self._unpad(input_ids, mask, token_type_ids)
+        if self.use_graphs and B * S <= GRAPH_MAX_TOKENS:
+            y = self._graphed(ids, pos, tt, cu, max_len, flat, B, S)
+        else:
+            y = self._pad(self._layers(ids, pos, tt, cu, max_len), flat, B, S)
+        if self.check_finite and not bool(torch.isfinite(y).all()):
+            raise EtformerError("the encoder produced NaN or inf; check the weights and the inputs")
+        return EncoderOutput(y)
+
+    def _graphed(self, ids, pos, tt, cu, max_len, flat, B, S):
+        key = (B, S, ids.numel(), max_len)
+        g = self._graphs.get(key)
+        if g is None:
+            static = {"ids": ids.clone(), "pos": pos.clone(), "tt": tt.clone(), "cu": cu.clone(), "flat": flat.clone()}
+            out = torch.empty(B * S, self.cfg.hidden, device=self.device, dtype=self.dtype)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):  # warm-up: compiles kernels and settles the allocator outside capture
+                for _ in range(2):
+                    self._pad(self._layers(static["ids"], static["pos"], static["tt"], static["cu"], max_len),
+                              static["flat"], B, S, out)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._pad(self._layers(static["ids"], static["pos"], static["tt"], static["cu"], max_len),
+                          static["flat"], B, S, out)
+            g = (graph, static, out)
+            self._graphs[key] = g
+            if len(self._graphs) > GRAPH_CACHE:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, static, out = g
+        for k, v in (("ids", ids), ("pos", pos), ("tt", tt), ("cu", cu), ("flat", flat)):
+            static[k].copy_(v)
+        graph.replay()
+        return out.view(B, S, -1).clone()
+
+    def encode_fn(self):
+        """A callable for etformer.evaluate: batch dict -> last_hidden_state (B, S, d)."""
+
+        def encode(batch):
+            b = {k: v.to(self.device) for k, v in batch.items()}
+            return self(b["input_ids"], b.get("attention_mask"), b.get("token_type_ids")).last_hidden_state
+
+        return encode
+
+    def summary(self) -> dict:
+        out = {}
+        for i, L in enumerate(self.layers):
+            for kind in ("qkv", "o", "ffn_in", "ffn_out"):
+                lin = getattr(L, kind)
+                out[f"layer{i}.{kind}"] = {"density": lin.density, "kernel": "tile" if lin.sparse is not None else "cublas"}
+            out[f"layer{i}.v_width"] = L.v_width
+        return out
+
+
+class EncoderOutput(dict):
+    """Like HF's BaseModelOutput: .last_hidden_state and ["last_hidden_state"]."""
+
+    def __init__(self, last_hidden_state):
+        super().__init__(last_hidden_state=last_hidden_state)
+        self.last_hidden_state = last_hidden_state
+
+    def __getitem__(self, k):
+        return self.last_hidden_state if k == 0 else super().__getitem__(k)

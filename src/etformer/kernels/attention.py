@@ -1,0 +1,215 @@
+"""On-the-fly self-attention over packed (varlen) tokens, reading heads straight from the fused QKV buffer.
+
+Inputs: qkv [T, *] holds, for every real token of every sequence (no padding), Q at columns
+q_col + h*D, K at k_col + h*D and V at v_col + h*DV for head h; cu_seqlens [B+1] (int32) marks where each
+sequence starts. The output [T, H*DV] puts head h at columns h*DV — the layout the O projection reads, so no
+transpose is ever made. The scores (S x S per head) live only in registers and shared memory.
+
+Two kernels, picked by the longest sequence of the batch:
+  * short (max_seqlen <= SHORT_MAX): one block of keys covers the whole sequence, so each program computes its
+    row block of scores once and does a single exact softmax, with no running rescale;
+  * long: FlashAttention's online softmax over key blocks.
+The switch point is measured on the H200 (benchmarks/results/h200/kernels.md).
+
+Options: causal masking; an additive key bias [B, max_seqlen] (e.g. 0 / -inf for a key-padding mask); a V head dim
+DV different from D (the pruned-V operator uses DV = the kept V columns per head); head dims that are not powers
+of two (padded to the next power of two inside the kernel, masked on load and store).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import EtformerError
+from ._common import HAS_TRITON, check_tensor, next_pow2, tl, triton, use_triton
+
+SHORT_MAX = 128  # longest sequence the one-pass kernel takes (see the module docstring)
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- reference
+def attention_reference(qkv, cu_seqlens, num_heads, head_dim, *, q_col=0, k_col=None, v_col=None, v_head_dim=None,
+                        causal=False, key_bias=None, sm_scale=None):
+    D, H = head_dim, num_heads
+    DV = v_head_dim or D
+    k_col = H * D if k_col is None else k_col
+    v_col = 2 * H * D if v_col is None else v_col
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    out = qkv.new_zeros(qkv.shape[0], H * DV)
+    cu = cu_seqlens.tolist()
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        L = e - s
+        q = qkv[s:e, q_col:q_col + H * D].float().view(L, H, D).transpose(0, 1)
+        k = qkv[s:e, k_col:k_col + H * D].float().view(L, H, D).transpose(0, 1)
+        v = qkv[s:e, v_col:v_col + H * DV].float().view(L, H, DV).transpose(0, 1)
+        sc = q @ k.transpose(1, 2) * scale  # (H, L, L)
+        if key_bias is not None:
+            sc = sc + key_bias[b, :L].float()
+        if causal:
+            sc = sc.masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool, device=qkv.device), 1), float("-inf"))
+        p = torch.softmax(sc, -1).nan_to_num(0.0)
+        out[s:e] = (p @ v).transpose(0, 1).reshape(L, H * DV).to(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _attn_kernel(
+        qkv_ptr, out_ptr, cu_ptr, bias_ptr,
+        stride_t, stride_o, stride_bb, q_col, k_col, v_col,
+        D, DV, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        ONE_PASS: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        start = tl.load(cu_ptr + b)
+        L = tl.load(cu_ptr + b + 1) - start
+        if pid_m * BLOCK_M >= L:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_n = tl.arange(0, BLOCK_N)
+        m_ok = offs_m < L
+        rows = (start + offs_m).to(tl.int64)
+        q = tl.load(qkv_ptr + rows[:, None] * stride_t + q_col + h * D + offs_d[None, :],
+                    mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        k_base = qkv_ptr + k_col + h * D
+        v_base = qkv_ptr + v_col + h * DV
+
+        if ONE_PASS:
+            n_ok = offs_n < L
+            krows = (start + offs_n).to(tl.int64)
+            k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
+                        mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            if FP32_DOT:
+                s = tl.dot(q, k, input_precision="ieee") * qk_scale
+            else:
+                s = tl.dot(q, k) * qk_scale
+            if HAS_BIAS:
+                s += tl.load(bias_ptr + b * stride_bb + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m = tl.maximum(tl.max(s, 1), -1e30)
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, 1)
+            v = tl.load(v_base + krows[:, None] * stride_t + offs_dv[None, :],
+                        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            if FP32_DOT:
+                acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v)
+        else:
+            m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+            l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+            hi = L
+            if CAUSAL:
+                hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+            for n0 in range(0, hi, BLOCK_N):
+                cols = n0 + offs_n
+                n_ok = cols < L
+                krows = (start + cols).to(tl.int64)
+                k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
+                            mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+                if FP32_DOT:
+                    s = tl.dot(q, k, input_precision="ieee") * qk_scale
+                else:
+                    s = tl.dot(q, k) * qk_scale
+                if HAS_BIAS:
+                    s += tl.load(bias_ptr + b * stride_bb + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
+                keep = n_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= offs_m[:, None])
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                v = tl.load(v_base + krows[:, None] * stride_t + offs_dv[None, :],
+                            mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                if FP32_DOT:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m = m_new
+        l = tl.where(l == 0.0, 1.0, l)  # a row whose keys are all masked gives 0, not NaN
+        o = acc / l[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_o + h * DV + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------- launcher
+def _blocks(max_seqlen: int, bd: int, on_gpu: bool) -> tuple[bool, int, int, int, int]:
+    """(one_pass, BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if max_seqlen <= SHORT_MAX:
+        bn = max(16, next_pow2(max_seqlen))
+        bm = 64 if on_gpu else 16
+        return True, min(bm, bn) if not on_gpu else bm, bn, 4, 1
+    if not on_gpu:
+        return False, 16, 32, 4, 1
+    return False, 128 if bd <= 64 else 64, 64, 8 if bd <= 64 else 4, 2
+
+
+def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, head_dim: int, *,
+              q_col: int = 0, k_col: int | None = None, v_col: int | None = None, v_head_dim: int | None = None,
+              causal: bool = False, key_bias: torch.Tensor | None = None, sm_scale: float | None = None,
+              out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Varlen multi-head attention out of a fused QKV buffer; returns [T, H*DV]."""
+    check_tensor("qkv", qkv, dims=2)
+    check_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32,), device=qkv.device)
+    H, D = int(num_heads), int(head_dim)
+    DV = int(v_head_dim or D)
+    k_col = H * D if k_col is None else k_col
+    v_col = 2 * H * D if v_col is None else v_col
+    if H < 1 or D < 1 or D > 256 or DV > 256:
+        raise EtformerError(f"need 1 <= head_dim <= 256 and at least one head, got H={H}, D={D}, DV={DV}")
+    if max(q_col + H * D, k_col + H * D, v_col + H * DV) > qkv.shape[1] or qkv.stride(1) != 1:
+        raise EtformerError(f"qkv {tuple(qkv.shape)} is too narrow for {H} heads of {D} (V {DV}) at these columns")
+    B = cu_seqlens.numel() - 1
+    if B < 1:
+        raise EtformerError("cu_seqlens needs at least two entries (one sequence)")
+    if key_bias is not None:
+        check_tensor("key_bias", key_bias, dims=2, device=qkv.device)
+        if key_bias.shape[0] != B or key_bias.shape[1] < max_seqlen or key_bias.stride(1) != 1:
+            raise EtformerError(f"key_bias must be [B={B}, >= {max_seqlen}] row-major, got {tuple(key_bias.shape)}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    if not use_triton(qkv, backend):
+        y = attention_reference(qkv, cu_seqlens, H, D, q_col=q_col, k_col=k_col, v_col=v_col, v_head_dim=DV,
+                                causal=causal, key_bias=key_bias, sm_scale=scale)
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+    T = qkv.shape[0]
+    if out is None:
+        out = torch.empty(T, H * DV, device=qkv.device, dtype=qkv.dtype)
+    if T == 0 or max_seqlen == 0:
+        return out
+    bd, bdv = max(16, next_pow2(D)), max(16, next_pow2(DV))
+    one, bm, bn, warps, stages = _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda)
+    grid = (triton.cdiv(max_seqlen, bm), H, B)
+    _attn_kernel[grid](
+        qkv, out, cu_seqlens, key_bias if key_bias is not None else qkv,
+        qkv.stride(0), out.stride(0), key_bias.stride(0) if key_bias is not None else 0, q_col, k_col, v_col,
+        D, DV, scale * LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ONE_PASS=one, CAUSAL=causal,
+        HAS_BIAS=key_bias is not None, FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def attention_flops(seqlens, num_heads: int, head_dim: int, v_head_dim: int | None = None) -> float:
+    dv = v_head_dim or head_dim
+    return float(sum(2.0 * L * L * num_heads * (head_dim + dv) for L in seqlens))

@@ -1,0 +1,199 @@
+"""Tile-sparse linear: Y = X W^T + b over a TileSparseWeight, with fused GELU / residual / column-slice output.
+
+Each program owns a (BLOCK_M x BN) block of Y, where BN is the tile's output side: one block-row of W. It loops
+only over that block-row's kept tiles (row_ptr[r] .. row_ptr[r+1]), loading each (BN x BK) tile contiguously and
+the matching (BLOCK_M x BK) slab of X, and accumulates with tl.dot on the tensor cores in fp32. The epilogue adds
+the bias, applies exact-erf GELU, adds a residual, and stores into columns [out_col, out_col + N) of a possibly
+wider output (so Q, K and V land in one [tokens, 3d] buffer).
+
+Work balance: block-rows are launched heaviest first (an LPT order, computed once per weight and cached), so the
+block-rows with most tiles start early and light ones fill the tail; block-rows with no tile only write the
+epilogue (bias, residual).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import EtformerError
+from ..sparse.tiles import TileSparseWeight
+from ._common import HAS_TRITON, check_tensor, tl, triton, use_triton
+
+
+# ----------------------------------------------------------------------------- reference
+ACTIVATIONS = {None: 0, "none": 0, "gelu": 1, "relu": 2}
+
+
+def _act_code(activation) -> int:
+    if activation not in ACTIVATIONS:
+        raise EtformerError(f"activation must be one of gelu, relu or none, not {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def apply_activation(y: torch.Tensor, activation) -> torch.Tensor:
+    code = _act_code(activation)
+    return torch.nn.functional.gelu(y) if code == 1 else (torch.relu(y) if code == 2 else y)
+
+
+def tile_linear_reference(x, w: TileSparseWeight, bias=None, activation=None, residual=None):
+    """fp32 math on the dense form of w; returns x.dtype."""
+    y = x.float() @ w.to_dense().float().t()
+    if bias is not None:
+        y = y + bias.float()
+    y = apply_activation(y, activation)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- kernel
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile_linear_kernel(
+        x_ptr, vals_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr,
+        M, N, K,
+        stride_xm, stride_ym, stride_rm, out_col,
+        BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_r = tl.cdiv(N, BN)
+        # grouped order: GROUP_M row blocks of X sweep the (sorted) block-rows together, for L2 reuse of X
+        width = GROUP_M * num_r
+        group = pid // width
+        first_m = group * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        r = tl.load(order_ptr + (pid % width) // gsize)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BK)
+        offs_n = tl.arange(0, BN)
+        m_mask = offs_m < M
+        start = tl.load(row_ptr + r)
+        end = tl.load(row_ptr + r + 1)
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        tile_offs = offs_n[None, :] * BK + offs_k[:, None]  # (BK, BN): the tile read transposed
+        for i in range(0, end - start):
+            t = start + i
+            kc = tl.load(col_idx + t)
+            kk = kc * BK + offs_k
+            xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+            wt = tl.load(vals_ptr + t.to(tl.int64) * (BN * BK) + tile_offs)
+            if FP32_DOT:
+                acc += tl.dot(xa, wt, input_precision="ieee")
+            else:
+                acc += tl.dot(xa, wt)
+
+        cols = r * BN + offs_n
+        n_mask = cols < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:  # GELU, exact erf form as in BERT
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif ACT == 2:  # ReLU
+            acc = tl.maximum(acc, 0.0)
+        mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RES:
+            res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
+            acc += res.to(tl.float32)
+        y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_col + cols[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launcher
+_ORDER_CACHE: dict = {}
+
+
+def _row_order(w: TileSparseWeight) -> torch.Tensor:
+    """Block-rows heaviest first (stable), cached per weight."""
+    key = (id(w.row_ptr), w.row_ptr.data_ptr(), w.nnz_tiles)
+    hit = _ORDER_CACHE.get(key)
+    if hit is None or hit[0] is not w.row_ptr:
+        order = torch.argsort(-w.tiles_per_row.cpu(), stable=True).to(torch.int32).to(w.device)
+        hit = (w.row_ptr, order)
+        if len(_ORDER_CACHE) > 4096:
+            _ORDER_CACHE.clear()
+        _ORDER_CACHE[key] = hit
+    return hit[1]
+
+
+# Tuned launch parameters, keyed by (tile, M bucket): (BLOCK_M, num_warps, num_stages). Measured on the H200;
+# see benchmarks/results/h200/kernels.md. Unknown keys fall back to the heuristic below.
+TUNED: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool) -> tuple[int, int, int]:
+    mb = 128 if M <= 128 else (4096 if M <= 4096 else 16384)
+    if (tile, mb) in TUNED:
+        return TUNED[(tile, mb)]
+    if not on_gpu:
+        return (32, 4, 1)
+    bm = 64 if M <= 128 else 128
+    warps = 4 if tile[0] * bm <= 64 * 128 else 8
+    return (bm, warps, 3)
+
+
+def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None = None, *, activation: str | None = None,
+                residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
+                backend: str = "auto") -> torch.Tensor:
+    """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N]."""
+    check_tensor("x", x, dims=2)
+    _act_code(activation)
+    M, K = x.shape
+    N = w.out_features
+    if K != w.in_features:
+        raise EtformerError(f"x has {K} features, the weight expects {w.in_features}")
+    if w.dtype != x.dtype or w.device != x.device:
+        raise EtformerError(f"weight is {w.dtype} on {w.device}, x is {x.dtype} on {x.device}; convert one of them")
+    if bias is not None:
+        check_tensor("bias", bias, dims=1, device=x.device)
+        if bias.shape[0] != N:
+            raise EtformerError(f"bias has {bias.shape[0]} entries, expected {N}")
+    if residual is not None:
+        check_tensor("residual", residual, dims=2, device=x.device)
+        if tuple(residual.shape) != (M, N) or residual.stride(1) != 1:
+            raise EtformerError(f"residual must be a row-major [{M}, {N}] tensor, got {tuple(residual.shape)}")
+    if out is not None:
+        check_tensor("out", out, dims=2, device=x.device)
+        if out.shape[0] != M or out_col < 0 or out_col + N > out.shape[1] or out.stride(1) != 1:
+            raise EtformerError(f"out {tuple(out.shape)} cannot take columns [{out_col}, {out_col + N}) of {M} rows")
+    if not use_triton(x, backend):
+        y = tile_linear_reference(x, w, bias, activation, residual)
+        if out is None:
+            return y
+        out[:, out_col:out_col + N] = y.to(out.dtype)
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
+    if M == 0:
+        return out
+    BN, BK = w.tile
+    block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda)
+    num_m, num_r = triton.cdiv(M, block_m), w.n_block_rows
+    grid = (num_m * num_r,)
+    dummy = x
+    _tile_linear_kernel[grid](
+        x, w.values, w.row_ptr, w.col_idx, _row_order(w), bias if bias is not None else dummy,
+        residual if residual is not None else dummy, out,
+        M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
+        BN=BN, BK=BK, BLOCK_M=block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=_act_code(activation),
+        HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda,
+        num_warps=warps, num_stages=stages,
+    )
+    return out if out_col == 0 and out.shape[1] == N else out
+
+
+def flops(M: int, w: TileSparseWeight) -> float:
+    return 2.0 * M * w.nnz_tiles * w.tile[0] * w.tile[1]
+
+
+def min_bytes(M: int, w: TileSparseWeight, elem: int = 2) -> float:
+    """Each operand read once, the output written once."""
+    return elem * (M * w.in_features + w.nnz_tiles * w.tile[0] * w.tile[1] + M * w.out_features)

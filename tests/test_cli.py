@@ -1,0 +1,133 @@
+"""End to end through the command line, on the real MiniLM and real GLUE data."""
+import json
+import os
+
+import pytest
+import torch
+
+from etformer.cli import main
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, glue_dir):
+    out = tmp_path_factory.mktemp("ck") / "minilm-tile50"
+    rc = run("prune", "--task", "stsb", "--pattern", "tile", "--sparsity", 0.5, "--out", out, "--max-steps", 3,
+             "--batch-size", 8, "--max-len", 32, "--train-limit", 64, "--eval-limit", 300, "--glue-dir", glue_dir,
+             "--device", "cpu")
+    assert rc == 0
+    return out
+
+
+def test_prune_writes_hf_checkpoint(pruned):
+    from transformers import AutoModel
+
+    names = set(os.listdir(pruned))
+    assert {"config.json", "model.safetensors", "etformer.json", "tokenizer.json"} <= names
+    assert not [n for n in os.listdir(pruned.parent) if n.startswith(".etformer")]
+    meta = json.loads((pruned / "etformer.json").read_text())
+    assert meta["plan"]["tile"] == [32, 32] and meta["plan"]["matrices"]["q"] == {"pattern": "tile", "sparsity": 0.5}
+    for m in ("dense", "pruned"):
+        v = meta["metrics"][m]["value"]
+        assert meta["metrics"][m]["metric"] == "spearman" and -100 <= v <= 100 and v == v
+    assert meta["metrics"]["dense"]["value"] > 80  # 300 dev pairs of the untouched model
+    model = AutoModel.from_pretrained(pruned)
+    n = 0
+    for name, p in model.named_parameters():
+        if "encoder.layer" in name and name.endswith("weight") and p.dim() == 2:
+            n += 1
+            t = p.detach().view(p.shape[0] // 32, 32, p.shape[1] // 32, 32).permute(0, 2, 1, 3).flatten(2)
+            zero = (t == 0).all(-1)
+            assert zero.float().mean() == 0.5, name  # exactly half of the tiles are zero...
+            assert (t == 0).float().mean() < 0.5 + 1e-3  # ...and the zeros come in whole tiles
+            assert meta["sparsity"][name]["tile_sparsity"] == 0.5
+    assert n == 36
+
+
+def test_eval_and_info_on_checkpoint(pruned, glue_dir, tmp_path):
+    j = tmp_path / "r.json"
+    assert run("eval", pruned, "--task", "stsb", "--json", j, "--limit", 200, "--glue-dir", glue_dir) == 0
+    r = json.loads(j.read_text())
+    assert r["task"] == "stsb" and r["metric"] == "spearman" and isinstance(r["value"], float)
+    png = tmp_path / "m.png"
+    assert run("info", pruned, "--png", png) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dense_minilm_stsb_at_least_85(glue_dir, tmp_path):
+    j = tmp_path / "d.json"
+    assert run("eval", "--task", "stsb", "--json", j, "--glue-dir", glue_dir) == 0
+    r = json.loads(j.read_text())
+    assert r["n"] == 1500 and r["value"] >= 85.0
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["prune", "--task", "mnli9", "--pattern", "tile", "--sparsity", "0.5", "--out", "X"], "unknown task"),
+    (["prune", "--task", "stsb", "--pattern", "blocky", "--sparsity", "0.5", "--out", "X"], "unknown pattern"),
+    (["prune", "--task", "stsb", "--pattern", "tile", "--sparsity", "1.0", "--out", "X"], "sparsity must be in"),
+    (["prune", "--task", "stsb", "--pattern", "tile", "--sparsity", "-0.2", "--out", "X"], "sparsity must be in"),
+    (["prune", "--task", "stsb", "--pattern", "tile", "--tile", "24x24", "--sparsity", "0.5", "--out", "X"], "tensor-core"),
+])
+def test_bad_input_one_line(argv, msg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and err.count("\n") == 0
+    assert not os.path.exists(tmp_path / "X")
+
+
+def test_refuses_to_overwrite(pruned, capsys):
+    before = (pruned / "model.safetensors").stat().st_mtime_ns
+    assert run("prune", "--task", "stsb", "--pattern", "tile", "--sparsity", 0.5, "--out", pruned) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (pruned / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_not_bert_like_and_missing_and_corrupt(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2Model
+
+    gpt = tmp_path / "gpt"
+    GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(gpt)
+    assert run("eval", gpt, "--task", "stsb") == 2
+    assert "not BERT-like" in capsys.readouterr().err
+    assert run("eval", tmp_path / "nope" / "model", "--task", "stsb") == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    assert run("eval", bad, "--task", "stsb") == 2
+    assert "cannot load" in capsys.readouterr().err
+
+
+def test_corrupt_weights_and_meta(pruned, tmp_path, capsys):
+    import shutil
+
+    c = tmp_path / "c"
+    shutil.copytree(pruned, c)
+    data = (c / "model.safetensors").read_bytes()
+    (c / "model.safetensors").write_bytes(data[: len(data) // 3])
+    assert run("eval", c, "--task", "stsb", "--limit", 10) == 2
+    assert "etformer: error" in capsys.readouterr().err
+    d = tmp_path / "d"
+    shutil.copytree(pruned, d)
+    (d / "etformer.json").write_text('{"plan": ')
+    assert run("eval", d, "--task", "stsb", "--limit", 10) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_plan_mismatch_detected(pruned, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    shutil.copytree(pruned, d)
+    sd = load_file(str(d / "model.safetensors"))
+    k = next(k for k in sd if "layer.0.attention.self.query.weight" in k)
+    sd[k] = torch.randn_like(sd[k])  # dense again: no longer matches the plan
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert run("eval", d, "--task", "stsb", "--limit", 10) == 2
+    assert "does not match its plan" in capsys.readouterr().err

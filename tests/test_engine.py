@@ -1,0 +1,149 @@
+"""The engine against Hugging Face's own model: dense and pruned MiniLM, same hidden states and predictions."""
+import numpy as np
+import pytest
+import torch
+
+from etformer import optimize
+from etformer.errors import EtformerError
+from etformer.evaluate import evaluate
+from etformer.models import load_model
+from etformer.pruning import PruningPlan
+from etformer.pruning.recipe import hard_masks
+from kernel_utils import CUDA, INTERPRET, needs_triton
+
+DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
+SENTS = ["A man is playing a guitar.", "hello", "The quick brown fox jumps over the lazy dog near the river bank.",
+         "Two dogs run through a field of tall green grass while children watch from the fence."]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_model(None)
+
+
+def _pruned(model, plan):
+    import copy
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, mask in hard_masks(m, plan).values():
+            p.mul_(mask)
+    return m
+
+
+def _rel_on_tokens(y, ref, mask):
+    m = mask.bool()
+    return float((y[m].detach().double() - ref[m].detach().double()).norm() / ref[m].detach().double().norm())
+
+
+@pytest.mark.parametrize("plan", [None, PruningPlan.uniform("tile", 0.5, (32, 32)),
+                                  PruningPlan.attention_aware(0.5, (32, 32)), PruningPlan.uniform("row", 0.3)])
+def test_matches_hf_fp32(minilm, plan):
+    model, tok = minilm
+    if plan is not None:
+        model = _pruned(model, plan)
+    enc = optimize(model, plan, dtype="float32", device="cpu", backend="reference")
+    b = tok(SENTS, padding=True, return_tensors="pt")
+    ref = model(**b).last_hidden_state
+    y = enc(**b).last_hidden_state
+    assert y.shape == ref.shape
+    assert _rel_on_tokens(y, ref, b["attention_mask"]) < 1e-5
+    assert torch.all(y[~b["attention_mask"].bool()] == 0)
+    if plan is not None and plan.matrices["v"].pattern == "row":  # V compact when the widest head shrinks
+        from etformer.kernels import CompactV
+
+        lin = model.encoder.layer[0].attention.self.value
+        assert enc.layers[0].v_width == min(32, CompactV.from_weight(lin.weight.detach(), lin.bias.detach(), 12)[0].width)
+
+
+def test_same_glue_predictions(minilm, glue_dir):
+    model, tok = minilm
+    plan = PruningPlan.attention_aware(0.5, (32, 32))
+    model = _pruned(model, plan)
+    enc = optimize(model, plan, dtype="float32", device="cpu", backend="reference")
+    hf = evaluate(model, tok, "stsb", glue_dir=glue_dir, limit=120, return_preds=True)
+    et = evaluate(model, tok, "stsb", encode=enc.encode_fn(), glue_dir=glue_dir, limit=120, return_preds=True)
+    assert np.max(np.abs(hf["preds"] - et["preds"])) < 1e-4
+    assert abs(hf["value"] - et["value"]) < 0.05
+
+
+def test_task_head_keeps_working(glue_dir):
+    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer
+    from etformer.models import default_model_path
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, num_labels=2)
+    model = BertForSequenceClassification(cfg).eval()
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    enc = optimize(model, dtype="float32", device="cpu")
+    hf = evaluate(model, tok, "rte", glue_dir=glue_dir, limit=40, return_preds=True)
+    et = evaluate(model, tok, "rte", encode=enc.encode_fn(), glue_dir=glue_dir, limit=40, return_preds=True)
+    assert hf["method"] == "task head" and np.array_equal(hf["preds"], et["preds"])
+
+
+def test_bad_inputs(minilm):
+    model, tok = minilm
+    enc = optimize(model, dtype="float32", device="cpu")
+    ids = torch.randint(1000, 2000, (2, 8))
+    with pytest.raises(EtformerError, match="int64 or int32"):
+        enc(ids.float())
+    with pytest.raises(EtformerError, match="empty batch"):
+        enc(ids[:0])
+    with pytest.raises(EtformerError, match="exceeds"):
+        enc(torch.randint(1000, 2000, (1, 513)))
+    with pytest.raises(EtformerError, match="all padding"):
+        enc(ids, torch.tensor([[1] * 8, [0] * 8]))
+    with pytest.raises(EtformerError, match="NaN"):
+        enc(ids, torch.tensor([[1.0] * 8, [float("nan")] * 8]))
+    if torch.cuda.is_available():
+        with pytest.raises(EtformerError, match="move the inputs"):
+            enc(ids.cuda())
+
+
+def test_plan_mismatch_refused(minilm, tmp_path):
+    import json
+
+    model, tok = minilm
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "etformer.json").write_text(json.dumps({"plan": PruningPlan.uniform("tile", 0.5).to_json()}))
+    with pytest.raises(EtformerError, match="does not match its plan"):
+        optimize(str(tmp_path))
+
+
+def test_cli_eval_engine_et(glue_dir, tmp_path):
+    import json
+
+    from etformer.cli import main
+
+    j = tmp_path / "et.json"
+    assert main(["eval", "--task", "stsb", "--engine", "et", "--limit", "100", "--json", str(j),
+                 "--glue-dir", glue_dir, "--device", "cpu"]) == 0
+    r = json.loads(j.read_text())
+    assert r["engine"] == "et" and r["value"] > 80
+
+
+@needs_triton
+@pytest.mark.parametrize("plan", [PruningPlan.uniform("tile", 0.5, (16, 16)), PruningPlan.attention_aware(0.6, (16, 16))])
+def test_engine_through_kernels_small_bert(plan):
+    """The whole engine on the Triton kernels (interpreter on the CPU, compiled on a GPU) against HF."""
+    from conftest import tiny_bert
+
+    model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
+    with torch.no_grad():
+        for p, mask in hard_masks(model, plan).values():
+            p.mul_(mask)
+        v = model.encoder.layer[0].attention.self.value.weight
+        v[::2] = 0  # half of V's rows: compact V of width 16 < 32
+    enc = optimize(model, plan, dtype="float32", device=DEVICE, backend="triton")
+    assert enc.layers[0].v_width == 16
+    ids = torch.randint(1, 100, (3, 19))
+    mask = torch.ones(3, 19, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 17:] = 0
+    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    enc.use_graphs = False
+    y = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.cpu()
+    assert _rel_on_tokens(y, ref, mask) < (1e-5 if DEVICE == "cpu" else 2e-3)

@@ -1,0 +1,188 @@
+"""Every kernel against its reference on fresh random inputs: CPU through the Triton interpreter (fp32, fp16),
+and on a GPU in fp16 and bf16. Outputs are poisoned with NaN first so an unwritten element fails."""
+import math
+
+import pytest
+import torch
+
+from etformer.errors import EtformerError
+from etformer.kernels import (CompactV, add_layernorm, attention, attention_reference, pruned_v_attention,
+                              tile_linear)
+from etformer.sparse import TileSparseWeight
+from kernel_utils import DEVICE, DTYPES, assert_close, needs_triton
+
+pytestmark = needs_triton
+
+
+def _sparse_weight(out_f, in_f, tile, density, dtype, empty_row=False):
+    w = torch.randn(out_f, in_f, device=DEVICE) / math.sqrt(in_f)
+    nbr, nbc = -(-out_f // tile[0]), -(-in_f // tile[1])
+    keep = torch.rand(nbr, nbc, device=DEVICE) < density
+    if empty_row and nbr > 1:
+        keep[1] = False
+    full = keep.repeat_interleave(tile[0], 0).repeat_interleave(tile[1], 1)[:out_f, :in_f]
+    return (w * full).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,tile,density", [
+    (1, 64, 96, (16, 16), 0.5),
+    (17, 96, 64, (32, 32), 0.6),
+    (33, 128, 128, (64, 64), 1.0),
+    (40, 80, 100, (32, 32), 0.5),   # neither dim divisible by the tile
+    (16, 64, 64, (16, 64), 0.0),    # no tile at all: bias (+ residual) only
+    (65, 64, 128, (64, 32), 0.7),
+])
+@pytest.mark.parametrize("act,res", [(None, False), ("gelu", True), ("relu", False)])
+def test_tile_linear(dtype, M, K, N, tile, density, act, res):
+    W = _sparse_weight(N, K, tile, density, dtype, empty_row=True)
+    w = TileSparseWeight.from_dense(W, tile)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    r = torch.randn(M, N, device=DEVICE, dtype=dtype) if res else None
+    y = tile_linear(x, w, b, activation=act, residual=r, backend="triton")
+
+    def f(xx, WW, bb, rr):
+        z = torch.nn.functional.linear(xx, WW, bb)
+        z = torch.nn.functional.gelu(z) if act == "gelu" else (torch.relu(z) if act == "relu" else z)
+        return z + rr if rr is not None else z
+
+    ref = f(x.double(), W.double(), b.double(), r.double() if res else None)
+    peer = f(x, W, b, r)
+    assert_close(y, peer, ref, f"tile_linear {tile} d={density}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_linear_writes_column_slice_only(dtype):
+    d = 64
+    x = torch.randn(20, d, device=DEVICE, dtype=dtype)
+    out = torch.full((20, 3 * d), float("nan"), device=DEVICE, dtype=dtype)
+    Ws = [_sparse_weight(d, d, (32, 32), 0.5, dtype) for _ in range(3)]
+    for i, W in enumerate(Ws):
+        tile_linear(x, TileSparseWeight.from_dense(W, (32, 32)), out=out, out_col=i * d, backend="triton")
+    ref = torch.cat([x.double() @ W.double().t() for W in Ws], 1)
+    peer = torch.cat([x @ W.t() for W in Ws], 1)
+    assert_close(out, peer, ref, "qkv slices")
+
+
+def test_tile_linear_bad_inputs():
+    w = TileSparseWeight.from_dense(torch.randn(64, 64, device=DEVICE, dtype=DTYPES[0]), (32, 32))
+    with pytest.raises(EtformerError, match="features"):
+        tile_linear(torch.randn(4, 32, device=DEVICE, dtype=DTYPES[0]), w)
+    with pytest.raises(EtformerError, match="convert"):
+        tile_linear(torch.randn(4, 64, device=DEVICE, dtype=DTYPES[1]), w)
+    with pytest.raises(EtformerError, match="must be one of"):
+        tile_linear(torch.randint(0, 3, (4, 64), device=DEVICE), w)
+    with pytest.raises(EtformerError, match="activation"):
+        tile_linear(torch.randn(4, 64, device=DEVICE, dtype=DTYPES[0]), w, activation="tanh")
+    with pytest.raises(EtformerError, match="cannot take columns"):
+        tile_linear(torch.randn(4, 64, device=DEVICE, dtype=DTYPES[0]), w,
+                    out=torch.empty(4, 100, device=DEVICE, dtype=DTYPES[0]), out_col=50)
+
+
+def _qkv(lens, H, D, dtype, DV=None):
+    DV = DV or D
+    T = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    return torch.randn(T, 2 * H * D + H * DV, device=DEVICE, dtype=dtype), cu
+
+
+def _sdpa_peer(qkv, cu, H, D, DV, causal, bias):
+    """PyTorch at the same precision, sequence by sequence (the peer for the error bound)."""
+    out = torch.empty(qkv.shape[0], H * DV, device=qkv.device, dtype=qkv.dtype)
+    for b in range(cu.numel() - 1):
+        s, e = int(cu[b]), int(cu[b + 1])
+        L = e - s
+        q = qkv[s:e, : H * D].view(L, H, D).transpose(0, 1)
+        k = qkv[s:e, H * D: 2 * H * D].view(L, H, D).transpose(0, 1)
+        v = qkv[s:e, 2 * H * D:].view(L, H, DV).transpose(0, 1)
+        m = None
+        if bias is not None:
+            m = bias[b, :L].to(qkv.dtype).view(1, 1, L).expand(H, L, L)
+        if causal:
+            c = torch.zeros(L, L, device=qkv.device, dtype=qkv.dtype).masked_fill(
+                torch.triu(torch.ones(L, L, dtype=torch.bool, device=qkv.device), 1), float("-inf"))
+            m = c if m is None else m + c
+        if DV != D:  # SDPA wants equal head dims on the CPU; do it by hand
+            sc = (q.float() @ k.float().transpose(1, 2)) / math.sqrt(D)
+            sc = sc + m.float() if m is not None else sc
+            o = (torch.softmax(sc, -1).to(qkv.dtype) @ v)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        out[s:e] = o.transpose(0, 1).reshape(L, H * DV)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,H,D,causal,bias", [
+    ([1], 2, 64, False, False),
+    ([17, 1, 5], 2, 32, False, True),
+    ([128, 64], 1, 64, False, False),      # one-pass kernel at its limit
+    ([129, 20], 1, 64, True, False),        # online-softmax kernel, causal
+    ([511], 1, 32, False, True),
+    ([40, 7], 2, 128, False, False),
+    ([33], 1, 200, True, False),            # head dim 200: padded to 256 inside
+    ([50, 9], 2, 80, False, True),
+    ([300], 1, 96, False, False),
+])
+def test_attention(dtype, lens, H, D, causal, bias):
+    qkv, cu = _qkv(lens, H, D, dtype)
+    kb = None
+    if bias:
+        kb = torch.zeros(len(lens), max(lens), device=DEVICE, dtype=torch.float32)
+        kb[:, ::3] = -10000.0  # mask every third key
+        kb[:, 0] = 0.0
+    out = torch.full((qkv.shape[0], H * D), float("nan"), device=DEVICE, dtype=dtype)
+    attention(qkv, cu, max(lens), H, D, causal=causal, key_bias=kb, out=out, backend="triton")
+    ref = attention_reference(qkv.double(), cu, H, D, causal=causal, key_bias=kb.double() if kb is not None else None)
+    peer = _sdpa_peer(qkv, cu, H, D, D, causal, kb)
+    assert_close(out, peer, ref, f"attention lens={lens} D={D}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_bad_inputs(dtype):
+    qkv, cu = _qkv([4], 2, 32, dtype)
+    with pytest.raises(EtformerError, match="int32"):
+        attention(qkv, cu.long(), 4, 2, 32)
+    with pytest.raises(EtformerError, match="too narrow"):
+        attention(qkv, cu, 4, 4, 32)
+    with pytest.raises(EtformerError, match="key_bias"):
+        attention(qkv, cu, 4, 2, 32, key_bias=torch.zeros(3, 4, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,res", [(1, 384, True), (17, 768, True), (5, 100, False), (64, 1024, True)])
+def test_add_layernorm(dtype, M, N, res):
+    x = torch.randn(M, N, device=DEVICE, dtype=dtype) * 3 + 1
+    r = torch.randn(M, N, device=DEVICE, dtype=dtype) if res else None
+    w = torch.randn(N, device=DEVICE, dtype=dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    y = torch.full_like(x, float("nan"))
+    add_layernorm(x, r, w, b, 1e-12, out=y, backend="triton")
+    h64 = x.double() + (r.double() if res else 0)
+    ref = torch.nn.functional.layer_norm(h64, (N,), w.double(), b.double(), 1e-12)
+    peer = torch.nn.functional.layer_norm(x + r if res else x, (N,), w, b, 1e-12)
+    assert_close(y, peer, ref, "add_layernorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,D,keep", [(2, 64, 0.5), (4, 32, 0.25), (2, 64, 1.0), (1, 128, 0.1)])
+def test_pruned_v_attention(dtype, H, D, keep):
+    d_in, lens = 64, [17, 1, 30]
+    x = torch.randn(sum(lens), d_in, device=DEVICE, dtype=torch.float64)
+    Wqk = torch.randn(2 * H * D, d_in, device=DEVICE, dtype=torch.float64) / 8
+    Wv = torch.randn(H * D, d_in, device=DEVICE, dtype=torch.float64) / 8
+    Wv[torch.rand(H * D, device=DEVICE) >= keep] = 0  # whole rows of W_V pruned
+    bv = torch.randn(H * D, device=DEVICE, dtype=torch.float64)
+    cv, wc, bc = CompactV.from_weight(Wv, bv, H)
+    assert cv.width % 16 == 0 and cv.width <= max(16, D)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    full = torch.cat([x @ Wqk.t(), x @ Wv.t() + bv], 1)
+    compact = torch.cat([x @ Wqk.t(), x @ wc.t() + bc], 1).to(dtype)
+    y = pruned_v_attention(compact, cu, max(lens), cv, backend="triton")
+    ref = attention_reference(full, cu, H, D)
+    peer = _sdpa_peer(full.to(dtype), cu, H, D, D, False, None)
+    assert_close(y, peer, ref, "pruned-V")
+    pruned_cols = cv.const_cols
+    if pruned_cols.numel():  # the constant columns are exactly the V bias
+        assert torch.equal(y[:, pruned_cols], bv[pruned_cols].to(dtype).expand(y.shape[0], -1))

@@ -1,0 +1,54 @@
+import torch
+
+from conftest import tiny_bert
+from etformer.models import encoder_linears
+from etformer.pruning import MaskKeeper, PruningPlan, make_mask, Pattern
+from etformer.pruning.recipe import hard_masks, prunable
+
+
+def test_zeros_survive_adamw_momentum_and_decay():
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randint(0, 100, (4, 16))
+    # build up momentum first, so that a naive mask would be revived by exp_avg
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+    plan = PruningPlan.uniform("tile", 0.5, (16, 16))
+    masks = hard_masks(model, plan)
+    keeper = MaskKeeper(masks)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).last_hidden_state.pow(2).mean().backward()
+        for p, m in masks.values():
+            assert torch.all(p.grad[~m] == 0)
+        opt.step()
+        keeper.apply()
+    keeper.remove()
+    for p, m in masks.values():
+        assert torch.all(p[~m] == 0)
+        assert torch.all(p[m] != 0)
+        assert (~m).float().mean() == 0.5
+
+
+def test_plan_covers_every_matrix_and_attention_aware():
+    model = tiny_bert()
+    names = encoder_linears(model)
+    assert len(names) == 2 * 6
+    plan = PruningPlan.attention_aware(0.5, (16, 16))
+    masks = hard_masks(model, plan)
+    for name, (p, m) in masks.items():
+        kind = names[name][0]
+        if kind == "v":
+            assert torch.all(m.all(1) | (~m).all(1))  # whole rows of W_V
+        else:
+            assert (~m).float().mean() == 0.5
+    assert set(prunable(model, PruningPlan.uniform("row", 0.0))) == set()
+
+
+def test_plan_json_round_trip():
+    plan = PruningPlan.attention_aware(0.6, (64, 64))
+    back = PruningPlan.from_json(plan.to_json())
+    assert back.to_json() == plan.to_json()
+    assert back.pattern("v").name == "row" and back.pattern("q").tile == (64, 64)

@@ -1,0 +1,129 @@
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from etformer.errors import EtformerError
+from etformer.pruning import Pattern, make_mask
+from etformer.sparse import TileSparseWeight, load_tiles, save_tiles
+
+TILES = [(16, 16), (32, 32), (64, 64), (16, 64), (64, 32)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(out=st.integers(1, 200), inn=st.integers(1, 200), tile=st.sampled_from(TILES),
+       density=st.floats(0.0, 1.0), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       balanced=st.booleans(), seed=st.integers(0, 2**16))
+def test_round_trip_exact(out, inn, tile, density, dtype, balanced, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inn, generator=g).to(dtype)
+    nbr, nbc = -(-out // tile[0]), -(-inn // tile[1])
+    keep_tiles = torch.rand(nbr, nbc, generator=g) < density
+    full = keep_tiles.repeat_interleave(tile[0], 0).repeat_interleave(tile[1], 1)[:out, :inn]
+    w = w * full
+    t = TileSparseWeight.from_dense(w, tile, balanced=balanced)
+    assert torch.equal(t.to_dense(), w)
+    assert t.to_dense().dtype == dtype
+    assert t.values.shape[1:] == tile
+    if balanced:
+        assert t.is_balanced
+        assert t.balanced_col_idx().shape[0] == nbr
+    else:
+        assert t.nnz_tiles == int((w.float().reshape(-1) != 0).any()) * 0 + t.tile_mask().sum()
+        assert torch.equal(t.tile_mask(), keep_tiles & _nonzero_tiles(w, tile))
+
+
+def _nonzero_tiles(w, tile):
+    out, inn = w.shape
+    nbr, nbc = -(-out // tile[0]), -(-inn // tile[1])
+    p = torch.zeros(nbr * tile[0], nbc * tile[1])
+    p[:out, :inn] = w.float()
+    return p.view(nbr, tile[0], nbc, tile[1]).ne(0).any(3).any(1)
+
+
+def test_empty_block_row_and_dense():
+    w = torch.randn(96, 64)
+    w[32:64] = 0
+    t = TileSparseWeight.from_dense(w, (32, 32))
+    assert t.tiles_per_row.tolist() == [2, 0, 2]
+    assert torch.equal(t.to_dense(), w)
+    d = TileSparseWeight.from_dense(torch.randn(64, 64), (16, 16))
+    assert d.density == 1.0
+    z = TileSparseWeight.from_dense(torch.zeros(64, 64), (16, 16))
+    assert z.nnz_tiles == 0 and torch.equal(z.to_dense(), torch.zeros(64, 64))
+
+
+def test_from_mask_matches_pattern():
+    w = torch.randn(384, 384)
+    m = make_mask(w, Pattern("tile_balanced", tile=(32, 32)), 0.5)
+    t = TileSparseWeight.from_dense(w, (32, 32), mask=m)
+    assert t.is_balanced and t.density == 0.5
+    assert torch.equal(t.to_dense(), w * m)
+
+
+def test_save_load(tmp_path):
+    ws = {"a": TileSparseWeight.from_dense(torch.randn(64, 96) * (torch.rand(64, 96) > 0.9), (16, 16)),
+          "b": TileSparseWeight.from_dense(torch.randn(40, 33).half(), (32, 32))}
+    p = tmp_path / "t.safetensors"
+    save_tiles(str(p), ws, {"plan": "x"})
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    back, extra = load_tiles(str(p))
+    assert extra == {"plan": "x"}
+    for k in ws:
+        assert torch.equal(back[k].to_dense(), ws[k].to_dense()) and back[k].tile == ws[k].tile
+
+
+def test_corrupt_and_truncated(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_tiles(str(p), {"a": TileSparseWeight.from_dense(torch.randn(64, 64), (32, 32))})
+    data = p.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EtformerError, match="corrupt or truncated"):
+        load_tiles(str(tmp_path / "trunc.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(EtformerError, match="corrupt or truncated"):
+        load_tiles(str(tmp_path / "junk.safetensors"))
+    with pytest.raises(EtformerError, match="does not exist"):
+        load_tiles(str(tmp_path / "missing.safetensors"))
+
+
+def test_validation_catches_bad_indices(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    p = tmp_path / "t.safetensors"
+    save_tiles(str(p), {"a": TileSparseWeight.from_dense(torch.randn(64, 64), (32, 32))})
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata()
+    t = load_file(str(p))
+    bad = dict(t)
+    bad["a/col_idx"] = torch.tensor([0, 5, 0, 1], dtype=torch.int32)
+    save_file(bad, str(p), metadata=meta)
+    with pytest.raises(EtformerError, match="outside"):
+        load_tiles(str(p))
+    bad = dict(t)
+    bad["a/row_ptr"] = torch.tensor([0, 3, 2], dtype=torch.int32)
+    save_file(bad, str(p), metadata=meta)
+    with pytest.raises(EtformerError, match="row_ptr"):
+        load_tiles(str(p))
+    bad = dict(t)
+    bad["a/col_idx"] = torch.tensor([1, 0, 0, 1], dtype=torch.int32)
+    save_file(bad, str(p), metadata=meta)
+    with pytest.raises(EtformerError, match="increasing"):
+        load_tiles(str(p))
+    bad = dict(t)
+    bad["a/values"] = t["a/values"].to(torch.int32)
+    save_file(bad, str(p), metadata=meta)
+    with pytest.raises(EtformerError, match="fp16, bf16 or fp32"):
+        load_tiles(str(p))
+
+
+def test_bad_inputs():
+    with pytest.raises(EtformerError, match="2-D"):
+        TileSparseWeight.from_dense(torch.randn(4, 4, 4), (16, 16))
+    with pytest.raises(EtformerError, match="tensor-core"):
+        TileSparseWeight.from_dense(torch.randn(64, 64), (8, 8))
+    with pytest.raises(EtformerError, match="fp16"):
+        TileSparseWeight.from_dense(torch.ones(64, 64, dtype=torch.int64), (16, 16))
