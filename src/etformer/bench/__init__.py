@@ -1,0 +1,1 @@
+"""Benchmarks: timing with CUDA events, measured peaks and floors, peers side by side, reports."""

@@ -1,0 +1,86 @@
+"""Timing on the GPU: warm-up, then CUDA events around each run (or each CUDA-graph replay); median, p10, p90."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    i = q * (len(xs) - 1)
+    lo, hi = int(i), min(len(xs) - 1, int(i) + 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+
+def time_cuda(fn, *, warmup: int = 10, reps: int = 100, graph: bool = False, min_ms: float = 200.0) -> dict:
+    """Median/p10/p90 in microseconds of fn() on the current stream. With graph=True, fn is captured once into a
+    CUDA graph and its replays are timed (launch gaps removed), as a deployed engine would run it."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+        for _ in range(3):
+            run()
+    # estimate, then choose the repeat count so the whole measurement lasts about min_ms
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    st.record()
+    for _ in range(5):
+        run()
+    en.record()
+    torch.cuda.synchronize()
+    est = max(st.elapsed_time(en) / 5, 1e-3)
+    n = int(min(max(reps, min_ms / est), 2000))
+    times = []
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in evs:
+        a.record()
+        run()
+        b.record()
+    torch.cuda.synchronize()
+    times = [a.elapsed_time(b) * 1000.0 for a, b in evs]
+    return {"median_us": statistics.median(times), "p10_us": _quantile(times, 0.1), "p90_us": _quantile(times, 0.9),
+            "n": n}
+
+
+def measure_peaks(device="cuda") -> dict:
+    """A large fp16 matrix product (TFLOP/s) and a large device-to-device copy (TB/s, bytes read + written)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.float16)
+    b = torch.randn(n, n, device=device, dtype=torch.float16)
+    t = time_cuda(lambda: a @ b, warmup=3, reps=20, min_ms=300)
+    tflops = 2 * n ** 3 / (t["median_us"] * 1e-6) / 1e12
+    src = torch.empty(1 << 30, device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    c = time_cuda(lambda: dst.copy_(src), warmup=3, reps=20, min_ms=300)
+    tbs = 2 * src.numel() / (c["median_us"] * 1e-6) / 1e12
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return {"matmul_tflops": tflops, "copy_tbs": tbs}
+
+
+def floor_us(flops: float, nbytes: float, peaks: dict) -> float:
+    return max(flops / (peaks["matmul_tflops"] * 1e12), nbytes / (peaks["copy_tbs"] * 1e12)) * 1e6
+
+
+def env_info() -> dict:
+    import datetime
+    import platform
+
+    import triton
+    import transformers
+
+    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
