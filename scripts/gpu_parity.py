@@ -22,6 +22,7 @@ from etformer.pruning import PruningPlan
 from etformer.pruning.recipe import hard_masks
 
 
+@torch.no_grad()
 def features(encode, tok, texts, bs=128):
     hs, embs = [], []
     for b in batches(tok, [(t,) for t in texts], bs, 128, "cuda"):

@@ -148,7 +148,7 @@ def eval_cmd(args, console) -> dict:
     if args.engine == "et":
         from .engine import optimize
 
-        encode = optimize(model, plan=meta, dtype=args.dtype).encode_fn()
+        encode = optimize(model, meta, dtype=args.dtype, device=device).encode_fn()
     res = evaluate(model, tok, args.task, encode=encode, glue_dir=args.glue_dir, device=device, limit=args.limit)
     res.update({"model": path, "engine": args.engine, "device": machine_line(device)})
     console.print(f"{res['task']} dev {res['metric']}: [bold]{res['value']:.2f}[/]  "
@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="etformer against its peers, side by side on one GPU")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default=None, help="folder for JSON, Markdown and PNG results")
+    b.add_argument("--models", default=None, help="comma list of bert-base, distilbert, minilm (full mode)")
     return p
 
 

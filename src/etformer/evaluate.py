@@ -76,7 +76,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-3
     """Multinomial logistic regression, fitted to convergence with L-BFGS on standardized features."""
     torch.manual_seed(seed)
     lin = torch.nn.Linear(x.shape[1], n_classes, dtype=torch.float64)
-    x = x.double()
+    x, y = x.detach().double(), y.detach()
     opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():

@@ -108,7 +108,10 @@ class ETEncoder(torch.nn.Module):
                  device: torch.device, final_norm: tuple | None = None):
         super().__init__()
         self.cfg, self.emb, self.layers = cfg, embeddings, layers
-        self.dtype, self.device = dtype, torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype, self.device = dtype, device
         self.final_norm = final_norm
         self.use_graphs = self.device.type == "cuda"
         self.backend = "auto"  # "reference" forces the PyTorch references, "triton" the kernels

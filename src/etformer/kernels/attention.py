@@ -164,7 +164,7 @@ def _blocks(max_seqlen: int, bd: int, on_gpu: bool) -> tuple[bool, int, int, int
 def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, head_dim: int, *,
               q_col: int = 0, k_col: int | None = None, v_col: int | None = None, v_head_dim: int | None = None,
               causal: bool = False, key_bias: torch.Tensor | None = None, sm_scale: float | None = None,
-              out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+              out: torch.Tensor | None = None, backend: str = "auto", _config: tuple | None = None) -> torch.Tensor:
     """Varlen multi-head attention out of a fused QKV buffer; returns [T, H*DV]."""
     check_tensor("qkv", qkv, dims=2)
     check_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32,), device=qkv.device)
@@ -197,7 +197,7 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
     if T == 0 or max_seqlen == 0:
         return out
     bd, bdv = max(16, next_pow2(D)), max(16, next_pow2(DV))
-    one, bm, bn, warps, stages = _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda)
+    one, bm, bn, warps, stages = _config or _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda)
     grid = (triton.cdiv(max_seqlen, bm), H, B)
     _attn_kernel[grid](
         qkv, out, cu_seqlens, key_bias if key_bias is not None else qkv,

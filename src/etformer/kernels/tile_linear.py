@@ -77,7 +77,7 @@ if HAS_TRITON:
         end = tl.load(row_ptr + r + 1)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-        tile_offs = offs_n[None, :] * BK + offs_k[:, None]  # (BK, BN): the tile read transposed
+        tile_offs = offs_n[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
         for i in range(0, end - start):
             t = start + i
             kc = tl.load(col_idx + t)
@@ -85,9 +85,9 @@ if HAS_TRITON:
             xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
             wt = tl.load(vals_ptr + t.to(tl.int64) * (BN * BK) + tile_offs)
             if FP32_DOT:
-                acc += tl.dot(xa, wt, input_precision="ieee")
+                acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
             else:
-                acc += tl.dot(xa, wt)
+                acc += tl.dot(xa, tl.trans(wt))
 
         cols = r * BN + offs_n
         n_mask = cols < N
@@ -140,7 +140,7 @@ def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool) -> tuple[int, in
 
 def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None = None, *, activation: str | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", _config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N]."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -175,7 +175,7 @@ def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None 
     if M == 0:
         return out
     BN, BK = w.tile
-    block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda)
+    block_m, warps, stages = _config or _launch_params(M, w.tile, x.is_cuda)
     num_m, num_r = triton.cdiv(M, block_m), w.n_block_rows
     grid = (num_m * num_r,)
     dummy = x
