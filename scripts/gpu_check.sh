@@ -18,3 +18,16 @@ fi
 if [ "$step" = all ] || [ "$step" = kernels ]; then
   python3 -m etformer.bench.kernels --out "$OUT" ${KBENCH_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | tail -80
 fi
+if [ "$step" = tune ]; then
+  python3 scripts/tune.py "$OUT" 2>&1 | tee "$OUT/tune.log" | tail -60
+fi
+if [ "$step" = all ] || [ "$step" = probe ] || [ "$step" = tune ]; then
+  python3 - <<'PY' 2>&1 | grep -v "Loading weights" | tee "$OUT/probe.log" | tail -40
+import os
+from etformer.bench.run import run_bench, write_reports
+tile = tuple(int(v) for v in os.environ.get("PROBE_TILE", "64x64").split("x"))
+res = run_bench(models=("bert-base",), batches=(1, 32), seqs=(128,), varlens=(False,), sparsities=(0.5,),
+                peers=("hf_graph", "cublas_sdpa_graph", "semi24", "bsr"), tile=tile)
+write_reports(res, os.environ["OUT"] + "/probe", "probe")
+PY
+fi
