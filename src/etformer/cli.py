@@ -241,8 +241,13 @@ def demo(args, console) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+def _tile_str(tile) -> str:
+    return f"{tile[0]}x{tile[1]}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pruning.patterns import PATTERNS
+    from .pruning.plan import DEFAULT_TILE
     from .pruning.recipe import METHODS
 
     p = argparse.ArgumentParser(prog="etformer", description=__doc__)
@@ -255,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="tile-prune the embedded MiniLM to 50%% on STS-B and compare with dense")
     common(d)
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--tile", default="32x32")
+    d.add_argument("--tile", default=_tile_str(DEFAULT_TILE))
     d.add_argument("--lam", type=float, default=2e-4)
     d.add_argument("--cpu-steps", type=int, default=100, help="steps per training stage when there is no GPU")
 
@@ -265,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--task", required=True)
     pr.add_argument("--pattern", required=True, help=f"one of {', '.join(PATTERNS)}, or attention_aware")
     pr.add_argument("--sparsity", type=float, required=True)
-    pr.add_argument("--tile", default="32x32", help="tile shape, e.g. 16x16, 32x32, 64x64")
+    pr.add_argument("--tile", default=_tile_str(DEFAULT_TILE), help="tile shape, e.g. 16x16, 32x32, 64x64, 128x64")
     pr.add_argument("--out", required=True)
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--method", default="rgl", choices=METHODS)

@@ -122,9 +122,16 @@ def _row_order(w: TileSparseWeight) -> torch.Tensor:
     return hit[1]
 
 
-# Tuned launch parameters, keyed by (tile, M bucket): (BLOCK_M, num_warps, num_stages). Measured on the H200;
-# see benchmarks/results/h200/kernels.md. Unknown keys fall back to the heuristic below.
-TUNED: dict[tuple, tuple[int, int, int]] = {}
+# Tuned launch parameters, keyed by (tile, M bucket): (BLOCK_M, num_warps, num_stages). Swept on the H200 at 50%
+# density over BERT-base FFN shapes (scripts/tune.py; benchmarks/results/h200/tune.json). Other keys fall back to
+# the heuristic below.
+TUNED: dict[tuple, tuple[int, int, int]] = {
+    ((32, 32), 128): (64, 4, 3), ((32, 32), 4096): (128, 4, 3), ((32, 32), 16384): (128, 4, 3),
+    ((64, 64), 128): (64, 4, 3), ((64, 64), 4096): (128, 4, 2), ((64, 64), 16384): (128, 4, 2),
+    ((128, 64), 128): (64, 4, 2), ((128, 64), 4096): (128, 4, 4), ((128, 64), 16384): (128, 4, 3),
+    ((64, 128), 128): (64, 4, 3), ((64, 128), 4096): (128, 4, 2), ((64, 128), 16384): (128, 4, 2),
+    ((128, 128), 128): (64, 4, 2), ((128, 128), 4096): (64, 4, 2), ((128, 128), 16384): (64, 4, 2),
+}
 
 
 def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool) -> tuple[int, int, int]:

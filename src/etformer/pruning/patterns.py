@@ -133,7 +133,7 @@ def make_mask(w: torch.Tensor, p: Pattern, sparsity: float, scores: torch.Tensor
         return _expand(keep, w, p)
     sc = group_norms(wf, p) if scores is None else scores.float()
     if p.name.startswith("tile"):
-        size = group_sizes(w.shape, p)
+        size = group_sizes(w.shape, p).to(sc.device)
         sc = sc / size.sqrt()  # RMS: an overhanging edge tile is judged by its real weights, not its padding
     if p.name == "tile_balanced":
         bm, bk = p.tile
