@@ -57,7 +57,7 @@ def main(out_dir):
         for dt in (torch.float16, torch.bfloat16):
             mh = copy.deepcopy(m32).to(dt)
             hfl = lambda b: mh(**b).last_hidden_state  # noqa: E731
-            _, hh = features(hfl, tok, [e.texts[0] for e in dev])
+            xh, hh = features(hfl, tok, [e.texts[0] for e in dev])
             enc = optimize(m32, plan, dtype=dt, device="cuda")
             t0 = time.time()
             xe, he = features(enc.encode_fn(), tok, [e.texts[0] for e in dev])
@@ -69,7 +69,7 @@ def main(out_dir):
             sts_hf = evaluate(m32, tok, "stsb", glue_dir=glue, device="cuda")
             key = f"{pname}/{str(dt).replace('torch.', '')}"
             results[key] = {"hf_rel_err": e_hf, "et_rel_err": e_et, "err_ratio": e_et / e_hf,
-                            "sst2_pred_agreement": agree, "sst2_acc_hf32": float(np.mean(p32 == np.array([e.label for e in dev]))),
+                            "sst2_pred_agreement": agree, "hf_same_dtype_agreement": float(np.mean(pred(xh) == p32)), "sst2_acc_hf32": float(np.mean(p32 == np.array([e.label for e in dev]))),
                             "stsb_spearman_et": sts["value"], "stsb_spearman_hf32": sts_hf["value"],
                             "ok": bool(e_et <= 2 * e_hf and agree >= 0.995), "engine": enc.summary()["layer0.qkv"],
                             "seconds_dev_features": el}

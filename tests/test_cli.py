@@ -29,7 +29,10 @@ def test_prune_writes_hf_checkpoint(pruned):
     assert {"config.json", "model.safetensors", "etformer.json", "tokenizer.json"} <= names
     assert not [n for n in os.listdir(pruned.parent) if n.startswith(".etformer")]
     meta = json.loads((pruned / "etformer.json").read_text())
-    assert meta["plan"]["tile"] == [32, 32] and meta["plan"]["matrices"]["q"] == {"pattern": "tile", "sparsity": 0.5}
+    from etformer.pruning.plan import DEFAULT_TILE
+
+    bm, bk = DEFAULT_TILE
+    assert meta["plan"]["tile"] == [bm, bk] and meta["plan"]["matrices"]["q"] == {"pattern": "tile", "sparsity": 0.5}
     for m in ("dense", "pruned"):
         v = meta["metrics"][m]["value"]
         assert meta["metrics"][m]["metric"] == "spearman" and -100 <= v <= 100 and v == v
@@ -39,11 +42,11 @@ def test_prune_writes_hf_checkpoint(pruned):
     for name, p in model.named_parameters():
         if "encoder.layer" in name and name.endswith("weight") and p.dim() == 2:
             n += 1
-            t = p.detach().view(p.shape[0] // 32, 32, p.shape[1] // 32, 32).permute(0, 2, 1, 3).flatten(2)
+            t = p.detach().view(p.shape[0] // bm, bm, p.shape[1] // bk, bk).permute(0, 2, 1, 3).flatten(2)
             zero = (t == 0).all(-1)
             assert zero.float().mean() == 0.5, name  # exactly half of the tiles are zero...
             assert (t == 0).float().mean() < 0.5 + 1e-3  # ...and the zeros come in whole tiles
-            assert meta["sparsity"][name]["tile_sparsity"] == 0.5
+            assert meta["sparsity"][name[: -len(".weight")]]["tile_sparsity"] == 0.5
     assert n == 36
 
 

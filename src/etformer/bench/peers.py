@@ -69,8 +69,9 @@ class LayerStack:
     """BERT's layers written plainly on cuBLAS and SDPA; `weight_fn` turns each dense weight into what F.linear
     takes (itself, a 2:4 semi-structured tensor, a BSR tensor)."""
 
-    def __init__(self, model, weight_fn=lambda w: w):
+    def __init__(self, model, weight_fn=lambda w: w, masked: bool = True):
         self.m = model
+        self.masked = masked  # False: every row is full length, so SDPA may take its flash path (no mask)
         self.lin = {}
         for name, (kind, i, l) in encoder_linears(model).items():
             self.lin[(i, kind)] = (weight_fn(l.weight.detach()), l.bias.detach())
@@ -84,7 +85,7 @@ class LayerStack:
         B, S = ids.shape
         x = m.embeddings(input_ids=ids)
         attn_mask = None
-        if not bool(mask.all()):
+        if self.masked:  # decided when built: a data-dependent check would break CUDA-graph capture
             attn_mask = torch.zeros(B, 1, 1, S, device=ids.device, dtype=x.dtype).masked_fill(~mask.bool().view(B, 1, 1, S), float("-inf"))
         H, D = self.H, x.shape[-1] // self.H
         for i, layer in enumerate(self.layers):
@@ -103,11 +104,11 @@ class LayerStack:
         return x
 
 
-def cublas_sdpa_graph(model):
-    return GraphCache(LayerStack(model))
+def cublas_sdpa_graph(model, masked=True):
+    return GraphCache(LayerStack(model, masked=masked))
 
 
-def semi24(model):
+def semi24(model, masked=True):
     from torch.sparse import to_sparse_semi_structured
 
     from ..pruning import Pattern, make_mask
@@ -115,10 +116,8 @@ def semi24(model):
     def wf(w):
         return to_sparse_semi_structured(w * make_mask(w, Pattern("nm"), 0.5))
 
-    stack = LayerStack(model, wf)
-    return stack  # sparse tensor subclasses do not capture in CUDA graphs reliably; run eagerly
+    return LayerStack(model, wf, masked)  # sparse tensor subclasses do not capture in CUDA graphs reliably; run eagerly
 
 
-def bsr(model, tile):
-    stack = LayerStack(model, lambda w: w.to_sparse_bsr(tile))
-    return stack
+def bsr(model, tile, masked=True):
+    return LayerStack(model, lambda w: w.to_sparse_bsr(tile), masked)

@@ -134,7 +134,7 @@ class ETEncoder(torch.nn.Module):
         if S > self.cfg.max_positions:
             raise EtformerError(f"sequence length {S} exceeds the model's {self.cfg.max_positions} positions")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            return None
         if attention_mask.shape != input_ids.shape or attention_mask.device != self.device:
             raise EtformerError(f"attention_mask must be {(B, S)} on {self.device}, got {tuple(attention_mask.shape)} "
                                 f"on {attention_mask.device}")
@@ -144,22 +144,37 @@ class ETEncoder(torch.nn.Module):
             raise EtformerError(f"token_type_ids must be {(B, S)} on {self.device}")
         return attention_mask.ne(0)
 
-    def _unpad(self, input_ids, mask, token_type_ids):
-        B, S = input_ids.shape
-        lengths = mask.sum(1)
-        lens = lengths.tolist()
-        if min(lens) == 0:
-            raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
-        flat = torch.nonzero(mask.flatten(), as_tuple=False).flatten()  # (T,) indices into B*S
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=self.device)
-        cu[1:] = torch.cumsum(lengths, 0)
-        if self.cfg.position_offset:  # RoBERTa: positions count real tokens only
-            pos = (torch.cumsum(mask.int(), 1) * mask).flatten()[flat] + self.cfg.position_offset - 1
-        else:  # BERT: the absolute index in the padded row, as HF does
-            pos = flat % S
+    def _unpad_meta(self, mask, B, S):
+        """Host-side index work, from one small copy of the mask: (meta, T, max_len).
+
+        meta is one int64 tensor [flat (T) | positions (T) | cu_seqlens (B+1)], so a single host-to-device copy
+        carries every index the device needs.
+        """
+        if mask is None:
+            lens = torch.full((B,), S, dtype=torch.int64)
+            flat = torch.arange(B * S)
+            rowpos = torch.arange(S).repeat(B)
+        else:
+            m = mask.to("cpu")
+            lens = m.sum(1)
+            if bool((lens == 0).any()):
+                raise EtformerError(f"row {int(torch.nonzero(lens == 0)[0])} of the batch is all padding")
+            flat = torch.nonzero(m.flatten(), as_tuple=False).flatten()
+            rowpos = (torch.cumsum(m.long(), 1) - 1).flatten()[flat] if self.cfg.position_offset else flat % S
+        pos = rowpos + self.cfg.position_offset if self.cfg.position_offset else rowpos
+        cu = torch.zeros(B + 1, dtype=torch.int64)
+        cu[1:] = torch.cumsum(lens, 0)
+        meta = torch.cat([flat, pos, cu])
+        if self.device.type == "cuda":
+            meta = meta.pin_memory()
+        return meta, int(flat.numel()), int(lens.max())
+
+    def _prepare(self, input_ids, token_type_ids, meta, T, B):
+        """Device side of the unpad: gather the real tokens. Runs inside the CUDA graph."""
+        flat, pos, cu = meta[:T], meta[T:2 * T], meta[2 * T:].to(torch.int32)
         ids = input_ids.flatten()[flat]
         tt = token_type_ids.flatten()[flat] if token_type_ids is not None else torch.zeros_like(ids)
-        return ids, pos, tt, cu, max(lens), flat
+        return ids, pos, tt, cu, flat
 
     # ------------------------------------------------------------------ compute
     def _layers(self, ids, pos, tt, cu, max_len):
@@ -198,32 +213,35 @@ class ETEncoder(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_ignored):
         mask = self._validate(input_ids, attention_mask, token_type_ids)
         B, S = input_ids.shape
-        ids, pos, tt, cu, max_len, flat = self._unpad(input_ids, mask, token_type_ids)
+        meta, T, max_len = self._unpad_meta(mask, B, S)
+        meta = meta.to(self.device, non_blocking=True)
         if self.use_graphs and B * S <= GRAPH_MAX_TOKENS:
-            y = self._graphed(ids, pos, tt, cu, max_len, flat, B, S)
+            y = self._graphed(input_ids, token_type_ids, meta, T, max_len, B, S)
         else:
-            y = self._pad(self._layers(ids, pos, tt, cu, max_len), flat, B, S)
+            y = self._run(input_ids, token_type_ids, meta, T, max_len, B, S)
         if self.check_finite and not bool(torch.isfinite(y).all()):
             raise EtformerError("the encoder produced NaN or inf; check the weights and the inputs")
         return EncoderOutput(y)
 
-    def _graphed(self, ids, pos, tt, cu, max_len, flat, B, S):
-        key = (B, S, ids.numel(), max_len)
+    def _run(self, input_ids, token_type_ids, meta, T, max_len, B, S, out=None):
+        ids, pos, tt, cu, flat = self._prepare(input_ids, token_type_ids, meta, T, B)
+        return self._pad(self._layers(ids, pos, tt, cu, max_len), flat, B, S, out)
+
+    def _graphed(self, input_ids, token_type_ids, meta, T, max_len, B, S):
+        key = (B, S, T, max_len, token_type_ids is not None)
         g = self._graphs.get(key)
         if g is None:
-            static = {"ids": ids.clone(), "pos": pos.clone(), "tt": tt.clone(), "cu": cu.clone(), "flat": flat.clone()}
+            static = [input_ids.clone(), None if token_type_ids is None else token_type_ids.clone(), meta.clone()]
             out = torch.empty(B * S, self.cfg.hidden, device=self.device, dtype=self.dtype)
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):  # warm-up: compiles kernels and settles the allocator outside capture
                 for _ in range(2):
-                    self._pad(self._layers(static["ids"], static["pos"], static["tt"], static["cu"], max_len),
-                              static["flat"], B, S, out)
+                    self._run(*static, T, max_len, B, S, out)
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._pad(self._layers(static["ids"], static["pos"], static["tt"], static["cu"], max_len),
-                          static["flat"], B, S, out)
+                self._run(*static, T, max_len, B, S, out)
             g = (graph, static, out)
             self._graphs[key] = g
             if len(self._graphs) > GRAPH_CACHE:
@@ -231,10 +249,19 @@ class ETEncoder(torch.nn.Module):
         else:
             self._graphs.move_to_end(key)
         graph, static, out = g
-        for k, v in (("ids", ids), ("pos", pos), ("tt", tt), ("cu", cu), ("flat", flat)):
-            static[k].copy_(v)
+        static[0].copy_(input_ids)
+        if token_type_ids is not None:
+            static[1].copy_(token_type_ids)
+        static[2].copy_(meta)
         graph.replay()
         return out.view(B, S, -1).clone()
+
+    def graph_replay_fn(self, input_ids, attention_mask=None, token_type_ids=None):
+        """The captured graph for these inputs' shape, as a no-argument callable: times the GPU work alone."""
+        self(input_ids, attention_mask, token_type_ids)
+        mask = self._validate(input_ids, attention_mask, token_type_ids)
+        _, T, max_len = self._unpad_meta(mask, *input_ids.shape)
+        return self._graphs[(*input_ids.shape, T, max_len, token_type_ids is not None)][0].replay
 
     def encode_fn(self):
         """A callable for etformer.evaluate: batch dict -> last_hidden_state (B, S, d)."""

@@ -105,6 +105,70 @@ if HAS_TRITON:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _tile_linear_splitk_kernel(
+        x_ptr, vals_ptr, row_ptr, col_idx, ws_ptr, M, N, K, stride_xm, SPLIT,
+        BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, FP32_DOT: tl.constexpr,
+    ):
+        """Small-M path: each (row block, block-row) is split over SPLIT programs along its kept tiles; fp32
+        partial sums go to a workspace [SPLIT, M, N] that _splitk_epilogue_kernel reduces."""
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        r = pid // num_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BK)
+        offs_n = tl.arange(0, BN)
+        m_mask = offs_m < M
+        start = tl.load(row_ptr + r)
+        end = tl.load(row_ptr + r + 1)
+        chunk = tl.cdiv(end - start, SPLIT)
+        lo = start + s * chunk
+        hi = tl.minimum(end, lo + chunk)
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        tile_offs = offs_n[:, None] * BK + offs_k[None, :]
+        for i in range(0, hi - lo):
+            t = lo + i
+            kc = tl.load(col_idx + t)
+            kk = kc * BK + offs_k
+            xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+            wt = tl.load(vals_ptr + t.to(tl.int64) * (BN * BK) + tile_offs)
+            if FP32_DOT:
+                acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
+            else:
+                acc += tl.dot(xa, tl.trans(wt))
+        cols = r * BN + offs_n
+        ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
+        tl.store(ws, acc, mask=m_mask[:, None] & (cols[None, :] < N))
+
+    @triton.jit
+    def _splitk_epilogue_kernel(
+        ws_ptr, bias_ptr, res_ptr, y_ptr, M, N, SPLIT, stride_ym, stride_rm, out_col,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+        HAS_RES: tl.constexpr,
+    ):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m[:, None] < M) & (cols[None, :] < N)
+        base = ws_ptr + offs_m[:, None].to(tl.int64) * N + cols[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLIT):
+            acc += tl.load(base + s * M * N, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif ACT == 2:
+            acc = tl.maximum(acc, 0.0)
+        if HAS_RES:
+            acc += tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+        y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_col + cols[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launcher
 _ORDER_CACHE: dict = {}
 
@@ -134,6 +198,17 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 }
 
 
+SPLITK_MAX_M = 512  # at or below this many rows the split-K path keeps every SM busy (GPU only)
+NUM_SMS = 132
+
+
+def _split_for(M: int, w: TileSparseWeight, block_m: int) -> int:
+    """Programs along K for the small-M path: enough for two waves, never more than the longest row's tiles."""
+    base = -(-M // block_m) * w.n_block_rows
+    most = int(w.tiles_per_row.max()) if w.n_block_rows else 1
+    return max(1, min(most, -(-2 * NUM_SMS // max(1, base)), 16))
+
+
 def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool) -> tuple[int, int, int]:
     mb = 128 if M <= 128 else (4096 if M <= 4096 else 16384)
     if (tile, mb) in TUNED:
@@ -147,7 +222,8 @@ def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool) -> tuple[int, in
 
 def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None = None, *, activation: str | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
-                backend: str = "auto", _config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                backend: str = "auto", _config: tuple[int, int, int] | None = None,
+                split_k: int | None = None) -> torch.Tensor:
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N]."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -184,17 +260,30 @@ def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None 
     BN, BK = w.tile
     block_m, warps, stages = _config or _launch_params(M, w.tile, x.is_cuda)
     num_m, num_r = triton.cdiv(M, block_m), w.n_block_rows
-    grid = (num_m * num_r,)
     dummy = x
-    _tile_linear_kernel[grid](
+    act = _act_code(activation)
+    if split_k is None:
+        split_k = _split_for(M, w, block_m) if (x.is_cuda and M <= SPLITK_MAX_M) else 1
+    if split_k > 1:
+        ws = torch.empty(split_k, M, N, device=x.device, dtype=torch.float32)
+        _tile_linear_splitk_kernel[(num_m * num_r, split_k)](
+            x, w.values, w.row_ptr, w.col_idx, ws, M, N, K, x.stride(0), split_k,
+            BN=BN, BK=BK, BLOCK_M=block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda,
+            num_warps=warps, num_stages=stages)
+        _splitk_epilogue_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 128))](
+            ws, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
+            M, N, split_k, out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
+            BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4)
+        return out
+    _tile_linear_kernel[(num_m * num_r,)](
         x, w.values, w.row_ptr, w.col_idx, _row_order(w), bias if bias is not None else dummy,
         residual if residual is not None else dummy, out,
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
-        BN=BN, BK=BK, BLOCK_M=block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=_act_code(activation),
+        BN=BN, BK=BK, BLOCK_M=block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda,
         num_warps=warps, num_stages=stages,
     )
-    return out if out_col == 0 and out.shape[1] == N else out
+    return out
 
 
 def flops(M: int, w: TileSparseWeight) -> float:

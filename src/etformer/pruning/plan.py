@@ -8,7 +8,10 @@ from ..models import MATRIX_KINDS
 from ..sparse.tiles import check_tile
 from .patterns import Pattern, check_sparsity
 
-DEFAULT_TILE = (32, 32)
+# 128 output features x 64 inputs. On the H200 this shape is the fastest of 16x16 ... 128x128 for the tile-sparse
+# kernel (benchmarks/results/h200/tune.json, kernels.md), while pruning MiniLM to 50% on STS-B scored the same with
+# 16x16, 32x32, 64x64 and 128x64 tiles within 0.4 Spearman (benchmarks/results/h200/tile_accuracy.md).
+DEFAULT_TILE = (128, 64)
 
 
 @dataclass(frozen=True)
