@@ -73,7 +73,7 @@ def _rel(y, ref, mask):
 def run_bench(models=("bert-base",), batches=(1, 8, 32, 128), seqs=(128, 384, 512), varlens=(False, True),
               sparsities=(0.3, 0.5, 0.7, 0.9), tile=DEFAULT_TILE, peers=("hf_sdpa", "hf_graph", "compile",
               "cublas_sdpa_graph", "semi24", "bsr"), compile_shapes=None, log=print, max_tokens=65536,
-              checkpoint=None, compile_limit_s: int = 240) -> dict:
+              checkpoint=None, compile_limit_s: int = 150) -> dict:
     from ..engine import optimize
 
     peaks = measure_peaks()
