@@ -206,3 +206,20 @@ def test_pruned_v_attention(dtype, H, D, keep):
     pruned_cols = cv.const_cols
     if pruned_cols.numel():  # the constant columns are exactly the V bias
         assert torch.equal(y[:, pruned_cols], bv[pruned_cols].to(dtype).expand(y.shape[0], -1))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("M", [16, 128, 1024])
+def test_tile_linear_captures_in_cuda_graph(M):
+    """Both the split-K (small M) and the direct path must launch without reading anything back from the GPU."""
+    W = _sparse_weight(256, 128, (64, 64), 0.5, torch.float16)
+    w = TileSparseWeight.from_dense(W, (64, 64))
+    x = torch.randn(M, 128, device="cuda", dtype=torch.float16)
+    tile_linear(x, w)  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = tile_linear(x, w)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(y, torch.nn.functional.linear(x, W), x.double() @ W.double().t(), "graphed")

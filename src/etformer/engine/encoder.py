@@ -32,7 +32,7 @@ from ..sparse.tiles import TileSparseWeight
 # Tile density at or above which a matrix runs on cuBLAS instead: on the H200 the tile kernel is 0.6-0.8x cuBLAS when
 # dense and 1.0-1.3x at half density (tune.json), so the crossover sits near 0.6.
 DENSE_CUTOFF = 0.6
-GRAPH_MAX_TOKENS = 8192  # batches up to this many (B*S) tokens replay a captured CUDA graph
+GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 
 

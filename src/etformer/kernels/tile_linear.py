@@ -178,7 +178,7 @@ def _row_order(w: TileSparseWeight) -> torch.Tensor:
     key = (id(w.row_ptr), w.row_ptr.data_ptr(), w.nnz_tiles)
     hit = _ORDER_CACHE.get(key)
     if hit is None or hit[0] is not w.row_ptr:
-        order = torch.argsort(-w.tiles_per_row.cpu(), stable=True).to(torch.int32).to(w.device)
+        order = torch.argsort(-w.tiles_per_row, stable=True).to(torch.int32).to(w.device)
         hit = (w.row_ptr, order)
         if len(_ORDER_CACHE) > 4096:
             _ORDER_CACHE.clear()
@@ -205,7 +205,7 @@ NUM_SMS = 132
 def _split_for(M: int, w: TileSparseWeight, block_m: int) -> int:
     """Programs along K for the small-M path: enough for two waves, never more than the longest row's tiles."""
     base = -(-M // block_m) * w.n_block_rows
-    most = int(w.tiles_per_row.max()) if w.n_block_rows else 1
+    most = max(1, w.max_tiles_per_row)
     return max(1, min(most, -(-2 * NUM_SMS // max(1, base)), 16))
 
 

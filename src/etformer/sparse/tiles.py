@@ -85,7 +85,13 @@ class TileSparseWeight:
 
     @property
     def tiles_per_row(self) -> torch.Tensor:
-        return (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        """Kept tiles per block-row, int64 on the CPU."""
+        return self._host_counts
+
+    @property
+    def max_tiles_per_row(self) -> int:
+        c = self._host_counts
+        return int(c.max()) if c.numel() else 0
 
     @property
     def is_balanced(self) -> bool:
@@ -120,6 +126,9 @@ class TileSparseWeight:
         if self.col_idx.dim() != 1 or tuple(self.values.shape) != (nnz, bm, bk):
             raise EtformerError(f"values has shape {tuple(self.values.shape)}, expected ({nnz}, {bm}, {bk})")
         rp = self.row_ptr.cpu().to(torch.int64)
+        # host-side facts the launchers need, kept here so no launch ever reads them back from the GPU
+        # (a device-to-host read inside CUDA-graph capture is an error)
+        self._host_counts = (rp[1:] - rp[:-1]) if rp.numel() > 1 else torch.zeros(0, dtype=torch.int64)
         if int(rp[0]) != 0 or int(rp[-1]) != nnz or bool(torch.any(rp[1:] < rp[:-1])):
             raise EtformerError("row_ptr must start at 0, end at the tile count and never decrease")
         ci = self.col_idx.cpu().to(torch.int64)
