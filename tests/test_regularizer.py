@@ -50,3 +50,46 @@ def test_refresh_schedule_and_zero_groups():
     assert torch.equal(reg.prev["w"], before)
     reg.step(3)
     assert torch.allclose(reg.prev["w"], 2 * before)
+
+
+@pytest.mark.parametrize("name,s", [("tile", 0.5), ("tile_balanced", 0.75), ("row", 0.3), ("nm", 0.5)])
+def test_admm_projection_is_exact_and_closest(name, s):
+    from etformer.pruning.patterns import make_mask, mask_sparsity
+    from etformer.pruning.regularizers import ADMM
+
+    pat = Pattern(name, tile=(16, 16))
+    v = torch.randn(64, 48, dtype=torch.float64)
+    z = ADMM.project(v, pat, s)
+    m = make_mask(v, pat, s)
+    assert torch.equal(z != 0, m) and mask_sparsity(z != 0) == mask_sparsity(m)
+    # no other mask of the pattern at this sparsity is closer: try random ones of the same group count
+    best = (v - z).norm()
+    g = groups(v, pat)
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        other = make_mask(v, pat, s, scores=torch.rand(g.shape[0], generator=gen, dtype=torch.float64)) \
+            if name != "nm" else None
+        if other is not None and mask_sparsity(other) == mask_sparsity(m):
+            assert (v - v * other).norm() >= best - 1e-12
+
+
+def test_admm_dual_update_and_penalty():
+    from etformer.pruning.regularizers import ADMM
+
+    w = torch.nn.Parameter(torch.randn(32, 32))
+    pat = Pattern("tile", tile=(16, 16))
+    a = ADMM({"w": (w, pat, 0.5)}, rho=0.1, update_every=2)
+    z0 = a.Z["w"].clone()
+    assert torch.equal(z0, ADMM.project(w.detach(), pat, 0.5))  # U starts at zero
+    with torch.no_grad():
+        w.add_(0.3)
+    a.step(1)  # not on the schedule: nothing moves
+    assert torch.equal(a.Z["w"], z0) and torch.all(a.U["w"] == 0)
+    a.step(2)
+    z1 = ADMM.project(w.detach(), pat, 0.5)
+    assert torch.equal(a.Z["w"], z1)
+    assert torch.allclose(a.U["w"], w.detach() - z1)
+    pen = a.penalty()
+    assert float(pen) == pytest.approx(0.05 * float((w.detach() - z1 + a.U["w"]).pow(2).sum()), rel=1e-6)
+    pen.backward()
+    assert torch.allclose(w.grad, 0.1 * (w.detach() - z1 + a.U["w"]), atol=1e-6)

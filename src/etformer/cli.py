@@ -57,7 +57,7 @@ def prune(args, console) -> dict:
     check_out_dir(args.out, args.overwrite)
     device = _device(args.device)
     cfg = RecipeConfig(plan=plan, task=args.task, method=args.method, dense_epochs=args.dense_epochs,
-                       epochs=args.epochs, lr=args.lr, lam=args.lam, batch_size=args.batch_size, max_len=args.max_len,
+                       epochs=args.epochs, lr=args.lr, lam=args.lam, rho=getattr(args, "rho", 1e-2), batch_size=args.batch_size, max_len=args.max_len,
                        max_steps=args.max_steps, train_limit=args.train_limit, seed=args.seed, device=device,
                        glue_dir=args.glue_dir)
     torch.manual_seed(args.seed)
@@ -86,7 +86,7 @@ def prune(args, console) -> dict:
     meta = {
         "etformer_version": _version(), "base_model": model_path, "task": cfg.task, "method": cfg.method,
         "plan": plan.to_json(), "tile": list(plan.tile),
-        "training": {k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "lam", "eps", "refresh_every",
+        "training": {k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "lam", "eps", "refresh_every", "rho",
                                                    "batch_size", "max_len", "max_steps", "train_limit", "seed")},
         "metrics": {"dense": _clean(dense), "pruned": _clean(pruned)},
         "sparsity": report, "pruned_matrices": sorted(masks), "seconds": round(elapsed, 1), "machine": machine_line(device),
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dense-epochs", type=float, default=0.0)
     pr.add_argument("--lr", type=float, default=1e-4)
     pr.add_argument("--lam", type=float, default=2e-4, help="group-lasso strength")
+    pr.add_argument("--rho", type=float, default=1e-2, help="ADMM penalty (method admm)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--max-len", type=int, default=128)
     pr.add_argument("--max-steps", type=int, default=None, help="cap on the steps of each stage (smoke runs)")

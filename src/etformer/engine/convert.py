@@ -25,6 +25,26 @@ def _dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def build_layer(w: dict, b: dict, ln1, ln2, heads: int, tile, dt, dev, kernel=None, pruned_v=True) -> Layer:
+    """One engine layer from the six matrices (kind -> [out, in]) and biases (None allowed) of an encoder layer."""
+    w = {k: v.detach().double().cpu() for k, v in w.items()}
+    b = {k: (v.detach().double().cpu() if v is not None else torch.zeros(w[k].shape[0], dtype=torch.float64))
+         for k, v in b.items()}
+    head_dim = w["q"].shape[0] // heads
+    v_width = head_dim
+    w_o, b_o, w_v, b_v = w["o"], b["o"], w["v"], b["v"]
+    if pruned_v:
+        cv, wc, bc = CompactV.from_weight(w_v, b_v, heads)
+        if cv.width < head_dim:  # fewer columns: compact V, O folded (exact; fewer FLOPs everywhere)
+            w_o, b_o = cv.fold_into_output(w_o, b_o)
+            w_v, b_v, v_width = wc, bc, cv.width
+    g = lambda t: t.detach().to(dev, dt).contiguous()  # noqa: E731
+    mk = lambda W, B: Linear(W.to(dt), B.to(dt), tile, force=kernel).to(dev, dt)  # noqa: E731
+    return Layer(qkv=mk(torch.cat([w["q"], w["k"], w_v]), torch.cat([b["q"], b["k"], b_v])), o=mk(w_o, b_o),
+                 ffn_in=mk(w["ffn_in"], b["ffn_in"]), ffn_out=mk(w["ffn_out"], b["ffn_out"]),
+                 ln1=(g(ln1[0]), g(ln1[1])), ln2=(g(ln2[0]), g(ln2[1])), v_width=v_width)
+
+
 def optimize(model, plan=None, *, dtype="auto", device=None, tile=None, pruned_v: bool = True,
              kernel: str | None = None, backend: str = "auto") -> ETEncoder:
     """Build an ETEncoder from a live HF model (BertModel, RobertaModel, DistilBertModel or a task model around
@@ -33,6 +53,13 @@ def optimize(model, plan=None, *, dtype="auto", device=None, tile=None, pruned_v
     plan: a PruningPlan or an etformer.json dict; read from the folder when a path is given. It fixes the tile
     shape; a dense model uses DEFAULT_TILE. kernel: None (choose per matrix by density), "tile" or "dense".
     """
+    if isinstance(model, torch.nn.TransformerEncoder):
+        from .torch_encoder import optimize_torch_encoder
+
+        if plan is not None and tile is None:
+            tile = (plan.tile if isinstance(plan, PruningPlan) else PruningPlan.from_json(plan.get("plan", plan)).tile)
+        return optimize_torch_encoder(model, dtype=dtype, device=device, tile=tile or DEFAULT_TILE, kernel=kernel,
+                                      backend=backend, pruned_v=pruned_v)
     if isinstance(model, (str, os.PathLike)):
         from ..checkpoint import read_meta, verify_plan
         from ..models import load_model
@@ -74,25 +101,11 @@ def optimize(model, plan=None, *, dtype="auto", device=None, tile=None, pruned_v
     layers = []
     for layer in body.get_submodule(fam.layers):
         m = {k: layer.get_submodule(n) for k, n in fam.names.items()}
-        w = {k: m[k].weight.detach().double() for k in m}
-        b = {k: (m[k].bias.detach().double() if m[k].bias is not None else torch.zeros(m[k].out_features, dtype=torch.float64))
-             for k in m}
-        v_width = cfg.head_dim
-        w_o, b_o = w["o"], b["o"]
-        w_v, b_v = w["v"], b["v"]
-        if pruned_v:
-            cv, wc, bc = CompactV.from_weight(w_v, b_v, heads)
-            if cv.width < cfg.head_dim:  # fewer columns: compact V, O folded (exact; fewer FLOPs everywhere)
-                w_o, b_o = cv.fold_into_output(w_o, b_o)
-                w_v, b_v, v_width = wc, bc, cv.width
-        qkv_w = torch.cat([w["q"], w["k"], w_v])
-        qkv_b = torch.cat([b["q"], b["k"], b_v])
-        ln1 = layer.get_submodule(fam.ln_attn)
-        ln2 = layer.get_submodule(fam.ln_out)
-        mk = lambda W, B: Linear(W.to(dt), B.to(dt), tile, force=kernel).to(dev, dt)  # noqa: E731
-        layers.append(Layer(qkv=mk(qkv_w, qkv_b), o=mk(w_o, b_o), ffn_in=mk(w["ffn_in"], b["ffn_in"]),
-                            ffn_out=mk(w["ffn_out"], b["ffn_out"]), ln1=(g(ln1.weight), g(ln1.bias)),
-                            ln2=(g(ln2.weight), g(ln2.bias)), v_width=v_width))
+        w = {k: m[k].weight.detach() for k in m}
+        b = {k: m[k].bias.detach() if m[k].bias is not None else None for k in m}
+        ln1, ln2 = layer.get_submodule(fam.ln_attn), layer.get_submodule(fam.ln_out)
+        layers.append(build_layer(w, b, (ln1.weight, ln1.bias), (ln2.weight, ln2.bias), heads, tile, dt, dev,
+                                  kernel, pruned_v))
     enc = ETEncoder(cfg, embeddings, layers, dt, dev)
     enc.backend = backend
     return enc

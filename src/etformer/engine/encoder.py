@@ -178,18 +178,28 @@ class ETEncoder(torch.nn.Module):
 
     # ------------------------------------------------------------------ compute
     def _layers(self, ids, pos, tt, cu, max_len):
-        cfg = self.cfg
+        return self._stack(self._embed(ids, pos, tt), cu, max_len)
+
+    def _ln(self, a, r, wb):
+        return add_layernorm(a, r, wb[0], wb[1], self.cfg.eps, backend=self.backend)
+
+    def _embed(self, ids, pos, tt):
         e = self.emb
         x = F.embedding(ids, e["word"]) + F.embedding(pos, e["pos"])
-        if cfg.token_types:
+        if self.cfg.token_types:
             x = x + F.embedding(tt, e["type"])
+        return self._ln(x.contiguous(), None, (e["ln_w"], e["ln_b"]))  # (T, d)
+
+    def _stack(self, x, cu, max_len, causal=None):
+        """The layer stack on packed tokens x (T, d)."""
+        cfg = self.cfg
+        causal = cfg.causal if causal is None else causal
         bk = self.backend
-        ln = lambda a, r, wb: add_layernorm(a, r, wb[0], wb[1], cfg.eps, backend=bk)  # noqa: E731
-        x = ln(x.contiguous(), None, (e["ln_w"], e["ln_b"]))  # (T, d)
+        ln = self._ln
         H, D = cfg.heads, cfg.head_dim
 
         def attend(qkv, L):  # (T, 2*H*D + H*DV) -> (T, H*DV)
-            return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=cfg.causal, backend=bk)
+            return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=causal, backend=bk)
 
         for L in self.layers:
             if cfg.norm_first:

@@ -4,6 +4,7 @@ Methods:
     rgl      reweighted group lasso over each matrix's pattern groups, then hard prune (E.T.'s method)
     oneshot  one-shot magnitude prune by the pattern, then masked retrain (baseline)
     gmp      gradual magnitude pruning on the cubic schedule s_t = s_f (1 - (1 - t/T)^3), then retrain (baseline)
+    admm     ADMM: rho/2 ||W - Z + U||^2 towards the projection Z of W + U on the pattern, then hard prune
 
 Training signal: a model with a task head trains on the task's labels; a bare encoder (an embedding model such as
 all-MiniLM-L6-v2) distils itself — the dense model's token states and mean-pooled embeddings are the targets.
@@ -25,9 +26,9 @@ from ..evaluate import batches, mean_pool
 from ..models import base_model, encoder_linears, has_task_head
 from .patterns import make_mask, mask_sparsity
 from .plan import PruningPlan
-from .regularizers import ReweightedGroupLasso
+from .regularizers import ADMM, ReweightedGroupLasso
 
-METHODS = ("rgl", "oneshot", "gmp")
+METHODS = ("rgl", "oneshot", "gmp", "admm")
 
 
 @dataclass
@@ -40,6 +41,8 @@ class RecipeConfig:
     lr: float = 5e-5
     lam: float = 2e-4
     eps: float = 1e-3
+    rho: float = 1e-2  # ADMM penalty
+    admm_every: int = 25  # ADMM: steps between projection + dual updates
     refresh_every: int = 25
     batch_size: int = 32
     max_len: int = 128
@@ -199,6 +202,10 @@ def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, o
         params = {name: (w, plan.pattern(kind)) for name, (kind, w) in prunable(model, plan).items()}
         reg = ReweightedGroupLasso(params, cfg.lam, cfg.eps, cfg.refresh_every)
         tr.run("regularize", n, reg=reg)
+        masks = hard_masks(model, plan)
+    elif cfg.method == "admm":
+        params = {name: (w, plan.pattern(kind), plan.sparsity(kind)) for name, (kind, w) in prunable(model, plan).items()}
+        tr.run("admm", n, reg=ADMM(params, cfg.rho, cfg.admm_every))
         masks = hard_masks(model, plan)
     elif cfg.method == "oneshot":
         masks = hard_masks(model, plan)

@@ -43,3 +43,50 @@ class ReweightedGroupLasso:
 def _acc(p: torch.Tensor) -> torch.Tensor:
     """At least fp32 for the norms (fp16/bf16 weights), and fp64 kept as it is."""
     return p.to(torch.promote_types(p.dtype, torch.float32))
+
+
+class ADMM:
+    """ADMM pruning (E.T. used it for its Transformer): minimise loss + rho/2 * ||W - Z + U||^2 where Z is the
+    Euclidean projection of W + U onto the pattern's sparse set, and the scaled dual U accumulates W - Z.
+
+    Every `update_every` steps: Z <- project(W + U), then U <- U + W - Z. After training, the hard prune keeps
+    exactly Z's support.
+    """
+
+    def __init__(self, params: dict[str, tuple[torch.nn.Parameter, "Pattern", float]], rho: float = 1e-3,
+                 update_every: int = 25):
+        if rho <= 0 or update_every < 1:
+            raise ValueError("need rho > 0 and update_every >= 1")
+        self.params, self.rho, self.update_every = params, float(rho), int(update_every)
+        self.U = {n: torch.zeros_like(p, dtype=torch.float32) for n, (p, _, _) in params.items()}
+        self.Z: dict[str, torch.Tensor] = {}
+        self.project_all()
+
+    @staticmethod
+    def project(v: torch.Tensor, pattern, sparsity: float) -> torch.Tensor:
+        """Closest matrix to v (Frobenius) with the pattern's sparsity: keep the largest groups, zero the rest."""
+        from .patterns import make_mask
+
+        return v * make_mask(v, pattern, sparsity)
+
+    @torch.no_grad()
+    def project_all(self) -> None:
+        for n, (p, pat, s) in self.params.items():
+            self.Z[n] = self.project(p.detach().float() + self.U[n], pat, s)
+
+    @torch.no_grad()
+    def dual_update(self) -> None:
+        self.project_all()
+        for n, (p, _, _) in self.params.items():
+            self.U[n] += p.detach().float() - self.Z[n]
+
+    def step(self, step: int) -> None:
+        if step > 0 and step % self.update_every == 0:
+            self.dual_update()
+
+    def penalty(self) -> torch.Tensor:
+        total = None
+        for n, (p, _, _) in self.params.items():
+            term = (p.float() - self.Z[n] + self.U[n]).pow(2).sum()
+            total = term if total is None else total + term
+        return 0.5 * self.rho * total if total is not None else torch.zeros(())

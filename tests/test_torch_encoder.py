@@ -1,0 +1,116 @@
+"""nn.TransformerEncoder through the engine: every layer configuration, dense and pruned, causal and padded."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from etformer import optimize
+from etformer.engine.torch_encoder import torch_encoder_linears
+from etformer.errors import EtformerError
+from etformer.pruning import Pattern, make_mask
+from kernel_utils import needs_triton, DEVICE as KDEVICE
+
+
+def _encoder(d, heads, ffn, layers, act, norm_first, batch_first, final_norm, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, activation=act, batch_first=batch_first,
+                                       norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d) if final_norm else None,
+                                enable_nested_tensor=False)
+    with torch.no_grad():  # LayerNorm affine params away from 1/0 so a swapped norm shows
+        for m in enc.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return enc.eval()
+
+
+def _prune(enc, tile, s=0.5, v_rows=False):
+    with torch.no_grad():
+        for (i, kind), (w, _) in torch_encoder_linears(enc).items():
+            pat = Pattern("row") if (v_rows and kind == "v") else Pattern("tile", tile=tile)
+            w.mul_(make_mask(w, pat, s))
+
+
+def _inputs(B, S, d, batch_first, pad=True):
+    src = torch.randn(B, S, d)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    if pad and B > 1:
+        kpm[1, S // 2:] = True
+        kpm[-1, S - 3:] = True
+    return (src if batch_first else src.transpose(0, 1)), kpm
+
+
+def _check(enc, et, B, S, d, batch_first, causal=False, tol=1e-5):
+    src, kpm = _inputs(B, S, d, batch_first, pad=not causal)
+    mask = nn.Transformer.generate_square_subsequent_mask(S) if causal else None
+    with torch.no_grad():
+        ref = enc(src, mask=mask, src_key_padding_mask=None if causal else kpm, is_causal=causal)
+    y = et(src, mask=mask, src_key_padding_mask=None if causal else kpm, is_causal=causal)
+    keep = ~kpm if not causal else torch.ones(B, S, dtype=torch.bool)
+    if not batch_first:
+        ref, y = ref.transpose(0, 1), y.transpose(0, 1)
+    err = float((y[keep] - ref[keep]).norm() / ref[keep].norm())
+    assert err < tol, err
+    assert torch.all(y[~keep] == 0)
+
+
+CONFIGS = list(itertools.product(["relu", "gelu"], [False, True], [True, False], [False, True]))
+
+
+@pytest.mark.parametrize("act,norm_first,batch_first,final_norm", CONFIGS)
+@pytest.mark.parametrize("pruned", [False, True])
+def test_every_configuration_matches_pytorch(act, norm_first, batch_first, final_norm, pruned):
+    enc = _encoder(64, 2, 96, 2, act, norm_first, batch_first, final_norm)
+    if pruned:
+        _prune(enc, (16, 16), v_rows=norm_first)  # also exercises compact V + folded W_O
+    et = optimize(enc, dtype="float32", device="cpu", tile=(16, 16), backend="reference")
+    _check(enc, et, 3, 11, 64, batch_first)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_seed_transformer_causal_head_dim_200(pruned):
+    """E.T.'s Transformer: d=800, 4 heads of 200, FFN 200, causal; 800 is not divisible by the 128x64 tile."""
+    enc = _encoder(800, 4, 200, 2, "relu", False, True, False)
+    if pruned:
+        _prune(enc, (128, 64), s=0.5)
+    et = optimize(enc, dtype="float32", device="cpu", tile=(128, 64), backend="reference")
+    _check(enc, et, 2, 13, 800, True, causal=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_through_the_kernels(causal):
+    """Head dim 200 and a model dim the tile does not divide, on the Triton kernels (interpreter or GPU)."""
+    enc = _encoder(200, 2, 64, 1, "gelu", False, True, True)  # head dim 100: padded to 128 inside
+    _prune(enc, (64, 64), s=0.5)
+    dev = "cuda" if KDEVICE == "cuda" else "cpu"
+    et = optimize(enc, dtype="float32", device=dev, tile=(64, 64), backend="triton")
+    src, kpm = _inputs(2, 9, 200, True, pad=not causal)
+    mask = nn.Transformer.generate_square_subsequent_mask(9) if causal else None
+    with torch.no_grad():
+        ref = enc(src, mask=mask, src_key_padding_mask=None if causal else kpm, is_causal=causal)
+    y = et(src.to(dev), mask=None if mask is None else mask.to(dev),
+           src_key_padding_mask=None if causal else kpm.to(dev), is_causal=causal).cpu()
+    keep = ~kpm if not causal else torch.ones(2, 9, dtype=torch.bool)
+    assert float((y[keep] - ref[keep]).norm() / ref[keep].norm()) < (1e-5 if dev == "cpu" else 5e-3)
+
+
+def test_bad_inputs():
+    enc = _encoder(64, 2, 96, 1, "relu", False, True, False)
+    et = optimize(enc, dtype="float32", device="cpu", tile=(16, 16), backend="reference")
+    with pytest.raises(EtformerError, match="features"):
+        et(torch.randn(2, 5, 32))
+    with pytest.raises(EtformerError, match="NaN"):
+        et(torch.full((2, 5, 64), float("nan")))
+    with pytest.raises(EtformerError, match="only causal"):
+        et(torch.randn(2, 5, 64), mask=torch.zeros(5, 5))
+    with pytest.raises(EtformerError, match="all padding"):
+        et(torch.randn(2, 5, 64), src_key_padding_mask=torch.tensor([[False] * 5, [True] * 5]))
+    with pytest.raises(EtformerError, match="empty"):
+        et(torch.randn(0, 5, 64))
+    bad = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 2, 96, activation=torch.tanh, batch_first=True), 1,
+                                enable_nested_tensor=False)
+    with pytest.raises(EtformerError, match="activation"):
+        optimize(bad, device="cpu")
