@@ -134,3 +134,30 @@ def test_plan_mismatch_detected(pruned, tmp_path, capsys):
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     assert run("eval", d, "--task", "stsb", "--limit", 10) == 2
     assert "does not match its plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,pattern", [("oneshot", "tile_balanced"), ("gmp", "tile"), ("admm", "tile"),
+                                            ("rgl", "attention_aware"), ("oneshot", "nm")])
+def test_every_method_ends_on_the_exact_pattern(method, pattern, glue_dir, tmp_path):
+    from transformers import AutoModel
+
+    from etformer.models import encoder_linears
+    from etformer.pruning import PruningPlan, make_plan
+    from etformer.pruning.patterns import group_norms
+
+    out = tmp_path / "ck"
+    s = 0.5
+    assert run("prune", "--task", "stsb", "--pattern", pattern, "--sparsity", s, "--out", out, "--max-steps", 2,
+               "--batch-size", 8, "--max-len", 24, "--train-limit", 32, "--eval-limit", 40, "--method", method,
+               "--tile", "64x64", "--glue-dir", glue_dir, "--device", "cpu") == 0
+    plan = PruningPlan.from_json(json.loads((out / "etformer.json").read_text())["plan"])
+    assert plan.to_json() == make_plan(pattern, s, (64, 64)).to_json()
+    model = AutoModel.from_pretrained(out)
+    for name, (kind, _, lin) in encoder_linears(model).items():
+        w = lin.weight.detach()
+        pat = plan.pattern(kind)
+        zero_groups = (group_norms(w, pat) == 0).float().mean().item() if pat.name != "nm" else None
+        if pat.name == "nm":
+            assert torch.all((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2), name
+        else:
+            assert zero_groups == pytest.approx(s, abs=1e-9), (name, zero_groups)

@@ -114,3 +114,34 @@ def test_bad_inputs():
                                 enable_nested_tensor=False)
     with pytest.raises(EtformerError, match="activation"):
         optimize(bad, device="cpu")
+
+
+@pytest.mark.parametrize("method", ["rgl", "admm", "gmp", "oneshot"])
+def test_prune_module_on_torch_encoder(method):
+    """The recipe on nn.TransformerEncoder (packed in_proj): exact tile pattern on Q, K, V slices, then the engine."""
+    import copy
+
+    from etformer.models import matrices
+    from etformer.pruning import PruningPlan, prune_module
+    from etformer.pruning.patterns import group_norms
+
+    enc = _encoder(64, 2, 128, 2, "gelu", True, True, True)
+    teacher = copy.deepcopy(enc)
+    plan = PruningPlan.attention_aware(0.5, (16, 16))
+    g = torch.Generator().manual_seed(0)
+
+    def loss_fn(model):  # self-distillation on random sequences
+        x = torch.randn(4, 10, 64, generator=g)
+        with torch.no_grad():
+            t = teacher(x)
+        return (model(x) - t).pow(2).mean()
+
+    masks = prune_module(enc, plan, loss_fn, steps=3, method=method, lr=1e-3)
+    assert len(masks) == 12
+    for name, m in matrices(enc).items():
+        w = m.weight().detach()
+        pat = plan.pattern(m.kind)
+        assert (group_norms(w, pat) == 0).float().mean().item() == pytest.approx(0.5), name
+    et = optimize(enc, plan, dtype="float32", device="cpu", backend="reference")
+    assert et.core.layers[0].v_width == 16  # V pruned by rows: compact V (D=32 -> 16 of each head's columns)
+    _check(enc, et, 3, 11, 64, True)

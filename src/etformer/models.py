@@ -112,6 +112,43 @@ def encoder_linears(model: nn.Module) -> dict[str, tuple[str, int, nn.Linear]]:
     return out
 
 
+@dataclass(frozen=True)
+class Matrix:
+    """One prunable matrix: a whole Linear weight, or a row slice of a packed one (nn.MultiheadAttention's
+    in_proj_weight holds Q, K and V)."""
+
+    kind: str
+    layer: int
+    param: nn.Parameter
+    bias: torch.Tensor | None
+    rows: slice | None = None
+
+    def weight(self) -> torch.Tensor:
+        return self.param if self.rows is None else self.param[self.rows]
+
+    def bias_view(self) -> torch.Tensor | None:
+        return self.bias if self.bias is None or self.rows is None else self.bias[self.rows]
+
+
+def matrices(model: nn.Module) -> dict[str, Matrix]:
+    """name -> Matrix for every prunable matrix: HF BERT-family models and torch.nn.TransformerEncoder."""
+    if isinstance(model, nn.TransformerEncoder):
+        out = {}
+        for i, layer in enumerate(model.layers):
+            sa = layer.self_attn
+            if not sa._qkv_same_embed_dim:
+                raise EtformerError("self-attention with kdim/vdim different from d_model is not supported")
+            d = sa.embed_dim
+            for j, kind in enumerate(("q", "k", "v")):
+                out[f"layers.{i}.self_attn.in_proj_weight[{kind}]"] = Matrix(
+                    kind, i, sa.in_proj_weight, sa.in_proj_bias, slice(j * d, (j + 1) * d))
+            out[f"layers.{i}.self_attn.out_proj"] = Matrix("o", i, sa.out_proj.weight, sa.out_proj.bias)
+            out[f"layers.{i}.linear1"] = Matrix("ffn_in", i, layer.linear1.weight, layer.linear1.bias)
+            out[f"layers.{i}.linear2"] = Matrix("ffn_out", i, layer.linear2.weight, layer.linear2.bias)
+        return out
+    return {n: Matrix(k, i, lin.weight, lin.bias) for n, (k, i, lin) in encoder_linears(model).items()}
+
+
 def load_model(path: str | None, *, dtype=torch.float32, device="cpu", with_head: bool | None = None):
     """Load (model, tokenizer) from a local folder or hub id. A task head is loaded when the checkpoint has one."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer

@@ -12,26 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EtformerError
+from ..models import matrices
 from ..pruning.plan import DEFAULT_TILE
 from .convert import _dtype, build_layer
 from .encoder import EncoderConfig, ETEncoder
 
 
 def torch_encoder_linears(enc: nn.TransformerEncoder) -> dict:
-    """(layer index, kind) -> (weight view, bias view) of each matrix; Q, K and V are row slices of in_proj."""
-    out = {}
-    for i, layer in enumerate(enc.layers):
-        sa = layer.self_attn
-        if not sa._qkv_same_embed_dim:
-            raise EtformerError("self-attention with kdim/vdim different from d_model is not supported")
-        d = sa.embed_dim
-        W, B = sa.in_proj_weight, sa.in_proj_bias
-        for j, kind in enumerate(("q", "k", "v")):
-            out[(i, kind)] = (W[j * d:(j + 1) * d], None if B is None else B[j * d:(j + 1) * d])
-        out[(i, "o")] = (sa.out_proj.weight, sa.out_proj.bias)
-        out[(i, "ffn_in")] = (layer.linear1.weight, layer.linear1.bias)
-        out[(i, "ffn_out")] = (layer.linear2.weight, layer.linear2.bias)
-    return out
+    """(layer index, kind) -> (weight view, bias view) of each matrix (the mapping lives in etformer.models)."""
+    return {(m.layer, m.kind): (m.weight(), m.bias_view()) for m in matrices(enc).values()}
 
 
 def _activation(layer) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..data import load_split, task_spec
 from ..errors import EtformerError
 from ..evaluate import batches, mean_pool
-from ..models import base_model, encoder_linears, has_task_head
+from ..models import Matrix, base_model, has_task_head, matrices
 from .patterns import make_mask, mask_sparsity
 from .plan import PruningPlan
 from .regularizers import ADMM, ReweightedGroupLasso
@@ -84,16 +84,27 @@ class MaskKeeper:
         self.hooks = []
 
 
-def prunable(model, plan: PruningPlan) -> dict[str, tuple[str, torch.nn.Parameter]]:
-    """name -> (kind, weight) for the matrices the plan prunes (sparsity > 0)."""
-    return {n: (k, lin.weight) for n, (k, _, lin) in encoder_linears(model).items() if plan.sparsity(k) > 0}
+def prunable(model, plan: PruningPlan) -> dict[str, Matrix]:
+    """name -> Matrix for the matrices the plan prunes (sparsity > 0)."""
+    return {n: m for n, m in matrices(model).items() if plan.sparsity(m.kind) > 0}
 
 
 def hard_masks(model, plan: PruningPlan, scale: float = 1.0) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor]]:
+    """name -> (parameter, keep-mask shaped like the parameter). A matrix that is a row slice of a packed
+    parameter gets ones outside its rows, so the masks of Q, K and V compose on in_proj_weight."""
     out = {}
-    for name, (kind, w) in prunable(model, plan).items():
-        out[name] = (w, make_mask(w, plan.pattern(kind), plan.sparsity(kind) * scale))
+    for name, m in prunable(model, plan).items():
+        mask = make_mask(m.weight(), plan.pattern(m.kind), plan.sparsity(m.kind) * scale)
+        if m.rows is not None:
+            full = torch.ones_like(m.param, dtype=torch.bool)
+            full[m.rows] = mask
+            mask = full
+        out[name] = (m.param, mask)
     return out
+
+
+def final_masks(masks: dict) -> dict[str, torch.Tensor]:
+    return {name: m for name, (_, m) in masks.items()}
 
 
 def _training_items(cfg: RecipeConfig, distill: bool) -> list[tuple]:
@@ -147,38 +158,45 @@ class _Trainer:
                 return F.mse_loss(logits.squeeze(-1), torch.tensor(labels, dtype=torch.float32, device=logits.device))
             return F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
 
-    def run(self, stage: str, steps: int, *, reg: ReweightedGroupLasso | None = None, keeper: MaskKeeper | None = None,
+    def run(self, stage: str, steps: int, *, reg=None, keeper: MaskKeeper | None = None,
             on_tick: Callable[[int], None] | None = None) -> None:
-        if steps <= 0:
-            return
-        self.model.train()
-        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr, weight_decay=0.01)
-        warm = max(1, steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to zero
-            opt, lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm)))
         it = self._batches()
-        for step in range(steps):
-            if on_tick:
-                on_tick(step)
-            batch, labels = next(it)
-            loss = self.loss(batch, labels)
-            task_loss = float(loss.detach())
-            if reg is not None:
-                reg.step(step)
-                loss = loss + reg.penalty()
-            if not math.isfinite(float(loss.detach())):
-                raise EtformerError(f"{stage}: the loss became {float(loss)} at step {step}; lower --lr or --lam")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if keeper is not None:
-                keeper.apply()
-            self.cfg.history.append({"stage": stage, "step": step, "loss": task_loss, "total": float(loss.detach())})
-            if self.on_step:
-                self.on_step(stage, step + 1, steps, task_loss)
-        self.model.eval()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        _train_steps(self.model, params, stage, steps, lambda: self.loss(*next(it)), self.cfg.lr, 0.01, reg, keeper,
+                     on_tick, self.on_step, self.cfg.history)
+
+
+def _train_steps(model, params, stage, steps, next_loss, lr, weight_decay, reg, keeper, on_tick, on_step, history):
+    """AdamW with linear warm-up and decay; optional regularizer penalty and mask keeper."""
+    if steps <= 0:
+        return
+    model.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to zero
+        opt, lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm)))
+    for step in range(steps):
+        if on_tick:
+            on_tick(step)
+        loss = next_loss()
+        task_loss = float(loss.detach())
+        if reg is not None:
+            reg.step(step)
+            loss = loss + reg.penalty()
+        if not math.isfinite(float(loss.detach())):
+            raise EtformerError(f"{stage}: the loss became {float(loss.detach())} at step {step}; lower the lr or lambda")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if keeper is not None:
+            keeper.apply()
+        if history is not None:
+            history.append({"stage": stage, "step": step, "loss": task_loss, "total": float(loss.detach())})
+        if on_step:
+            on_step(stage, step + 1, steps, task_loss)
+    model.eval()
 
 
 def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, on_stage: Callable | None = None) -> dict:
@@ -197,19 +215,23 @@ def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, o
             if tr.teacher is not None:
                 tr.teacher.load_state_dict(base_model(model).state_dict())
 
-    n = tr.steps_for(cfg.epochs)
-    if cfg.method == "rgl":
-        params = {name: (w, plan.pattern(kind)) for name, (kind, w) in prunable(model, plan).items()}
-        reg = ReweightedGroupLasso(params, cfg.lam, cfg.eps, cfg.refresh_every)
-        tr.run("regularize", n, reg=reg)
-        masks = hard_masks(model, plan)
-    elif cfg.method == "admm":
-        params = {name: (w, plan.pattern(kind), plan.sparsity(kind)) for name, (kind, w) in prunable(model, plan).items()}
-        tr.run("admm", n, reg=ADMM(params, cfg.rho, cfg.admm_every))
-        masks = hard_masks(model, plan)
-    elif cfg.method == "oneshot":
-        masks = hard_masks(model, plan)
-    else:  # gmp: cubic schedule from 0 to the target, masks re-chosen every `interval` steps
+    return prune_stages(model, plan, cfg.method, tr.run, tr.steps_for(cfg.epochs), lam=cfg.lam, eps=cfg.eps,
+                        refresh_every=cfg.refresh_every, rho=cfg.rho, admm_every=cfg.admm_every)
+
+
+def prune_stages(model, plan: PruningPlan, method: str, run_stage: Callable, n: int, *, lam=2e-4, eps=1e-3,
+                 refresh_every=25, rho=1e-2, admm_every=25) -> dict:
+    """The sparse half of the recipe, whatever the data: regularize or prune gradually for n steps, hard prune,
+    retrain n steps with the masks fixed. run_stage(name, steps, reg=..., keeper=..., on_tick=...) trains."""
+    if method not in METHODS:
+        raise EtformerError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method == "rgl":
+        params = {name: (m, plan.pattern(m.kind)) for name, m in prunable(model, plan).items()}
+        run_stage("regularize", n, reg=ReweightedGroupLasso(params, lam, eps, refresh_every))
+    elif method == "admm":
+        params = {name: (m, plan.pattern(m.kind), plan.sparsity(m.kind)) for name, m in prunable(model, plan).items()}
+        run_stage("admm", n, reg=ADMM(params, rho, admm_every))
+    elif method == "gmp":  # cubic schedule from 0 to the target, masks re-chosen every `interval` steps
         interval = max(1, n // 10)
         state = {"keeper": None}
 
@@ -220,16 +242,29 @@ def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, o
                     state["keeper"].remove()
                 state["keeper"] = MaskKeeper(hard_masks(model, plan, scale=frac))
 
-        tr.run("gradual", n, on_tick=tick)
+        run_stage("gradual", n, on_tick=tick)
         if state["keeper"]:
             state["keeper"].remove()
-        masks = hard_masks(model, plan)
-
+    masks = hard_masks(model, plan)
     keeper = MaskKeeper(masks)  # zeros the pruned weights now
-    tr.run("retrain", n, keeper=keeper)
+    run_stage("retrain", n, keeper=keeper)
     keeper.apply()
     keeper.remove()
-    return {name: m for name, (_, m) in masks.items()}
+    return final_masks(masks)
+
+
+def prune_module(model: torch.nn.Module, plan: PruningPlan, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+                 steps: int, *, method: str = "rgl", lr: float = 1e-4, weight_decay: float = 0.01, lam: float = 2e-4,
+                 rho: float = 1e-2, on_step: Callable | None = None) -> dict:
+    """The recipe for any supported module (an HF encoder or torch.nn.TransformerEncoder) and any objective:
+    loss_fn(model) draws its own batch and returns a scalar loss. Returns the final masks."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run_stage(stage, n, reg=None, keeper=None, on_tick=None):
+        _train_steps(model, trainable, stage, n, lambda: loss_fn(model), lr, weight_decay, reg, keeper, on_tick,
+                     on_step, history=None)
+
+    return prune_stages(model, plan, method, run_stage, steps, lam=lam, rho=rho)
 
 
 def sparsity_report(model, plan: PruningPlan) -> dict[str, dict]:
@@ -238,10 +273,10 @@ def sparsity_report(model, plan: PruningPlan) -> dict[str, dict]:
 
     tile_pat = Pattern("tile", tile=plan.tile)
     out = {}
-    for name, (kind, layer, lin) in encoder_linears(model).items():
-        w = lin.weight.detach()
+    for name, m in matrices(model).items():
+        w = m.weight().detach()
         tiles_zero = float((group_norms(w.float(), tile_pat) == 0).float().mean())
-        out[name] = {"kind": kind, "layer": layer, "pattern": plan.matrices[kind].pattern,
-                     "target": plan.sparsity(kind), "sparsity": mask_sparsity(w != 0), "tile_sparsity": tiles_zero,
+        out[name] = {"kind": m.kind, "layer": m.layer, "pattern": plan.matrices[m.kind].pattern,
+                     "target": plan.sparsity(m.kind), "sparsity": mask_sparsity(w != 0), "tile_sparsity": tiles_zero,
                      "shape": list(w.shape)}
     return out

@@ -11,8 +11,13 @@ import torch
 from .patterns import Pattern, group_norms
 
 
+def _get(src) -> torch.Tensor:
+    """A weight given as a tensor, or as something with .weight() (a Matrix: possibly a row slice)."""
+    return src.weight() if hasattr(src, "weight") and callable(src.weight) else src
+
+
 class ReweightedGroupLasso:
-    def __init__(self, params: dict[str, tuple[torch.nn.Parameter, Pattern]], lam: float, eps: float = 1e-3,
+    def __init__(self, params: dict[str, tuple], lam: float, eps: float = 1e-3,
                  refresh_every: int = 50):
         if lam < 0 or eps <= 0 or refresh_every < 1:
             raise ValueError("need lam >= 0, eps > 0 and refresh_every >= 1")
@@ -23,7 +28,7 @@ class ReweightedGroupLasso:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        self.prev = {n: group_norms(_acc(p.detach()), pat) for n, (p, pat) in self.params.items()}
+        self.prev = {n: group_norms(_acc(_get(p).detach()), pat) for n, (p, pat) in self.params.items()}
 
     def step(self, step: int) -> None:
         """Call once per optimizer step (0-based) before computing the penalty."""
@@ -33,7 +38,7 @@ class ReweightedGroupLasso:
     def penalty(self) -> torch.Tensor:
         total = None
         for n, (p, pat) in self.params.items():
-            term = (group_norms(_acc(p), pat) / (self.prev[n] + self.eps)).sum()
+            term = (group_norms(_acc(_get(p)), pat) / (self.prev[n] + self.eps)).sum()
             total = term if total is None else total + term
         if total is None:
             return torch.zeros(())
@@ -53,12 +58,12 @@ class ADMM:
     exactly Z's support.
     """
 
-    def __init__(self, params: dict[str, tuple[torch.nn.Parameter, "Pattern", float]], rho: float = 1e-3,
+    def __init__(self, params: dict[str, tuple], rho: float = 1e-3,
                  update_every: int = 25):
         if rho <= 0 or update_every < 1:
             raise ValueError("need rho > 0 and update_every >= 1")
         self.params, self.rho, self.update_every = params, float(rho), int(update_every)
-        self.U = {n: torch.zeros_like(p, dtype=torch.float32) for n, (p, _, _) in params.items()}
+        self.U = {n: torch.zeros_like(_get(p), dtype=torch.float32) for n, (p, _, _) in params.items()}
         self.Z: dict[str, torch.Tensor] = {}
         self.project_all()
 
@@ -72,13 +77,13 @@ class ADMM:
     @torch.no_grad()
     def project_all(self) -> None:
         for n, (p, pat, s) in self.params.items():
-            self.Z[n] = self.project(p.detach().float() + self.U[n], pat, s)
+            self.Z[n] = self.project(_get(p).detach().float() + self.U[n], pat, s)
 
     @torch.no_grad()
     def dual_update(self) -> None:
         self.project_all()
         for n, (p, _, _) in self.params.items():
-            self.U[n] += p.detach().float() - self.Z[n]
+            self.U[n] += _get(p).detach().float() - self.Z[n]
 
     def step(self, step: int) -> None:
         if step > 0 and step % self.update_every == 0:
@@ -87,6 +92,6 @@ class ADMM:
     def penalty(self) -> torch.Tensor:
         total = None
         for n, (p, _, _) in self.params.items():
-            term = (p.float() - self.Z[n] + self.U[n]).pow(2).sum()
+            term = (_get(p).float() - self.Z[n] + self.U[n]).pow(2).sum()
             total = term if total is None else total + term
         return 0.5 * self.rho * total if total is not None else torch.zeros(())
