@@ -15,7 +15,7 @@ from ..errors import EtformerError
 from ..models import matrices
 from ..pruning.plan import DEFAULT_TILE
 from .convert import _dtype, build_layer
-from .encoder import EncoderConfig, ETEncoder
+from .encoder import GRAPH_CACHE, GRAPH_MAX_TOKENS, EncoderConfig, ETEncoder
 
 
 def torch_encoder_linears(enc: nn.TransformerEncoder) -> dict:
@@ -38,6 +38,7 @@ class ETTorchEncoder(nn.Module):
     def __init__(self, core: ETEncoder, batch_first: bool):
         super().__init__()
         self.core, self.batch_first = core, batch_first
+        self._graphs: dict = {}
 
     @torch.no_grad()
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
@@ -71,14 +72,47 @@ class ETTorchEncoder(nn.Module):
                 raise EtformerError(f"src_key_padding_mask must be ({B}, {S}), got {tuple(src_key_padding_mask.shape)}")
             keep = ~src_key_padding_mask.bool() if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask == 0
         meta, T, max_len = core._unpad_meta(keep, B, S)
-        meta = meta.to(core.device)
+        meta = meta.to(core.device, non_blocking=True)
+        if core.use_graphs and B * S <= GRAPH_MAX_TOKENS:
+            out = self._graphed(x, meta, T, max_len, causal)
+        else:
+            out = self._run(x, meta, T, max_len, causal)
+        out = out.to(src.dtype)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def _run(self, x, meta, T, max_len, causal, out=None):
+        core = self.core
+        B, S, d = x.shape
         flat, cu = meta[:T], meta[2 * T:].to(torch.int32)
         packed = x.reshape(B * S, d)[flat].to(core.dtype).contiguous()  # (T, d)
         y = core._stack(packed, cu, max_len, causal=causal)
-        out = y.new_zeros(B * S, d)
+        out = y.new_zeros(B * S, d) if out is None else out.zero_()
         out[flat] = y
-        out = out.view(B, S, d).to(src.dtype)
-        return out if self.batch_first else out.transpose(0, 1)
+        return out.view(B, S, d)
+
+    def _graphed(self, x, meta, T, max_len, causal):
+        key = (tuple(x.shape), x.dtype, T, max_len, causal)
+        g = self._graphs.get(key)
+        if g is None:
+            static_x, static_meta = x.clone(), meta.clone()
+            out = torch.empty(x.shape[0] * x.shape[1], x.shape[2], device=x.device, dtype=self.core.dtype)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._run(static_x, static_meta, T, max_len, causal, out)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run(static_x, static_meta, T, max_len, causal, out)
+            g = self._graphs[key] = (graph, static_x, static_meta, out)
+            if len(self._graphs) > GRAPH_CACHE:
+                self._graphs.pop(next(iter(self._graphs)))
+        graph, static_x, static_meta, out = g
+        static_x.copy_(x)
+        static_meta.copy_(meta)
+        graph.replay()
+        return out.view(x.shape).clone()
 
 
 def optimize_torch_encoder(enc: nn.TransformerEncoder, *, dtype="auto", device=None, tile=DEFAULT_TILE,

@@ -1,0 +1,134 @@
+"""E.T.'s plain Transformer (d=800, 4 heads of 200, 2 layers, causal), as torch.nn.TransformerEncoder, against its peers.
+
+    python -m etformer.bench.transformer --out DIR
+
+Peers: nn.TransformerEncoder in inference mode (PyTorch's fused fast path where it applies) and the same captured
+in a CUDA graph. etformer: dense and 50% / 70% tiles (128x64), each checked against the fp32 reference first.
+FFN 200 (as in E.T.'s code) and a 4x FFN (3200). fp16.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..engine.torch_encoder import optimize_torch_encoder
+from ..models import matrices
+from ..pruning import Pattern, make_mask
+from ..sparse.tiles import atomic_write
+from .peers import GraphCache
+from .timing import env_info, floor_us, measure_peaks, time_cuda
+
+TILE = (128, 64)
+
+
+def build(ffn, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(800, 4, ffn, dropout=0.0, activation="relu", batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval().cuda()
+
+
+def prune(enc, s):
+    enc = copy.deepcopy(enc)
+    with torch.no_grad():
+        for m in matrices(enc).values():
+            w = m.weight()
+            w.mul_(make_mask(w, Pattern("tile", tile=TILE), s))
+    return enc
+
+
+def cost(B, S, ffn, density):
+    T = B * S
+    w = 4 * 800 * 800 + 2 * 800 * ffn
+    return 2 * (2 * T * w * density + 2 * B * S * S * 800 * 2 / 2), 2 * (2 * w * density) + 2 * 2 * T * 800
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    peaks = measure_peaks()
+    rows = []
+    for ffn in (200, 3200):
+        base = build(ffn)
+        variants = {"etformer_dense": (base, 0.0), "etformer_tile50": (prune(base, 0.5), 0.5),
+                    "etformer_tile70": (prune(base, 0.7), 0.7)}
+        built = {k: optimize_torch_encoder(m, dtype=torch.float16, device="cuda", tile=TILE) for k, (m, _) in variants.items()}
+        base16 = copy.deepcopy(base).half()
+        for B in (1, 8, 32):
+            for S in (128, 512):
+                x = torch.randn(B, S, 800, device="cuda")
+                cmask = nn.Transformer.generate_square_subsequent_mask(S, device="cuda")
+                x16 = x.half()
+                wrows = []
+
+                def record(name, sp, fn, ref_model):
+                    row = {"model": f"transformer800-ffn{ffn}", "batch": B, "seq": S, "causal": True, "variant": name,
+                           "sparsity": sp, "median_us": None, "p10_us": None, "p90_us": None, "floor_us": None,
+                           "speedup_vs_best_peer": None, "ok": False, "error": None}
+                    try:
+                        with torch.inference_mode():
+                            ref = ref_model(x, mask=cmask, is_causal=True).float()
+                            y = fn().float()
+                        err = float((y - ref).norm() / ref.norm())
+                        row["rel_err"] = err
+                        if err < 2e-2:
+                            t = time_cuda(fn, warmup=5, reps=30, min_ms=100)
+                            fl, nb = cost(B, S, ffn, 1 - sp)
+                            row.update(median_us=t["median_us"], p10_us=t["p10_us"], p90_us=t["p90_us"],
+                                       floor_us=floor_us(fl, nb, peaks), ok=True)
+                        else:
+                            row["error"] = f"wrong: relative error {err:.2e}"
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                    wrows.append(row)
+                    print(f"ffn={ffn} B={B} S={S} {name:22s} {row['median_us'] or float('nan'):9.1f} us {row['error'] or ''}", flush=True)
+
+                def fast():
+                    with torch.inference_mode():
+                        return base16(x16, mask=cmask.half(), is_causal=True)
+
+                record("torch_encoder", 0.0, fast, base)
+                g = GraphCache(lambda xx: base16(xx, mask=cmask.half(), is_causal=True))
+                record("torch_encoder_graph", 0.0, lambda: g(x16), base)
+                for name, (m, sp) in variants.items():
+                    e = built[name]
+                    e.core.check_finite = False
+                    record(name, sp, lambda e=e: e(x16, mask=cmask, is_causal=True), m)
+                best = min((r["median_us"] for r in wrows if r["ok"] and r["variant"].startswith("torch")), default=None)
+                for r in wrows:
+                    if r["ok"] and best:
+                        r["speedup_vs_best_peer"] = best / r["median_us"]
+                rows += wrows
+    res = {"env": env_info(), "peaks": peaks, "rows": rows, "tile": list(TILE),
+           "command": "python -m etformer.bench.transformer --out " + a.out}
+    os.makedirs(a.out, exist_ok=True)
+
+    def wj(tmp):
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+
+    atomic_write(os.path.join(a.out, "transformer800.json"), wj)
+    lines = [f"# Transformer-800 (E.T.'s plain Transformer) on {res['env']['gpu']}", "",
+             f"torch {res['env']['torch']}, Triton {res['env']['triton']}, {res['env']['date']}; fp16, causal, 2 layers, "
+             f"d=800, 4 heads of 200, tiles {TILE[0]}x{TILE[1]}. Command: `{res['command']}`", "",
+             "| FFN | B | S | variant | sparsity | median µs | floor µs | ×best peer | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model'].split('ffn')[1]} | {r['batch']} | {r['seq']} | {r['variant']} | {r['sparsity']:.0%} | "
+                     + (f"{r['median_us']:.1f} | {r['floor_us']:.1f} | {r['speedup_vs_best_peer']:.2f} | |" if r["ok"]
+                        else f"– | – | – | {r['error']} |"))
+
+    def wm(tmp):
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    atomic_write(os.path.join(a.out, "transformer800.md"), wm)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
