@@ -164,9 +164,7 @@ class ETEncoder(torch.nn.Module):
         pos = rowpos + self.cfg.position_offset if self.cfg.position_offset else rowpos
         cu = torch.zeros(B + 1, dtype=torch.int64)
         cu[1:] = torch.cumsum(lens, 0)
-        meta = torch.cat([flat, pos, cu])
-        if self.device.type == "cuda":
-            meta = meta.pin_memory()
+        meta = torch.cat([flat, pos, cu])  # (not pinned: pinning a fresh buffer costs more than the copy)
         return meta, int(flat.numel()), int(lens.max())
 
     def _prepare(self, input_ids, token_type_ids, meta, T, B):
