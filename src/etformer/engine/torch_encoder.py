@@ -55,10 +55,10 @@ class ETTorchEncoder(nn.Module):
             raise EtformerError(f"empty batch: src has shape {tuple(src.shape)}")
         if d != core.cfg.hidden:
             raise EtformerError(f"src has {d} features, the encoder expects {core.cfg.hidden}")
-        if not bool(torch.isfinite(x).all()):
+        if core.check_finite and not bool(torch.isfinite(x).all()):
             raise EtformerError("src holds NaN or inf")
         causal = bool(is_causal)
-        if mask is not None:
+        if mask is not None and not causal:  # is_causal=True is PyTorch's promise that mask is causal: not re-checked
             if mask.shape != (S, S):
                 raise EtformerError(f"mask must be ({S}, {S}), got {tuple(mask.shape)}")
             causal_ref = torch.triu(torch.ones(S, S, dtype=torch.bool, device=mask.device), 1)
