@@ -5,7 +5,6 @@ The winners go into the TUNED table of etformer/kernels/tile_linear.py and _bloc
 with the sweep's JSON committed beside the benchmark results.
 """
 import json
-import math
 import sys
 
 import torch
@@ -35,7 +34,7 @@ for tile in [(32, 32), (64, 64), (128, 64), (64, 128), (128, 128)]:
                             try:
                                 t = time_cuda(lambda: tile_linear(x, w, _config=(bm, warps, stages)), graph=True,
                                               min_ms=40)["median_us"]
-                            except Exception as e:  # out of shared memory etc.
+                            except Exception:  # out of shared memory etc.
                                 continue
                             if best is None or t < best[0]:
                                 best = (t, bm, warps, stages)

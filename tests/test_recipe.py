@@ -2,7 +2,7 @@ import torch
 
 from conftest import tiny_bert
 from etformer.models import encoder_linears
-from etformer.pruning import MaskKeeper, PruningPlan, make_mask, Pattern
+from etformer.pruning import MaskKeeper, PruningPlan
 from etformer.pruning.recipe import hard_masks, prunable
 
 

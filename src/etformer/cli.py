@@ -231,7 +231,7 @@ def demo(args, console) -> dict:
     on_gpu = device.startswith("cuda")
     ns = argparse.Namespace(
         model=None, task="stsb", pattern="tile", sparsity=0.5, tile=args.tile, out=args.out, overwrite=True,
-        method="rgl", dense_epochs=0.0, epochs=1.0 if on_gpu else 1.0, lr=1e-4, lam=args.lam, batch_size=32,
+        method="rgl", dense_epochs=0.0, epochs=1.0, lr=1e-4, lam=args.lam, batch_size=32,
         max_len=64, max_steps=None if on_gpu else args.cpu_steps, train_limit=None, seed=0, device=device,
         glue_dir=args.glue_dir, eval_limit=None)
     if not on_gpu:

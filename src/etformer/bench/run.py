@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import time
-import traceback
 
 import torch
 
@@ -55,7 +54,7 @@ def make_inputs(B, S, varlen, vocab, seed=0):
 def encoder_cost(model, mask, density_by_kind: dict):
     """(FLOPs, fewest bytes) of one forward on the real tokens: sparse weights counted at their density."""
     c = model.config
-    d, f, L, H = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads
+    d, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     lens = mask.sum(1).tolist()
     T = sum(lens)
     w = {"q": d * d, "k": d * d, "v": d * d, "o": d * d, "ffn_in": d * f, "ffn_out": f * d}
@@ -114,7 +113,7 @@ def run_bench(models=("bert-base",), batches=(1, 8, 32, 128), seqs=(128, 384, 51
                                 refs[key] = models32[key][0](input_ids=ids, attention_mask=mask).last_hidden_state
                         return refs[key]
 
-                    def time_variant(vname, sparsity, fn, ref_key, graph_inside, density):
+                    def time_variant(vname, sparsity, fn, ref_key, density):
                         row = dict(wl, variant=vname, sparsity=sparsity, median_us=None, p10_us=None, p90_us=None,
                                    floor_us=None, speedup_vs_best_peer=None, ok=False, error=None, rel_err=None,
                                    graph_replay_us=None)
@@ -169,7 +168,7 @@ def run_bench(models=("bert-base",), batches=(1, 8, 32, 128), seqs=(128, 384, 51
                             continue
                         ref_key = {"semi24": "etformer_2:4", "bsr": "etformer_tile50"}.get(peer, "etformer_dense")
                         sp = 0.5 if peer in ("semi24", "bsr") else 0.0
-                        time_variant(peer, sp, fn, ref_key, True, dens1 if sp == 0 else {k: 0.5 for k in
+                        time_variant(peer, sp, fn, ref_key, dens1 if sp == 0 else {k: 0.5 for k in
                                      ("q", "k", "v", "o", "ffn_in", "ffn_out")})
                     for name, s, plan in plans:
                         key = (name, mname)
@@ -180,12 +179,12 @@ def run_bench(models=("bert-base",), batches=(1, 8, 32, 128), seqs=(128, 384, 51
                         fn = lambda i, m, enc=enc: enc(i, m).last_hidden_state  # noqa: E731
                         dens = {k: (1 - plan.sparsity(k)) if plan is not None else 1.0 for k in
                                 ("q", "k", "v", "o", "ffn_in", "ffn_out")}
-                        time_variant(name, s, fn, name, True, dens)
+                        time_variant(name, s, fn, name, dens)
                         if wrows[-1]["ok"] and B * S <= 8192:  # GPU time alone: the graph's replay, no host work
                             try:
                                 rep = enc.graph_replay_fn(ids, mask)
                                 wrows[-1]["graph_replay_us"] = time_cuda(rep, warmup=3, reps=30, min_ms=50)["median_us"]
-                            except Exception as e:
+                            except Exception:  # the replay time is extra information, never a failure
                                 wrows[-1]["graph_replay_us"] = None
                     best_peer = min((r["median_us"] for r in wrows if r["ok"] and r["variant"] in DENSE_PEERS), default=None)
                     for r in wrows:
@@ -195,7 +194,6 @@ def run_bench(models=("bert-base",), batches=(1, 8, 32, 128), seqs=(128, 384, 51
                     torch.cuda.empty_cache()
                     if checkpoint:
                         checkpoint({"env": env_info(), "peaks": peaks, "rows": rows, "tile": list(tile)})
-        del models32, built
         torch.cuda.empty_cache()
     return {"env": env_info(), "peaks": peaks, "rows": rows, "tile": list(tile)}
 

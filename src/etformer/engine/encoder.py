@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from ..errors import EtformerError
 from ..kernels.attention import attention
 from ..kernels.layernorm import add_layernorm
-from ..kernels.pruned_v_attention import CompactV
 from ..kernels.tile_linear import apply_activation, tile_linear
 from ..sparse.tiles import TileSparseWeight
 

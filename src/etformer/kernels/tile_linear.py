@@ -12,7 +12,6 @@ epilogue (bias, residual).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

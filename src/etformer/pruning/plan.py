@@ -1,7 +1,7 @@
 """A pruning plan: the pattern and sparsity of each matrix kind, and the tile shape, saved with the checkpoint."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import EtformerError
 from ..models import MATRIX_KINDS

@@ -137,9 +137,9 @@ class _Trainer:
         while True:
             order = list(range(len(self.items)))
             self.rng.shuffle(order)
-            for i in range(0, len(order) - self.cfg.batch_size + 1 if len(order) >= self.cfg.batch_size else 1,
-                           self.cfg.batch_size):
-                chunk = [self.items[j] for j in order[i: i + self.cfg.batch_size]]
+            bs = min(self.cfg.batch_size, len(order))
+            for i in range(0, len(order) - bs + 1, bs):  # full batches only
+                chunk = [self.items[j] for j in order[i: i + bs]]
                 batch = next(batches(self.tok, [c[0] for c in chunk], len(chunk), self.cfg.max_len, self.cfg.device))
                 yield batch, [c[1] for c in chunk]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .patterns import Pattern, group_norms
+from .patterns import group_norms
 
 
 def _get(src) -> torch.Tensor:
