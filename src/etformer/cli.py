@@ -227,11 +227,13 @@ def save_mask_png(model, plan, png: str) -> None:
 def demo(args, console) -> dict:
     import torch
 
+    from .pruning.recipe import RecipeConfig
+
     device = _device(args.device)
     on_gpu = device.startswith("cuda")
     ns = argparse.Namespace(
         model=None, task="stsb", pattern="tile", sparsity=0.5, tile=args.tile, out=args.out, overwrite=True,
-        method="rgl", dense_epochs=0.0, epochs=1.0, lr=1e-4, lam=args.lam, batch_size=32,
+        method="rgl", dense_epochs=0.0, epochs=1.0, lr=RecipeConfig.lr, lam=args.lam, batch_size=32,
         max_len=64, max_steps=None if on_gpu else args.cpu_steps, train_limit=None, seed=0, device=device,
         glue_dir=args.glue_dir, eval_limit=None)
     if not on_gpu:
@@ -248,7 +250,7 @@ def _tile_str(tile) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .pruning.patterns import PATTERNS
     from .pruning.plan import DEFAULT_TILE
-    from .pruning.recipe import METHODS
+    from .pruning.recipe import METHODS, RecipeConfig
 
     p = argparse.ArgumentParser(prog="etformer", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--tile", default=_tile_str(DEFAULT_TILE))
-    d.add_argument("--lam", type=float, default=2e-4)
+    d.add_argument("--lam", type=float, default=RecipeConfig.lam)
     d.add_argument("--cpu-steps", type=int, default=100, help="steps per training stage when there is no GPU")
 
     pr = sub.add_parser("prune", help="prune a model on a GLUE task and write a checkpoint")
@@ -276,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--method", default="rgl", choices=METHODS)
     pr.add_argument("--epochs", type=float, default=1.0, help="passes over the data per sparse stage")
     pr.add_argument("--dense-epochs", type=float, default=0.0)
-    pr.add_argument("--lr", type=float, default=1e-4)
-    pr.add_argument("--lam", type=float, default=2e-4, help="group-lasso strength")
-    pr.add_argument("--rho", type=float, default=1e-2, help="ADMM penalty (method admm)")
+    pr.add_argument("--lr", type=float, default=RecipeConfig.lr, help="peak learning rate (AdamW, warm-up, decay)")
+    pr.add_argument("--lam", type=float, default=RecipeConfig.lam, help="group-lasso strength")
+    pr.add_argument("--rho", type=float, default=RecipeConfig.rho, help="ADMM penalty (method admm)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--max-len", type=int, default=128)
     pr.add_argument("--max-steps", type=int, default=None, help="cap on the steps of each stage (smoke runs)")

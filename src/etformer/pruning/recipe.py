@@ -38,7 +38,7 @@ class RecipeConfig:
     method: str = "rgl"
     dense_epochs: float = 0.0
     epochs: float = 1.0  # length of each sparse stage (regularize or gradual prune; retrain), in passes over the data
-    lr: float = 5e-5
+    lr: float = 3e-4  # best of 1e-4 / 3e-4 on MiniLM STS-B (benchmarks/results/cpu/methods.md)
     lam: float = 2e-4
     eps: float = 1e-3
     rho: float = 1e-2  # ADMM penalty
@@ -254,7 +254,7 @@ def prune_stages(model, plan: PruningPlan, method: str, run_stage: Callable, n: 
 
 
 def prune_module(model: torch.nn.Module, plan: PruningPlan, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
-                 steps: int, *, method: str = "rgl", lr: float = 1e-4, weight_decay: float = 0.01, lam: float = 2e-4,
+                 steps: int, *, method: str = "rgl", lr: float = 3e-4, weight_decay: float = 0.01, lam: float = 2e-4,
                  rho: float = 1e-2, on_step: Callable | None = None) -> dict:
     """The recipe for any supported module (an HF encoder or torch.nn.TransformerEncoder) and any objective:
     loss_fn(model) draws its own batch and returns a scalar loss. Returns the final masks."""
