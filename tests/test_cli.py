@@ -161,3 +161,12 @@ def test_every_method_ends_on_the_exact_pattern(method, pattern, glue_dir, tmp_p
             assert torch.all((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2), name
         else:
             assert zero_groups == pytest.approx(s, abs=1e-9), (name, zero_groups)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message is for machines without a GPU")
+def test_bench_without_gpu_says_so(capsys, tmp_path):
+    assert run("bench", "--quick", "--out", tmp_path / "b") == 0
+    out = capsys.readouterr().out
+    assert "No CUDA GPU" in out and "nothing GPU-like was timed" in out
+    assert "CPU, MiniLM-L6" in out and "µs" not in out
+    assert not (tmp_path / "b").exists()  # no result files that could pass for GPU figures
