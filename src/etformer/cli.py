@@ -57,7 +57,8 @@ def prune(args, console) -> dict:
     check_out_dir(args.out, args.overwrite)
     device = _device(args.device)
     cfg = RecipeConfig(plan=plan, task=args.task, method=args.method, dense_epochs=args.dense_epochs,
-                       epochs=args.epochs, lr=args.lr, lam=args.lam, rho=getattr(args, "rho", 1e-2), batch_size=args.batch_size, max_len=args.max_len,
+                       epochs=args.epochs, lr=args.lr, lam=args.lam, rho=args.rho, batch_size=args.batch_size,
+                       max_len=args.max_len,
                        max_steps=args.max_steps, train_limit=args.train_limit, seed=args.seed, device=device,
                        glue_dir=args.glue_dir)
     torch.manual_seed(args.seed)
@@ -85,7 +86,7 @@ def prune(args, console) -> dict:
     elapsed = time.time() - t0
     meta = {
         "etformer_version": _version(), "base_model": model_path, "task": cfg.task, "method": cfg.method,
-        "plan": plan.to_json(), "tile": list(plan.tile),
+        "plan": plan.to_json(),
         "training": {k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "lam", "eps", "refresh_every", "rho",
                                                    "batch_size", "max_len", "max_steps", "train_limit", "seed")},
         "metrics": {"dense": _clean(dense), "pruned": _clean(pruned)},
@@ -233,7 +234,7 @@ def demo(args, console) -> dict:
     on_gpu = device.startswith("cuda")
     ns = argparse.Namespace(
         model=None, task="stsb", pattern="tile", sparsity=0.5, tile=args.tile, out=args.out, overwrite=True,
-        method="rgl", dense_epochs=0.0, epochs=1.0, lr=RecipeConfig.lr, lam=args.lam, batch_size=32,
+        method="rgl", dense_epochs=0.0, epochs=1.0, lr=RecipeConfig.lr, lam=args.lam, rho=RecipeConfig.rho, batch_size=32,
         max_len=64, max_steps=None if on_gpu else args.cpu_steps, train_limit=None, seed=0, device=device,
         glue_dir=args.glue_dir, eval_limit=None)
     if not on_gpu:
