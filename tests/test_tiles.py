@@ -89,34 +89,25 @@ def test_corrupt_and_truncated(tmp_path):
         load_tiles(str(tmp_path / "missing.safetensors"))
 
 
-def test_validation_catches_bad_indices(tmp_path):
-    from safetensors.torch import load_file, save_file
+@pytest.mark.parametrize("field,value,message", [
+    ("col_idx", [0, 5, 0, 1], "outside"),
+    ("row_ptr", [0, 3, 2], "row_ptr"),
+    ("col_idx", [1, 0, 0, 1], "increasing"),
+    ("values", "int32", "fp16, bf16 or fp32"),
+])
+def test_validation_catches_bad_fields(tmp_path, field, value, message):
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     p = tmp_path / "t.safetensors"
     save_tiles(str(p), {"a": TileSparseWeight.from_dense(torch.randn(64, 64), (32, 32))})
     with safe_open(str(p), "pt") as f:
         meta = f.metadata()
-    t = load_file(str(p))
-    bad = dict(t)
-    bad["a/col_idx"] = torch.tensor([0, 5, 0, 1], dtype=torch.int32)
+    bad = load_file(str(p))
+    key = f"a/{field}"
+    bad[key] = bad[key].to(torch.int32) if value == "int32" else torch.tensor(value, dtype=torch.int32)
     save_file(bad, str(p), metadata=meta)
-    with pytest.raises(EtformerError, match="outside"):
-        load_tiles(str(p))
-    bad = dict(t)
-    bad["a/row_ptr"] = torch.tensor([0, 3, 2], dtype=torch.int32)
-    save_file(bad, str(p), metadata=meta)
-    with pytest.raises(EtformerError, match="row_ptr"):
-        load_tiles(str(p))
-    bad = dict(t)
-    bad["a/col_idx"] = torch.tensor([1, 0, 0, 1], dtype=torch.int32)
-    save_file(bad, str(p), metadata=meta)
-    with pytest.raises(EtformerError, match="increasing"):
-        load_tiles(str(p))
-    bad = dict(t)
-    bad["a/values"] = t["a/values"].to(torch.int32)
-    save_file(bad, str(p), metadata=meta)
-    with pytest.raises(EtformerError, match="fp16, bf16 or fp32"):
+    with pytest.raises(EtformerError, match=message):
         load_tiles(str(p))
 
 

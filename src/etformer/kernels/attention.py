@@ -63,6 +63,36 @@ def attention_reference(qkv, cu_seqlens, num_heads, head_dim, *, q_col=0, k_col=
 if HAS_TRITON:
 
     @triton.jit
+    def _scores(q, k_base, v_base, start, cols, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row, qk_scale,
+                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr):
+        """Scores (base 2, masked to -inf) of a q block against key columns `cols`, and the matching V block."""
+        n_ok = cols < L
+        krows = (start + cols).to(tl.int64)
+        k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
+                    mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, k, input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, k) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(bias_row + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
+        keep = n_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        v = tl.load(v_base + krows[:, None] * stride_t + offs_dv[None, :],
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        return s, v
+
+    @triton.jit
+    def _pv(p, v, FP32_DOT: tl.constexpr):
+        if FP32_DOT:
+            o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            o = tl.dot(p.to(v.dtype), v)
+        return o
+
+    @triton.jit
     def _attn_kernel(
         qkv_ptr, out_ptr, cu_ptr, bias_ptr,
         stride_t, stride_o, stride_bb, q_col, k_col, v_col,
@@ -88,31 +118,15 @@ if HAS_TRITON:
         k_base = qkv_ptr + k_col + h * D
         v_base = qkv_ptr + v_col + h * DV
 
-        if ONE_PASS:
-            n_ok = offs_n < L
-            krows = (start + offs_n).to(tl.int64)
-            k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
-                        mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-            if FP32_DOT:
-                s = tl.dot(q, k, input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, k) * qk_scale
-            if HAS_BIAS:
-                s += tl.load(bias_ptr + b * stride_bb + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(keep, s, float("-inf"))
+        bias_row = bias_ptr + b * stride_bb
+        if ONE_PASS:  # the whole sequence in one block of keys: one exact softmax
+            s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row,
+                           qk_scale, CAUSAL, HAS_BIAS, FP32_DOT)
             m = tl.maximum(tl.max(s, 1), -1e30)
             p = tl.exp2(s - m[:, None])
             l = tl.sum(p, 1)
-            v = tl.load(v_base + krows[:, None] * stride_t + offs_dv[None, :],
-                        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            if FP32_DOT:
-                acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v)
-        else:
+            acc = _pv(p, v, FP32_DOT)
+        else:  # online softmax over key blocks
             m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
             l = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -120,31 +134,13 @@ if HAS_TRITON:
             if CAUSAL:
                 hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
             for n0 in range(0, hi, BLOCK_N):
-                cols = n0 + offs_n
-                n_ok = cols < L
-                krows = (start + cols).to(tl.int64)
-                k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
-                            mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                if FP32_DOT:
-                    s = tl.dot(q, k, input_precision="ieee") * qk_scale
-                else:
-                    s = tl.dot(q, k) * qk_scale
-                if HAS_BIAS:
-                    s += tl.load(bias_ptr + b * stride_bb + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
-                keep = n_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= offs_m[:, None])
-                s = tl.where(keep, s, float("-inf"))
+                s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
+                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT)
                 m_new = tl.maximum(m, tl.max(s, 1))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l = l * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + krows[:, None] * stride_t + offs_dv[None, :],
-                            mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                if FP32_DOT:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + _pv(p, v, FP32_DOT)
                 m = m_new
         l = tl.where(l == 0.0, 1.0, l)  # a row whose keys are all masked gives 0, not NaN
         o = acc / l[:, None]

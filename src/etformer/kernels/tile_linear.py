@@ -50,6 +50,30 @@ def tile_linear_reference(x, w: TileSparseWeight, bias=None, activation=None, re
 if HAS_TRITON:
 
     @triton.jit
+    def _activate(acc, ACT: tl.constexpr):
+        if ACT == 1:  # GELU, exact erf form as in BERT
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif ACT == 2:  # ReLU
+            acc = tl.maximum(acc, 0.0)
+        return acc
+
+    @triton.jit
+    def _tile_dot(acc, x_rows, m_mask, vals_ptr, col_idx, lo, hi, K, offs_k, tile_offs,
+                  BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr):
+        """acc += X[:, tiles lo..hi) . W_tiles^T: the K loop over one block-row's kept tiles."""
+        for i in range(0, hi - lo):
+            t = lo + i
+            kc = tl.load(col_idx + t)
+            kk = kc * BK + offs_k
+            xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+            wt = tl.load(vals_ptr + t.to(tl.int64) * (BN * BK) + tile_offs)
+            if FP32_DOT:
+                acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
+            else:
+                acc += tl.dot(xa, tl.trans(wt))
+        return acc
+
+    @triton.jit
     def _tile_linear_kernel(
         x_ptr, vals_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr,
         M, N, K,
@@ -77,25 +101,13 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         tile_offs = offs_n[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
-        for i in range(0, end - start):
-            t = start + i
-            kc = tl.load(col_idx + t)
-            kk = kc * BK + offs_k
-            xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-            wt = tl.load(vals_ptr + t.to(tl.int64) * (BN * BK) + tile_offs)
-            if FP32_DOT:
-                acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
-            else:
-                acc += tl.dot(xa, tl.trans(wt))
+        acc = _tile_dot(acc, x_rows, m_mask, vals_ptr, col_idx, start, end, K, offs_k, tile_offs, BN, BK, FP32_DOT)
 
         cols = r * BN + offs_n
         n_mask = cols < N
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:  # GELU, exact erf form as in BERT
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        elif ACT == 2:  # ReLU
-            acc = tl.maximum(acc, 0.0)
+        acc = _activate(acc, ACT)
         mask = m_mask[:, None] & n_mask[None, :]
         if HAS_RES:
             res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
@@ -128,16 +140,7 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         tile_offs = offs_n[:, None] * BK + offs_k[None, :]
-        for i in range(0, hi - lo):
-            t = lo + i
-            kc = tl.load(col_idx + t)
-            kk = kc * BK + offs_k
-            xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-            wt = tl.load(vals_ptr + t.to(tl.int64) * (BN * BK) + tile_offs)
-            if FP32_DOT:
-                acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
-            else:
-                acc += tl.dot(xa, tl.trans(wt))
+        acc = _tile_dot(acc, x_rows, m_mask, vals_ptr, col_idx, lo, hi, K, offs_k, tile_offs, BN, BK, FP32_DOT)
         cols = r * BN + offs_n
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
         tl.store(ws, acc, mask=m_mask[:, None] & (cols[None, :] < N))
@@ -157,10 +160,7 @@ if HAS_TRITON:
             acc += tl.load(base + s * M * N, mask=mask, other=0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        elif ACT == 2:
-            acc = tl.maximum(acc, 0.0)
+        acc = _activate(acc, ACT)
         if HAS_RES:
             acc += tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask,
                            other=0.0).to(tl.float32)

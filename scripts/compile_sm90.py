@@ -1,0 +1,51 @@
+"""Compile every etformer Triton kernel for the H100/H200 (sm_90) on a machine without a GPU.
+
+Triton's bundled toolchain lowers each kernel to PTX and cubin, so a kernel that would fail to compile on the GPU
+fails here, in CI. Prints whether each kernel uses wgmma (Hopper's matrix instructions). Exit status 1 on failure.
+Run without TRITON_INTERPRET (the interpreter replaces the kernels).
+"""
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+A = importlib.import_module("etformer.kernels.attention")
+T = importlib.import_module("etformer.kernels.tile_linear")
+N = importlib.import_module("etformer.kernels.layernorm")
+tgt = GPUTarget("cuda", 90, 32)
+ok = True
+def comp(fn, sig, consts, name, warps=4, stages=3):
+    global ok
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=tgt,
+                           options={"num_warps": warps, "num_stages": stages})
+        asm = k.asm.get("ptx", "")
+        print(f"{name}: compiled, wgmma={'wgmma' in asm}, ptx {len(asm)} chars")
+    except Exception as e:
+        ok = False
+        print(f"{name}: FAILED {type(e).__name__}: {str(e)[:600]}")
+p16, i32 = "*fp16", "*i32"
+C = "constexpr"
+comp(T._tile_linear_kernel,
+     {"x_ptr": p16, "vals_ptr": p16, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16,
+      "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32",
+      "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C},
+     {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True, "FP32_DOT": False}, "tile_linear")
+comp(T._tile_linear_splitk_kernel,
+     {"x_ptr": p16, "vals_ptr": p16, "row_ptr": i32, "col_idx": i32, "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+      "stride_xm": "i32", "SPLIT": "i32", "BN": C, "BK": C, "BLOCK_M": C, "FP32_DOT": C},
+     {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False}, "tile_linear split-K")
+comp(T._splitk_epilogue_kernel,
+     {"ws_ptr": "*fp32", "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "M": "i32", "N": "i32", "SPLIT": "i32",
+      "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BLOCK_M": C, "BLOCK_N": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C},
+     {"BLOCK_M": 32, "BLOCK_N": 128, "HAS_BIAS": True, "ACT": 2, "HAS_RES": True}, "split-K epilogue")
+for one, bn in ((True, 128), (False, 64)):
+    comp(A._attn_kernel,
+         {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*fp32", "stride_t": "i32", "stride_o": "i32",
+          "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": "i32", "DV": "i32", "qk_scale": "fp32",
+          "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C},
+         {"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_DV": 64, "ONE_PASS": one, "CAUSAL": True, "HAS_BIAS": True,
+          "FP32_DOT": False}, f"attention one_pass={one}", stages=1 if one else 3)
+comp(N._add_ln_kernel,
+     {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "N": "i32", "stride_x": "i32", "stride_r": "i32",
+      "stride_y": "i32", "eps": "fp32", "BLOCK": C, "HAS_RES": C}, {"BLOCK": 1024, "HAS_RES": True}, "add_layernorm")
+raise SystemExit(0 if ok else 1)
