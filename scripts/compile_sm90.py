@@ -25,15 +25,21 @@ def comp(fn, sig, consts, name, warps=4, stages=3):
         print(f"{name}: FAILED {type(e).__name__}: {str(e)[:600]}")
 p16, i32 = "*fp16", "*i32"
 C = "constexpr"
-comp(T._tile_linear_kernel,
-     {"x_ptr": p16, "vals_ptr": p16, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16,
-      "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32",
-      "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C},
-     {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True, "FP32_DOT": False}, "tile_linear")
-comp(T._tile_linear_splitk_kernel,
-     {"x_ptr": p16, "vals_ptr": p16, "row_ptr": i32, "col_idx": i32, "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-      "stride_xm": "i32", "SPLIT": "i32", "BN": C, "BK": C, "BLOCK_M": C, "FP32_DOT": C},
-     {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False}, "tile_linear split-K")
+for tma in (False, True):
+    xs = "tensordesc<fp16[128,64]>" if tma else p16
+    ws = "tensordesc<fp16[128,64]>" if tma else p16
+    comp(T._tile_linear_kernel,
+         {"x_src": xs, "w_src": ws, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
+          "y_ptr": p16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32",
+          "out_col": "i32", "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
+          "FP32_DOT": C, "TMA": C},
+         {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True,
+          "FP32_DOT": False, "TMA": tma}, f"tile_linear tma={tma}")
+    xs = "tensordesc<fp16[64,64]>" if tma else p16
+    comp(T._tile_linear_splitk_kernel,
+         {"x_src": xs, "w_src": ws, "row_ptr": i32, "col_idx": i32, "ws_ptr": "*fp32", "M": "i32", "N": "i32",
+          "K": "i32", "stride_xm": "i32", "SPLIT": "i32", "BN": C, "BK": C, "BLOCK_M": C, "FP32_DOT": C, "TMA": C},
+         {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False, "TMA": tma}, f"tile_linear split-K tma={tma}")
 comp(T._splitk_epilogue_kernel,
      {"ws_ptr": "*fp32", "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "M": "i32", "N": "i32", "SPLIT": "i32",
       "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BLOCK_M": C, "BLOCK_N": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C},

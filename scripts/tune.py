@@ -1,6 +1,6 @@
 """Sweep launch parameters of the tile-sparse linear and attention kernels on the GPU; print the best per case.
 
-    python3 scripts/tune.py OUTDIR
+    python3 scripts/tune.py OUTDIR [--no-attention]
 The winners go into the TUNED table of etformer/kernels/tile_linear.py and _blocks() of attention.py by hand,
 with the sweep's JSON committed beside the benchmark results.
 """
@@ -16,36 +16,67 @@ from etformer.kernels.attention import attention
 from etformer.kernels.tile_linear import tile_linear
 from etformer.sparse import TileSparseWeight
 
-out = {"linear": [], "attention": []}
-for tile in [(32, 32), (64, 64), (128, 64), (64, 128), (128, 128)]:
+ATTN = "--no-attention" not in sys.argv
+TILES = [(64, 64), (128, 64), (128, 128)]
+out = {"linear": [], "attention": [], "splitk": []}
+
+
+def save():
+    with open(sys.argv[1] + "/tune.json", "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def sweep(x, w, M, tma):
+    """Best (us, BLOCK_M, warps, stages). Pointer loads: only the tabled launch (the baseline). TMA: the compiler puts
+    the col_idx load in the first pipeline stage, so the bulk copies get num_stages - 2 buffers: sweep deeper."""
+    if not tma:
+        t = time_cuda(lambda: tile_linear(x, w, tma=False, split_k=1), graph=True, min_ms=15)["median_us"]
+        return (t, "table")
+    best = None
+    for bm in (64, 128, 256):
+        if (M <= 128 and bm == 256) or (M > 128 and bm == 64):
+            continue
+        for warps in ((4,) if bm == 64 else (4, 8)):
+            for stages in (4, 5, 6):
+                try:
+                    t = time_cuda(lambda: tile_linear(x, w, _config=(bm, warps, stages), tma=tma, split_k=1),
+                                  graph=True, min_ms=15)["median_us"]
+                except Exception:  # out of shared memory etc.
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, bm, warps, stages)
+    return best
+
+
+for tile in TILES:
     for M in (128, 4096, 16384):
-        for (K, N) in ((768, 3072), (3072, 768)):
+        for (K, N) in ((768, 3072), (3072, 768), (768, 768)):
+            if M == 128 and (K, N) == (768, 768):
+                continue
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             Wd = torch.randn(N, K, device="cuda", dtype=torch.float16)
-            dense = time_cuda(lambda: F.linear(x, Wd), graph=True, min_ms=40)["median_us"]
-            for d in (1.0, 0.5):
+            dense = time_cuda(lambda: F.linear(x, Wd), graph=True, min_ms=30)["median_us"]
+            for d in (1.0, 0.5, 0.25):
                 w = TileSparseWeight.from_dense(random_tile_weight(K, N, tile, d, torch.float16), tile)
-                best = None
-                for bm in (64, 128, 256):
-                    if M <= 128 and bm == 256:
-                        continue
-                    for warps in ((4,) if bm == 64 else (4, 8) if bm == 128 else (8,)):
-                        for stages in (2, 3, 4):
-                            try:
-                                t = time_cuda(lambda: tile_linear(x, w, _config=(bm, warps, stages)), graph=True,
-                                              min_ms=40)["median_us"]
-                            except Exception:  # out of shared memory etc.
-                                continue
-                            if best is None or t < best[0]:
-                                best = (t, bm, warps, stages)
-                row = {"tile": tile, "M": M, "K": K, "N": N, "density": d, "best_us": best[0],
-                       "config": best[1:], "cublas_us": dense, "x_cublas": dense / best[0]}
-                out["linear"].append(row)
-                print(f"linear tile={tile} M={M} K={K} N={N} d={d}: {best[0]:.1f} us cfg={best[1:]} "
-                      f"cuBLAS {dense:.1f} -> x{dense / best[0]:.2f}", flush=True)
+                for tma in (False, True):
+                    best = sweep(x, w, M, tma)
+                    row = {"tile": tile, "M": M, "K": K, "N": N, "density": d, "tma": tma, "best_us": best[0],
+                           "config": best[1:], "cublas_us": dense, "x_cublas": dense / best[0]}
+                    out["linear"].append(row)
+                    save()
+                    print(f"linear tile={tile} M={M} K={K} N={N} d={d} tma={tma}: {best[0]:.1f} us cfg={best[1:]} "
+                          f"cuBLAS {dense:.1f} -> x{dense / best[0]:.2f}", flush=True)
+                if M == 128:  # same-run A/B: split-K against the direct launch and cuBLAS
+                    for tma in (False, True):
+                        sk = time_cuda(lambda: tile_linear(x, w, tma=tma), graph=True, min_ms=30)["median_us"]
+                        one = time_cuda(lambda: tile_linear(x, w, tma=tma, split_k=1), graph=True,
+                                        min_ms=30)["median_us"]
+                        out["splitk"].append({"tile": tile, "K": K, "N": N, "density": d, "tma": tma,
+                                              "splitk_us": sk, "direct_us": one, "cublas_us": dense})
+                        print(f"  M=128 tma={tma} split-K {sk:.1f} direct {one:.1f} cuBLAS {dense:.1f}", flush=True)
 
 H, D = 12, 64
-for S in (128, 192, 256, 384, 512):
+for S in ((128, 192, 256, 384, 512) if ATTN else ()):
     B = 32
     lens = [S] * B
     T = B * S
@@ -71,5 +102,4 @@ for S in (128, 192, 256, 384, 512):
                              "best_online": onl[0] if onl else None})
     print(f"attention S={S}: best {res[0]}  one-pass {one[0] if one else None}  online {onl[0] if onl else None}", flush=True)
 
-with open(sys.argv[1] + "/tune.json", "w") as f:
-    json.dump(out, f, indent=1)
+save()

@@ -34,13 +34,14 @@ def _sparse_weight(out_f, in_f, tile, density, dtype, empty_row=False):
     (65, 64, 128, (64, 32), 0.7),
 ])
 @pytest.mark.parametrize("act,res", [(None, False), ("gelu", True), ("relu", False)])
-def test_tile_linear(dtype, M, K, N, tile, density, act, res):
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
+def test_tile_linear(dtype, M, K, N, tile, density, act, res, tma):
     W = _sparse_weight(N, K, tile, density, dtype, empty_row=True)
     w = TileSparseWeight.from_dense(W, tile)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
     b = torch.randn(N, device=DEVICE, dtype=dtype)
     r = torch.randn(M, N, device=DEVICE, dtype=dtype) if res else None
-    y = tile_linear(x, w, b, activation=act, residual=r, backend="triton")
+    y = tile_linear(x, w, b, activation=act, residual=r, backend="triton", tma=tma)
 
     def f(xx, WW, bb, rr):
         z = torch.nn.functional.linear(xx, WW, bb)
@@ -55,7 +56,8 @@ def test_tile_linear(dtype, M, K, N, tile, density, act, res):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [2, 3, 7])
 @pytest.mark.parametrize("act", [None, "gelu"])
-def test_tile_linear_split_k(dtype, split, act):
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
+def test_tile_linear_split_k(dtype, split, act, tma):
     """The small-M path: partial sums over a split of each block-row's tiles, reduced in a second kernel."""
     M, K, N, tile = 9, 192, 160, (32, 64)
     W = _sparse_weight(N, K, tile, 0.6, dtype, empty_row=True)
@@ -64,7 +66,7 @@ def test_tile_linear_split_k(dtype, split, act):
     b = torch.randn(N, device=DEVICE, dtype=dtype)
     r = torch.randn(M, N, device=DEVICE, dtype=dtype)
     out = torch.full((M, N + 32), float("nan"), device=DEVICE, dtype=dtype)
-    tile_linear(x, w, b, activation=act, residual=r, out=out, out_col=16, backend="triton", split_k=split)
+    tile_linear(x, w, b, activation=act, residual=r, out=out, out_col=16, backend="triton", split_k=split, tma=tma)
     assert torch.isnan(out[:, :16]).all() and torch.isnan(out[:, 16 + N:]).all()
     g = (lambda z: torch.nn.functional.gelu(z)) if act else (lambda z: z)
     ref = g(x.double() @ W.double().t() + b.double()) + r.double()
@@ -223,3 +225,19 @@ def test_tile_linear_captures_in_cuda_graph(M):
     g.replay()
     torch.cuda.synchronize()
     assert_close(y, torch.nn.functional.linear(x, W), x.double() @ W.double().t(), "graphed")
+
+
+def test_tile_linear_tma_eligibility():
+    """Descriptors are used only where bulk copies are legal: aligned rows and at least one tile."""
+    import importlib
+    tl_mod = importlib.import_module("etformer.kernels.tile_linear")
+    if tl_mod.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    w = TileSparseWeight.from_dense(_sparse_weight(64, 64, (32, 32), 1.0, torch.float16), (32, 32))
+    x = torch.randn(8, 64, device=DEVICE, dtype=torch.float16)
+    if DEVICE == "cpu":
+        assert tl_mod._tma_ok(x, w)
+    wide = torch.randn(8, 72, device=DEVICE, dtype=torch.float16)
+    assert not tl_mod._tma_ok(wide[:, 1:65], w)  # base 2 bytes off a 16-byte boundary
+    empty = TileSparseWeight.from_dense(torch.zeros(64, 64, device=DEVICE, dtype=torch.float16), (32, 32))
+    assert not tl_mod._tma_ok(x, empty)

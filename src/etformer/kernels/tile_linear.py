@@ -6,12 +6,16 @@ the matching (BLOCK_M x BK) slab of X, and accumulates with tl.dot on the tensor
 the bias, applies exact-erf GELU, adds a residual, and stores into columns [out_col, out_col + N) of a possibly
 wider output (so Q, K and V land in one [tokens, 3d] buffer).
 
+TMA: on sm_90 (and in the interpreter) X and the tile values are read through tensor descriptors, so each K step is
+two bulk copies into shared memory that the compiler pipelines under the wgmma; elsewhere the loads are pointer gathers.
+
 Work balance: block-rows are launched heaviest first (an LPT order, computed once per weight and cached), so the
 block-rows with most tiles start early and light ones fill the tail; block-rows with no tile only write the
 epilogue (bias, residual).
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 
@@ -58,15 +62,23 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _tile_dot(acc, x_rows, m_mask, vals_ptr, col_idx, lo, hi, K, offs_k, tile_offs,
-                  BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr):
-        """acc += X[:, tiles lo..hi) . W_tiles^T: the K loop over one block-row's kept tiles."""
+    def _tile_dot(acc, x_src, w_src, m_mask, row0, col_idx, lo, hi, K, offs_k, tile_offs,
+                  BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr):
+        """acc += X[rows, tiles lo..hi) . W_tiles^T: the K loop over one block-row's kept tiles.
+
+        TMA: x_src and w_src are tensor descriptors (X as [M, K], the tile values as [nnz*BN, BK]); each step is two
+        bulk copies into shared memory, software-pipelined by the compiler. Otherwise x_src points at the first
+        column of this program's X rows and w_src at the tile values, and the loads are pointer gathers."""
         for i in range(0, hi - lo):
             t = lo + i
             kc = tl.load(col_idx + t)
-            kk = kc * BK + offs_k
-            xa = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-            wt = tl.load(vals_ptr + t.to(tl.int64) * (BN * BK) + tile_offs)
+            if TMA:
+                xa = x_src.load([row0, kc * BK])
+                wt = w_src.load([t * BN, 0])
+            else:
+                kk = kc * BK + offs_k
+                xa = tl.load(x_src + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+                wt = tl.load(w_src + t.to(tl.int64) * (BN * BK) + tile_offs)
             if FP32_DOT:
                 acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
             else:
@@ -75,11 +87,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_linear_kernel(
-        x_ptr, vals_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr,
+        x_src, w_src, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr,
         M, N, K,
         stride_xm, stride_ym, stride_rm, out_col,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -99,9 +112,13 @@ if HAS_TRITON:
         start = tl.load(row_ptr + r)
         end = tl.load(row_ptr + r + 1)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         tile_offs = offs_n[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
-        acc = _tile_dot(acc, x_rows, m_mask, vals_ptr, col_idx, start, end, K, offs_k, tile_offs, BN, BK, FP32_DOT)
+        if TMA:
+            x_rows = x_src
+        else:
+            x_rows = x_src + offs_m[:, None].to(tl.int64) * stride_xm
+        acc = _tile_dot(acc, x_rows, w_src, m_mask, pid_m * BLOCK_M, col_idx, start, end, K, offs_k, tile_offs,
+                        BN, BK, FP32_DOT, TMA)
 
         cols = r * BN + offs_n
         n_mask = cols < N
@@ -118,8 +135,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_linear_splitk_kernel(
-        x_ptr, vals_ptr, row_ptr, col_idx, ws_ptr, M, N, K, stride_xm, SPLIT,
-        BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, FP32_DOT: tl.constexpr,
+        x_src, w_src, row_ptr, col_idx, ws_ptr, M, N, K, stride_xm, SPLIT,
+        BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
     ):
         """Small-M path: each (row block, block-row) is split over SPLIT programs along its kept tiles; fp32
         partial sums go to a workspace [SPLIT, M, N] that _splitk_epilogue_kernel reduces."""
@@ -138,9 +155,13 @@ if HAS_TRITON:
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         tile_offs = offs_n[:, None] * BK + offs_k[None, :]
-        acc = _tile_dot(acc, x_rows, m_mask, vals_ptr, col_idx, lo, hi, K, offs_k, tile_offs, BN, BK, FP32_DOT)
+        if TMA:
+            x_rows = x_src
+        else:
+            x_rows = x_src + offs_m[:, None].to(tl.int64) * stride_xm
+        acc = _tile_dot(acc, x_rows, w_src, m_mask, pid_m * BLOCK_M, col_idx, lo, hi, K, offs_k, tile_offs,
+                        BN, BK, FP32_DOT, TMA)
         cols = r * BN + offs_n
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
         tl.store(ws, acc, mask=m_mask[:, None] & (cols[None, :] < N))
@@ -185,9 +206,16 @@ def _row_order(w: TileSparseWeight) -> torch.Tensor:
     return hit[1]
 
 
-# Tuned launch parameters, keyed by (tile, M bucket): (BLOCK_M, num_warps, num_stages). Swept on the H200 at 50%
-# density over BERT-base FFN shapes (scripts/tune.py; benchmarks/results/h200/tune.json). Other keys fall back to
-# the heuristic below.
+# Tuned launch parameters, keyed by (tile, M bucket): (BLOCK_M, num_warps, num_stages). Swept on the H200 over
+# BERT-base shapes (d=768, FFN 3072) at densities 1, 0.5 and 0.25 (scripts/tune.py; benchmarks/results/h200/tune.json),
+# most frequent winner per key. Other keys fall back to the heuristic in _launch_params.
+# With TMA the compiler puts the col_idx load in the first pipeline stage, so num_stages s gives s - 2 copy buffers.
+TUNED_TMA: dict[tuple, tuple[int, int, int]] = {
+    ((64, 64), 128): (64, 4, 5), ((64, 64), 4096): (128, 4, 5), ((64, 64), 16384): (128, 4, 5),
+    ((128, 64), 128): (64, 4, 5), ((128, 64), 4096): (128, 4, 4), ((128, 64), 16384): (128, 4, 4),
+    ((128, 128), 128): (64, 4, 6), ((128, 128), 4096): (128, 8, 5), ((128, 128), 16384): (128, 4, 5),
+}
+# Pointer-load kernel (GPUs before sm_90, unaligned operands), from the earlier sweep in the same file.
 TUNED: dict[tuple, tuple[int, int, int]] = {
     ((32, 32), 128): (64, 4, 3), ((32, 32), 4096): (128, 4, 3), ((32, 32), 16384): (128, 4, 3),
     ((64, 64), 128): (64, 4, 3), ((64, 64), 4096): (128, 4, 2), ((64, 64), 16384): (128, 4, 2),
@@ -197,7 +225,10 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 }
 
 
-SPLITK_MAX_M = 512  # at or below this many rows the split-K path keeps every SM busy (GPU only)
+# Split-K is opt-in (tile_linear(split_k=n)). A same-run A/B on the H200 at M=128 (tune.json, "splitk") found the
+# direct launch faster in 17 of 18 cases (e.g. FFN-out dense, 128x64 tiles, TMA: 14.7 us direct, 23.9 split), because
+# the second launch and the fp32 workspace round trip cost more than the extra parallelism brings.
+SPLITK_MAX_M = 0
 NUM_SMS = 132
 
 
@@ -208,21 +239,59 @@ def _split_for(M: int, w: TileSparseWeight, block_m: int) -> int:
     return max(1, min(most, -(-2 * NUM_SMS // max(1, base)), 16))
 
 
-def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool) -> tuple[int, int, int]:
+def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool) -> tuple[int, int, int]:
     mb = 128 if M <= 128 else (4096 if M <= 4096 else 16384)
-    if (tile, mb) in TUNED:
-        return TUNED[(tile, mb)]
+    table = TUNED_TMA if tma else TUNED
+    if (tile, mb) in table:
+        return table[(tile, mb)]
     if not on_gpu:
         return (32, 4, 1)
     bm = 64 if M <= 128 else 128
+    if tma:
+        return (bm, 4, 5)
     warps = 4 if tile[0] * bm <= 64 * 128 else 8
     return (bm, warps, 3)
+
+
+try:  # host-side tensor descriptors (TMA); Triton 3.4 and later
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
+USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it per call
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_ok(x: torch.Tensor, w: TileSparseWeight) -> bool:
+    """Bulk tensor copies need sm_90+, 16-byte aligned bases and row strides, and at least one tile."""
+    if TensorDescriptor is None or w.nnz_tiles == 0:
+        return False
+    if x.is_cuda and _capability(x.device.index)[0] < 9:
+        return False
+    e = x.element_size()
+    return (x.data_ptr() % 16 == 0 and (x.stride(0) * e) % 16 == 0 and w.values.data_ptr() % 16 == 0
+            and (w.tile[1] * e) % 16 == 0)
+
+
+def _sources(x: torch.Tensor, w: TileSparseWeight, block_m: int, tma: bool):
+    """The kernel's X and W operands: tensor descriptors (TMA) or plain pointers."""
+    if not tma:
+        return x, w.values
+    BN, BK = w.tile
+    xd = TensorDescriptor(x, [x.shape[0], x.shape[1]], [x.stride(0), 1], [block_m, BK])
+    vals = w.values.view(-1, BK)  # (nnz * BN, BK): tile t is rows t*BN .. t*BN+BN
+    wd = TensorDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK])
+    return xd, wd
 
 
 def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None = None, *, activation: str | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
                 backend: str = "auto", _config: tuple[int, int, int] | None = None,
-                split_k: int | None = None) -> torch.Tensor:
+                split_k: int | None = None, tma: bool | None = None) -> torch.Tensor:
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N]."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -257,17 +326,19 @@ def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None 
     if M == 0:
         return out
     BN, BK = w.tile
-    block_m, warps, stages = _config or _launch_params(M, w.tile, x.is_cuda)
+    tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
+    block_m, warps, stages = _config or _launch_params(M, w.tile, x.is_cuda, tma)
     num_m, num_r = triton.cdiv(M, block_m), w.n_block_rows
     dummy = x
     act = _act_code(activation)
     if split_k is None:
         split_k = _split_for(M, w, block_m) if (x.is_cuda and M <= SPLITK_MAX_M) else 1
+    x_src, w_src = _sources(x, w, block_m, tma)
     if split_k > 1:
         ws = torch.empty(split_k, M, N, device=x.device, dtype=torch.float32)
         _tile_linear_splitk_kernel[(num_m * num_r, split_k)](
-            x, w.values, w.row_ptr, w.col_idx, ws, M, N, K, x.stride(0), split_k,
-            BN=BN, BK=BK, BLOCK_M=block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda,
+            x_src, w_src, w.row_ptr, w.col_idx, ws, M, N, K, x.stride(0), split_k,
+            BN=BN, BK=BK, BLOCK_M=block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma,
             num_warps=warps, num_stages=stages)
         _splitk_epilogue_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 128))](
             ws, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
@@ -275,11 +346,11 @@ def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None 
             BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4)
         return out
     _tile_linear_kernel[(num_m * num_r,)](
-        x, w.values, w.row_ptr, w.col_idx, _row_order(w), bias if bias is not None else dummy,
+        x_src, w_src, w.row_ptr, w.col_idx, _row_order(w), bias if bias is not None else dummy,
         residual if residual is not None else dummy, out,
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         BN=BN, BK=BK, BLOCK_M=block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
-        HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda,
+        HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma,
         num_warps=warps, num_stages=stages,
     )
     return out
