@@ -75,6 +75,22 @@ def test_tile_linear_split_k(dtype, split, act, tma):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,tile", [(1, (16, 16)), (70, (32, 32)), (129, (64, 32))])
+def test_tile_linear_persistent(dtype, M, tile):
+    """Persistent launch: few programs stride over all (row block, block-row) items, with an empty block-row."""
+    K, N = 96, 160
+    W = _sparse_weight(N, K, tile, 0.6, dtype, empty_row=True)
+    w = TileSparseWeight.from_dense(W, tile)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    r = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    y = tile_linear(x, w, b, activation="gelu", residual=r, backend="triton", persistent=2)
+    ref = torch.nn.functional.gelu(x.double() @ W.double().t() + b.double()) + r.double()
+    peer = torch.nn.functional.gelu(torch.nn.functional.linear(x, W, b)) + r
+    assert_close(y, peer, ref, f"persistent {tile} M={M}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_tile_linear_writes_column_slice_only(dtype):
     d = 64
     x = torch.randn(20, d, device=DEVICE, dtype=dtype)

@@ -145,3 +145,18 @@ def test_prune_module_on_torch_encoder(method):
     et = optimize(enc, plan, dtype="float32", device="cpu", backend="reference")
     assert et.core.layers[0].v_width == 16  # V pruned by rows: compact V (D=32 -> 16 of each head's columns)
     _check(enc, et, 3, 11, 64, True)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_sdpa_layer_stack_peer_matches_torch(norm_first):
+    """The bench's hand-written SDPA peer computes what nn.TransformerEncoder computes (so its timings compare)."""
+    from etformer.bench.peers import TorchLayerStack
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 96, dropout=0.0, batch_first=True, norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        ref = enc(x, mask=nn.Transformer.generate_square_subsequent_mask(9), is_causal=True)
+    y = TorchLayerStack(enc, causal=True)(x)
+    assert float((y - ref).norm() / ref.norm()) < 1e-5

@@ -121,3 +121,36 @@ def semi24(model, masked=True):
 
 def bsr(model, tile, masked=True):
     return LayerStack(model, lambda w: w.to_sparse_bsr(tile), masked)
+
+
+class TorchLayerStack:
+    """nn.TransformerEncoder's layers written plainly: packed in_proj on cuBLAS, SDPA (flash, is_causal when causal),
+    out_proj, add + LayerNorm (post- or pre-LN), FFN with ReLU or GELU. Wrap in GraphCache for the graphed peer."""
+
+    def __init__(self, enc, causal: bool):
+        self.layers, self.norm, self.causal = list(enc.layers), enc.norm, causal
+
+    @torch.no_grad()
+    def __call__(self, x):  # (B, S, d), batch_first
+        B, S, d = x.shape
+        for layer in self.layers:
+            att = layer.self_attn
+            H = att.num_heads
+            act = F.gelu if layer.activation_relu_or_gelu == 2 else F.relu
+
+            def sa(t):
+                q, k, v = F.linear(t, att.in_proj_weight, att.in_proj_bias).view(B, S, 3, H, d // H).unbind(2)
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   is_causal=self.causal)
+                return F.linear(o.transpose(1, 2).reshape(B, S, d), att.out_proj.weight, att.out_proj.bias)
+
+            def ff(t):
+                return layer.linear2(act(layer.linear1(t)))
+
+            if layer.norm_first:
+                x = x + sa(layer.norm1(x))
+                x = x + ff(layer.norm2(x))
+            else:
+                x = layer.norm1(x + sa(x))
+                x = layer.norm2(x + ff(x))
+        return self.norm(x) if self.norm is not None else x

@@ -2,9 +2,11 @@
 
     python -m etformer.bench.transformer --out DIR
 
-Peers: nn.TransformerEncoder in inference mode (PyTorch's fused fast path where it applies) and the same captured
-in a CUDA graph. etformer: dense and 50% / 70% tiles (128x64), each checked against the fp32 reference first.
-FFN 200 (as in E.T.'s code) and a 4x FFN (3200). fp16.
+Peers: nn.TransformerEncoder in inference mode (PyTorch's fused fast path where it applies), the same captured in a
+CUDA graph, the same under torch.compile (mode="reduce-overhead": Inductor kernels replayed from CUDA graphs; run at
+the shapes in COMPILE_SHAPES, its compile time being minutes), and a plain SDPA layer stack (cuBLAS + flash
+attention with is_causal) in a CUDA graph. etformer: dense and 50% / 70% tiles (128x64), each checked against the
+fp32 reference first. FFN 200 (as in E.T.'s code) and a 4x FFN (3200). fp16.
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from ..engine.torch_encoder import optimize_torch_encoder
 from ..models import matrices
 from ..pruning import Pattern, make_mask
 from ..sparse.tiles import atomic_write
-from .peers import GraphCache
+from .peers import GraphCache, TorchLayerStack
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 
 TILE = (128, 64)
+COMPILE_SHAPES = {(1, 128), (32, 512)}
+PEERS = ("torch_encoder", "torch_encoder_graph", "torch_compile", "sdpa_layers_graph")
 
 
 def build(ffn, seed=0):
@@ -53,6 +57,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     peaks = measure_peaks()
     rows = []
+    compiled = {}
     for ffn in (200, 3200):
         base = build(ffn)
         variants = {"etformer_dense": (base, 0.0), "etformer_tile50": (prune(base, 0.5), 0.5),
@@ -66,11 +71,13 @@ def main(argv=None):
                 x16 = x.half()
                 wrows = []
 
-                def record(name, sp, fn, ref_model):
+                def record(name, sp, fn, ref_model, prepare=None):
                     row = {"model": f"transformer800-ffn{ffn}", "batch": B, "seq": S, "causal": True, "variant": name,
                            "sparsity": sp, "median_us": None, "p10_us": None, "p90_us": None, "floor_us": None,
                            "speedup_vs_best_peer": None, "ok": False, "error": None}
                     try:
+                        if prepare is not None:
+                            prepare()
                         with torch.no_grad():
                             ref = ref_model(x, mask=cmask, is_causal=True).float()
                         y = fn().float()
@@ -95,11 +102,19 @@ def main(argv=None):
                 record("torch_encoder", 0.0, fast, base)
                 g = GraphCache(torch.no_grad()(lambda xx: base16(xx, mask=cmask.half(), is_causal=True)))
                 record("torch_encoder_graph", 0.0, lambda: g(x16), base)
+                if (B, S) in COMPILE_SHAPES:
+                    from .run import _with_alarm
+
+                    cm = compiled.setdefault(ffn, torch.compile(base16, mode="reduce-overhead"))
+                    cfn = torch.no_grad()(lambda cm=cm: cm(x16, mask=cmask.half(), is_causal=True).clone())
+                    record("torch_compile", 0.0, cfn, base, prepare=lambda: _with_alarm(cfn, 240, "torch.compile"))
+                st = GraphCache(TorchLayerStack(base16, causal=True))
+                record("sdpa_layers_graph", 0.0, lambda: st(x16), base)
                 for name, (m, sp) in variants.items():
                     e = built[name]
                     e.core.check_finite = False
                     record(name, sp, lambda e=e: e(x16, mask=cmask, is_causal=True), m)
-                best = min((r["median_us"] for r in wrows if r["ok"] and r["variant"].startswith("torch")), default=None)
+                best = min((r["median_us"] for r in wrows if r["ok"] and r["variant"] in PEERS), default=None)
                 for r in wrows:
                     if r["ok"] and best:
                         r["speedup_vs_best_peer"] = best / r["median_us"]

@@ -1,7 +1,7 @@
 """ETEncoder: a BERT-family encoder run as fused etformer operators, padding-free, CUDA-graphed for small batches.
 
     input_ids, attention_mask (B, S)
-      -> unpad once: packed tokens (T,), cu_seqlens (B+1,), max_seqlen        [host: one small sync]
+      -> unpad once: packed tokens (T,), cu_seqlens (B+1,), max_seqlen        [host: B lengths; indices on device]
       -> embeddings: word + position + type, then LayerNorm                    # (T, d)
       -> per layer (post-LN, as BERT):
            qkv = X W_qkv^T + b      one tile-sparse launch into a (T, 3d) buffer (V compact if row-pruned)
@@ -118,6 +118,7 @@ class ETEncoder(torch.nn.Module):
         self.backend = "auto"  # "reference" forces the PyTorch references, "triton" the kernels
         self.check_finite = True
         self._graphs: OrderedDict = OrderedDict()
+        self._const_cache: dict = {}
 
     # ------------------------------------------------------------------ inputs
     def _validate(self, input_ids, attention_mask, token_type_ids):
@@ -143,34 +144,53 @@ class ETEncoder(torch.nn.Module):
             raise EtformerError(f"token_type_ids must be {(B, S)} on {self.device}")
         return attention_mask.ne(0)
 
-    def _unpad_meta(self, mask, B, S):
-        """Host-side index work, from one small copy of the mask: (meta, T, max_len).
+    def _lengths(self, keep, B, S) -> tuple[int, int]:
+        """(T, max_len) on the host: the only values the launch shapes need. One copy of B lengths, none without a mask."""
+        if keep is None:
+            return B * S, S
+        lens = keep.sum(1).tolist()
+        if 0 in lens:
+            raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
+        return sum(lens), max(lens)
 
-        meta is one int64 tensor [flat (T) | positions (T) | cu_seqlens (B+1)], so a single host-to-device copy
-        carries every index the device needs.
-        """
-        if mask is None:
-            lens = torch.full((B,), S, dtype=torch.int64)
-            flat = torch.arange(B * S)
-            rowpos = torch.arange(S).repeat(B)
+    def _consts(self, B, S, device):
+        """Positions and cu_seqlens of a batch without padding, made once per (B, S) and kept."""
+        key = (B, S, str(device))
+        c = self._const_cache.get(key)
+        if c is None:
+            pos = torch.arange(S, device=device).repeat(B) + self.cfg.position_offset
+            cu = torch.arange(0, (B + 1) * S, S, device=device, dtype=torch.int32)
+            c = self._const_cache[key] = (pos, cu)
+        return c
+
+    def _indices(self, keep, B, S, T):
+        """Device side of the unpad, with no host sync (it runs inside the CUDA graph): (flat, positions, cu_seqlens).
+
+        flat is None when nothing is padded (T == B*S): the packed tokens are then the input itself."""
+        if keep is None:
+            pos, cu = self._consts(B, S, self.device)
+            return None, pos, cu
+        m = keep.reshape(-1).to(torch.int32)
+        cs = torch.cumsum(m, 0)
+        dest = torch.where(m.bool(), cs - 1, T).to(torch.int64)  # slot of each real token; padding goes to slot T
+        src = torch.arange(B * S, device=keep.device)
+        flat = torch.zeros(T + 1, dtype=torch.int64, device=keep.device).scatter_(0, dest, src)[:T]
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=keep.device)
+        cu[1:] = cs.view(B, S)[:, -1]
+        if self.cfg.position_offset:  # RoBERTa counts positions over real tokens, from padding_idx + 1
+            rowpos = (torch.cumsum(keep.to(torch.int32), 1) - 1).reshape(-1)[flat]
+            pos = rowpos + self.cfg.position_offset
         else:
-            m = mask.to("cpu")
-            lens = m.sum(1)
-            if bool((lens == 0).any()):
-                raise EtformerError(f"row {int(torch.nonzero(lens == 0)[0])} of the batch is all padding")
-            flat = torch.nonzero(m.flatten(), as_tuple=False).flatten()
-            rowpos = (torch.cumsum(m.long(), 1) - 1).flatten()[flat] if self.cfg.position_offset else flat % S
-        pos = rowpos + self.cfg.position_offset if self.cfg.position_offset else rowpos
-        cu = torch.zeros(B + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(lens, 0)
-        meta = torch.cat([flat, pos, cu])  # (not pinned: pinning a fresh buffer costs more than the copy)
-        return meta, int(flat.numel()), int(lens.max())
+            pos = flat % S
+        return flat, pos, cu
 
-    def _prepare(self, input_ids, token_type_ids, meta, T, B):
-        """Device side of the unpad: gather the real tokens. Runs inside the CUDA graph."""
-        flat, pos, cu = meta[:T], meta[T:2 * T], meta[2 * T:].to(torch.int32)
-        ids = input_ids.flatten()[flat]
-        tt = token_type_ids.flatten()[flat] if token_type_ids is not None else torch.zeros_like(ids)
+    def _prepare(self, input_ids, token_type_ids, keep, B, S, T):
+        """Gather the real tokens (inside the CUDA graph): ids, positions, token types, cu_seqlens, flat."""
+        flat, pos, cu = self._indices(keep, B, S, T)
+        ids = input_ids.reshape(-1) if flat is None else input_ids.reshape(-1)[flat]
+        tt = None
+        if token_type_ids is not None:
+            tt = token_type_ids.reshape(-1) if flat is None else token_type_ids.reshape(-1)[flat]
         return ids, pos, tt, cu, flat
 
     # ------------------------------------------------------------------ compute
@@ -183,8 +203,8 @@ class ETEncoder(torch.nn.Module):
     def _embed(self, ids, pos, tt):
         e = self.emb
         x = F.embedding(ids, e["word"]) + F.embedding(pos, e["pos"])
-        if self.cfg.token_types:
-            x = x + F.embedding(tt, e["type"])
+        if self.cfg.token_types:  # no token_type_ids means type 0 everywhere: one broadcast row, no gather
+            x = x + (F.embedding(tt, e["type"]) if tt is not None else e["type"][0])
         return self._ln(x.contiguous(), None, (e["ln_w"], e["ln_b"]))  # (T, d)
 
     def _stack(self, x, cu, max_len, causal=None):
@@ -211,44 +231,50 @@ class ETEncoder(torch.nn.Module):
             x = ln(x, None, self.final_norm)
         return x
 
-    def _pad(self, x, flat, B, S, out=None):
-        out = x.new_zeros(B * S, x.shape[1]) if out is None else out.zero_()
+    @staticmethod
+    def _pad(x, flat, B, S):
+        if flat is None:  # nothing was padded
+            return x.view(B, S, -1)
+        out = x.new_zeros(B * S, x.shape[1])
         out[flat] = x
         return out.view(B, S, -1)
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_ignored):
-        mask = self._validate(input_ids, attention_mask, token_type_ids)
+        keep = self._validate(input_ids, attention_mask, token_type_ids)
         B, S = input_ids.shape
-        meta, T, max_len = self._unpad_meta(mask, B, S)
-        meta = meta.to(self.device, non_blocking=True)
+        T, max_len = self._lengths(keep, B, S)
+        if T == B * S:
+            keep = None  # nothing to unpad
         if self.use_graphs and B * S <= GRAPH_MAX_TOKENS:
-            y = self._graphed(input_ids, token_type_ids, meta, T, max_len, B, S)
+            y = self._graphed(input_ids, token_type_ids, keep, T, max_len, B, S)
         else:
-            y = self._run(input_ids, token_type_ids, meta, T, max_len, B, S)
+            y = self._run(input_ids, token_type_ids, keep, T, max_len, B, S)
         if self.check_finite and not bool(torch.isfinite(y).all()):
             raise EtformerError("the encoder produced NaN or inf; check the weights and the inputs")
         return EncoderOutput(y)
 
-    def _run(self, input_ids, token_type_ids, meta, T, max_len, B, S, out=None):
-        ids, pos, tt, cu, flat = self._prepare(input_ids, token_type_ids, meta, T, B)
-        return self._pad(self._layers(ids, pos, tt, cu, max_len), flat, B, S, out)
+    def _run(self, input_ids, token_type_ids, keep, T, max_len, B, S):
+        ids, pos, tt, cu, flat = self._prepare(input_ids, token_type_ids, keep, B, S, T)
+        return self._pad(self._layers(ids, pos, tt, cu, max_len), flat, B, S)
 
-    def _graphed(self, input_ids, token_type_ids, meta, T, max_len, B, S):
+    def _graphed(self, input_ids, token_type_ids, keep, T, max_len, B, S):
+        """Replay the graph of this (B, S, T, max_len) bucket, capturing it on first use. Its inputs are the ids,
+        the token types and (when something is padded) the mask; the index work runs inside the graph."""
         key = (B, S, T, max_len, token_type_ids is not None)
         g = self._graphs.get(key)
         if g is None:
-            static = [input_ids.clone(), None if token_type_ids is None else token_type_ids.clone(), meta.clone()]
-            out = torch.empty(B * S, self.cfg.hidden, device=self.device, dtype=self.dtype)
+            static = [input_ids.clone(), None if token_type_ids is None else token_type_ids.clone(),
+                      None if keep is None else keep.clone()]
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):  # warm-up: compiles kernels and settles the allocator outside capture
                 for _ in range(2):
-                    self._run(*static, T, max_len, B, S, out)
+                    self._run(*static, T, max_len, B, S)
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._run(*static, T, max_len, B, S, out)
+                out = self._run(*static, T, max_len, B, S)
             g = (graph, static, out)
             self._graphs[key] = g
             if len(self._graphs) > GRAPH_CACHE:
@@ -256,18 +282,17 @@ class ETEncoder(torch.nn.Module):
         else:
             self._graphs.move_to_end(key)
         graph, static, out = g
-        static[0].copy_(input_ids)
-        if token_type_ids is not None:
-            static[1].copy_(token_type_ids)
-        static[2].copy_(meta)
+        for dst, src in zip(static, (input_ids, token_type_ids, keep)):
+            if dst is not None:
+                dst.copy_(src)
         graph.replay()
-        return out.view(B, S, -1).clone()
+        return out.clone()
 
     def graph_replay_fn(self, input_ids, attention_mask=None, token_type_ids=None):
         """The captured graph for these inputs' shape, as a no-argument callable: times the GPU work alone."""
         self(input_ids, attention_mask, token_type_ids)
-        mask = self._validate(input_ids, attention_mask, token_type_ids)
-        _, T, max_len = self._unpad_meta(mask, *input_ids.shape)
+        keep = self._validate(input_ids, attention_mask, token_type_ids)
+        T, max_len = self._lengths(keep, *input_ids.shape)
         return self._graphs[(*input_ids.shape, T, max_len, token_type_ids is not None)][0].replay
 
     def encode_fn(self):

@@ -71,48 +71,48 @@ class ETTorchEncoder(nn.Module):
             if src_key_padding_mask.shape != (B, S):
                 raise EtformerError(f"src_key_padding_mask must be ({B}, {S}), got {tuple(src_key_padding_mask.shape)}")
             keep = ~src_key_padding_mask.bool() if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask == 0
-        meta, T, max_len = core._unpad_meta(keep, B, S)
-        meta = meta.to(core.device, non_blocking=True)
+        T, max_len = core._lengths(keep, B, S)
+        if T == B * S:
+            keep = None
         if core.use_graphs and B * S <= GRAPH_MAX_TOKENS:
-            out = self._graphed(x, meta, T, max_len, causal)
+            out = self._graphed(x, keep, T, max_len, causal)
         else:
-            out = self._run(x, meta, T, max_len, causal)
+            out = self._run(x, keep, T, max_len, causal)
         out = out.to(src.dtype)
         return out if self.batch_first else out.transpose(0, 1)
 
-    def _run(self, x, meta, T, max_len, causal, out=None):
+    def _run(self, x, keep, T, max_len, causal):
         core = self.core
         B, S, d = x.shape
-        flat, cu = meta[:T], meta[2 * T:].to(torch.int32)
-        packed = x.reshape(B * S, d)[flat].to(core.dtype).contiguous()  # (T, d)
+        flat, _, cu = core._indices(keep, B, S, T)
+        packed = x.reshape(B * S, d)
+        packed = (packed if flat is None else packed[flat]).to(core.dtype).contiguous()  # (T, d)
         y = core._stack(packed, cu, max_len, causal=causal)
-        out = y.new_zeros(B * S, d) if out is None else out.zero_()
-        out[flat] = y
-        return out.view(B, S, d)
+        return core._pad(y, flat, B, S)
 
-    def _graphed(self, x, meta, T, max_len, causal):
+    def _graphed(self, x, keep, T, max_len, causal):
         key = (tuple(x.shape), x.dtype, T, max_len, causal)
         g = self._graphs.get(key)
         if g is None:
-            static_x, static_meta = x.clone(), meta.clone()
-            out = torch.empty(x.shape[0] * x.shape[1], x.shape[2], device=x.device, dtype=self.core.dtype)
+            static_x, static_keep = x.clone(), None if keep is None else keep.clone()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
-                    self._run(static_x, static_meta, T, max_len, causal, out)
+                    self._run(static_x, static_keep, T, max_len, causal)
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._run(static_x, static_meta, T, max_len, causal, out)
-            g = self._graphs[key] = (graph, static_x, static_meta, out)
+                out = self._run(static_x, static_keep, T, max_len, causal)
+            g = self._graphs[key] = (graph, static_x, static_keep, out)
             if len(self._graphs) > GRAPH_CACHE:
                 self._graphs.pop(next(iter(self._graphs)))
-        graph, static_x, static_meta, out = g
+        graph, static_x, static_keep, out = g
         static_x.copy_(x)
-        static_meta.copy_(meta)
+        if static_keep is not None:
+            static_keep.copy_(keep)
         graph.replay()
-        return out.view(x.shape).clone()
+        return out.clone()
 
 
 def optimize_torch_encoder(enc: nn.TransformerEncoder, *, dtype="auto", device=None, tile=DEFAULT_TILE,
