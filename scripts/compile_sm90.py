@@ -30,11 +30,12 @@ for tma in (False, True):
     ws = "tensordesc<fp16[128,64]>" if tma else p16
     comp(T._tile_linear_kernel,
          {"x_src": xs, "w_src": ws, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
-          "y_ptr": p16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32",
+          "y_ptr": p16, "y_desc": "tensordesc<fp16[128,128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32",
           "out_col": "i32", "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
-          "FP32_DOT": C, "TMA": C, "FLATTEN": C},
+          "FP32_DOT": C, "TMA": C, "TMA_STORE": C},
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True,
-          "FP32_DOT": False, "TMA": tma, "FLATTEN": tma}, f"tile_linear tma={tma} persistent={tma}", stages=4)
+          "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma},
+         f"tile_linear tma={tma} tma_store={tma}", stages=4)
     xs = "tensordesc<fp16[64,64]>" if tma else p16
     comp(T._tile_linear_splitk_kernel,
          {"x_src": xs, "w_src": ws, "row_ptr": i32, "col_idx": i32, "ws_ptr": "*fp32", "M": "i32", "N": "i32",

@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 step=${1:-all}
 if [ "$step" = all ] || [ "$step" = tests ]; then
-  python3 -m pytest -q -x tests/test_kernels.py tests/test_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  python3 -m pytest -q -x tests/test_kernels.py tests/test_engine.py tests/test_torch_encoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "$step" = all ] || [ "$step" = parity ]; then
   python3 scripts/gpu_parity.py "$OUT" 2>&1 | grep -v "Loading weights" | tee "$OUT/parity.log" | tail -12
@@ -25,9 +25,9 @@ if [ "$step" = all ] || [ "$step" = probe ] || [ "$step" = tune ]; then
   python3 - <<'PY' 2>&1 | grep -v "Loading weights" | tee "$OUT/probe.log" | tail -40
 import os
 from etformer.bench.run import run_bench, write_reports
-tile = tuple(int(v) for v in os.environ.get("PROBE_TILE", "64x64").split("x"))
-res = run_bench(models=("bert-base",), batches=(1, 32), seqs=(128,), varlens=(False,), sparsities=(0.5,),
-                peers=("hf_graph", "cublas_sdpa_graph", "semi24", "bsr"), tile=tile)
+tile = tuple(int(v) for v in os.environ.get("PROBE_TILE", "128x64").split("x"))
+res = run_bench(models=("bert-base",), batches=(1, 32), seqs=(128, 512), varlens=(False, True), sparsities=(0.5, 0.7),
+                peers=("hf_graph", "cublas_sdpa_graph"), tile=tile, max_tokens=16384, variants=("dense", "tile"))
 write_reports(res, os.environ["OUT"] + "/probe", "probe")
 PY
 fi

@@ -33,6 +33,7 @@ def features(encode, tok, texts, bs=128):
 
 
 def main(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
     glue = os.environ["GLUE_DIR"]
     model32, tok = load_model(None, device="cuda")
     train = load_split("sst2", "train", glue, limit=4000)

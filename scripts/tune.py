@@ -1,6 +1,6 @@
 """Sweep launch parameters of the tile-sparse linear and attention kernels on the GPU; print the best per case.
 
-    python3 scripts/tune.py OUTDIR [--no-attention] [--persistent-only]
+    python3 scripts/tune.py OUTDIR [--no-attention] [--store-only]
 The winners go into the TUNED table of etformer/kernels/tile_linear.py and _blocks() of attention.py by hand,
 with the sweep's JSON committed beside the benchmark results.
 """
@@ -17,7 +17,7 @@ from etformer.kernels.tile_linear import tile_linear
 from etformer.sparse import TileSparseWeight
 
 ATTN = "--no-attention" not in sys.argv
-SWEEP = "--persistent-only" not in sys.argv
+SWEEP = "--store-only" not in sys.argv
 TILES = [(64, 64), (128, 64), (128, 128)]
 out = {"linear": [], "attention": [], "splitk": []}
 
@@ -76,19 +76,20 @@ for tile in (TILES if SWEEP else ()):
                                               "splitk_us": sk, "direct_us": one, "cublas_us": dense})
                         print(f"  M=128 tma={tma} split-K {sk:.1f} direct {one:.1f} cuBLAS {dense:.1f}", flush=True)
 
-# same-run A/B: one program per work item against persistent launches (1 or 2 programs per SM), tabled config
-out["persistent"] = []
+# same-run A/B: tensor-descriptor stores of Y against pointer stores, tabled config (the persistent-launch A/B that
+# ran beside it is in benchmarks/results/h200/tune_persistent.json; the launch mode lost and was removed)
+out["store"] = []
 for tile in ((128, 64), (64, 64)):
     for M in (4096, 16384):
         for (K, N) in ((768, 3072), (3072, 768)):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             for d in (1.0, 0.5, 0.25):
                 w = TileSparseWeight.from_dense(random_tile_weight(K, N, tile, d, torch.float16), tile)
-                ts = {p: time_cuda(lambda: tile_linear(x, w, persistent=p), graph=True, min_ms=20)["median_us"]
-                      for p in (0, 1, 2)}
-                out["persistent"].append({"tile": tile, "M": M, "K": K, "N": N, "density": d, "us": ts})
-                print(f"persistent tile={tile} M={M} K={K} N={N} d={d}: " +
-                      " ".join(f"p{p}={t:.1f}" for p, t in ts.items()), flush=True)
+                ts = {("tma" if st else "ptr"): time_cuda(lambda: tile_linear(x, w, tma_store=st), graph=True,
+                                                          min_ms=20)["median_us"] for st in (False, True)}
+                out["store"].append({"tile": tile, "M": M, "K": K, "N": N, "density": d, "us": ts})
+                print(f"store tile={tile} M={M} K={K} N={N} d={d}: " + " ".join(f"{k}={t:.1f}" for k, t in ts.items()),
+                      flush=True)
                 save()
 
 H, D = 12, 64

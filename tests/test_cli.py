@@ -170,3 +170,36 @@ def test_bench_without_gpu_says_so(capsys, tmp_path):
     assert "No CUDA GPU" in out and "nothing GPU-like was timed" in out
     assert "CPU, MiniLM-L6" in out and "µs" not in out
     assert not (tmp_path / "b").exists()  # no result files that could pass for GPU figures
+
+
+def test_bench_merge_split_runs(tmp_path, capsys):
+    """Split bench runs merge into one report; a file from another GPU or a non-bench file is refused."""
+    import json
+
+    env = {"gpu": "NVIDIA H200", "torch": "t", "triton": "tr", "transformers": "x", "cuda": "c", "python": "p",
+           "date": "d"}
+    peaks = {"matmul_tflops": 660.0, "copy_tbs": 4.2}
+
+    def row(B, variant, us):
+        return {"model": "bert-base", "batch": B, "seq": 128, "varlen": False, "variant": variant, "sparsity": 0.0,
+                "median_us": us, "p10_us": us, "p90_us": us, "floor_us": 10.0, "speedup_vs_best_peer": 1.0,
+                "ok": True, "error": None, "graph_replay_us": None}
+
+    for i, B in enumerate((1, 8)):
+        (tmp_path / f"p{i}.json").write_text(json.dumps({"env": env, "peaks": peaks, "tile": [128, 64], "command": f"c{i}",
+                                                         "rows": [row(B, "cublas_sdpa_graph", 100.0 + B),
+                                                                  row(B, "etformer_dense", 90.0 + B)]}))
+    assert run("bench", "--merge", tmp_path / "p0.json", tmp_path / "p1.json", "--out", tmp_path / "m") == 0
+    merged = json.loads((tmp_path / "m" / "bench.json").read_text())
+    assert [(r["batch"], r["variant"]) for r in merged["rows"]] == [(1, "cublas_sdpa_graph"), (1, "etformer_dense"),
+                                                                    (8, "cublas_sdpa_graph"), (8, "etformer_dense")]
+    assert [p["command"] for p in merged["parts"]] == ["c0", "c1"]
+    md = (tmp_path / "m" / "bench.md").read_text()
+    assert "### bert-base, B=1, S=128" in md and "### bert-base, B=8, S=128" in md
+    other = dict(env, gpu="NVIDIA A100")
+    (tmp_path / "p2.json").write_text(json.dumps({"env": other, "peaks": peaks, "tile": [128, 64], "rows": []}))
+    assert run("bench", "--merge", tmp_path / "p0.json", tmp_path / "p2.json", "--out", tmp_path / "m2") == 2
+    assert "different GPUs" in capsys.readouterr().err
+    (tmp_path / "p3.json").write_text("{not json")
+    assert run("bench", "--merge", tmp_path / "p3.json", "--out", tmp_path / "m3") == 2
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()

@@ -76,18 +76,23 @@ def test_tile_linear_split_k(dtype, split, act, tma):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,tile", [(1, (16, 16)), (70, (32, 32)), (129, (64, 32))])
-def test_tile_linear_persistent(dtype, M, tile):
-    """Persistent launch: few programs stride over all (row block, block-row) items, with an empty block-row."""
+@pytest.mark.parametrize("tma_store", [False, True], ids=["ptr-store", "tma-store"])
+def test_tile_linear_output_store(dtype, M, tile, tma_store):
+    """Y written by pointer stores or by tensor-descriptor (bulk) stores into a column slice of a wider buffer: the
+    columns either side stay untouched, rows and columns past the edge are clipped; with an empty block-row."""
     K, N = 96, 160
     W = _sparse_weight(N, K, tile, 0.6, dtype, empty_row=True)
     w = TileSparseWeight.from_dense(W, tile)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
     b = torch.randn(N, device=DEVICE, dtype=dtype)
     r = torch.randn(M, N, device=DEVICE, dtype=dtype)
-    y = tile_linear(x, w, b, activation="gelu", residual=r, backend="triton", persistent=2)
+    out = torch.full((M, N + 24), float("nan"), device=DEVICE, dtype=dtype)
+    tile_linear(x, w, b, activation="gelu", residual=r, backend="triton", tma_store=tma_store,
+                out=out, out_col=8)
+    assert torch.isnan(out[:, :8]).all() and torch.isnan(out[:, 8 + N:]).all()
     ref = torch.nn.functional.gelu(x.double() @ W.double().t() + b.double()) + r.double()
     peer = torch.nn.functional.gelu(torch.nn.functional.linear(x, W, b)) + r
-    assert_close(y, peer, ref, f"persistent {tile} M={M}")
+    assert_close(out[:, 8:8 + N], peer, ref, f"store {tile} M={M}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

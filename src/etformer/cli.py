@@ -306,11 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default=None, help="folder for JSON, Markdown and PNG results")
     b.add_argument("--models", default=None, help="comma list of bert-base, distilbert, minilm (full mode)")
+    b.add_argument("--batches", default=None, help="comma list of batch sizes (full mode; default 1,8,32,128)")
+    b.add_argument("--seqs", default=None, help="comma list of sequence lengths (full mode; default 128,384,512)")
+    b.add_argument("--peers", default=None, help="comma list of peers (default: all six)")
+    b.add_argument("--sparsities", default=None, help="comma list of tile sparsities (default 0.3,0.5,0.7,0.9)")
+    b.add_argument("--variants", default=None, help="etformer variant families: dense,tile,attention_aware,nm")
+    b.add_argument("--compile-shapes", default=None,
+                   help="BxS list where torch.compile runs, e.g. 32x128,8x512 (its autotuning takes minutes a shape)")
+    b.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge bench.json files of split runs into one report in --out (no timing)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     console = _console()
     try:
         if args.cmd == "demo":

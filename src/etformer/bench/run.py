@@ -24,6 +24,7 @@ from . import peers as P
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 
 DENSE_PEERS = ("hf_sdpa", "hf_graph", "compile", "cublas_sdpa_graph")
+ALL_PEERS = DENSE_PEERS + ("semi24", "bsr")
 GATE = 2e-2  # relative error (on real tokens) against the fp32 reference above which a variant is "wrong"
 
 
@@ -72,7 +73,8 @@ def _rel(y, ref, mask):
 def run_bench(models=("bert-base",), batches=(1, 8, 32, 128), seqs=(128, 384, 512), varlens=(False, True),
               sparsities=(0.3, 0.5, 0.7, 0.9), tile=DEFAULT_TILE, peers=("hf_sdpa", "hf_graph", "compile",
               "cublas_sdpa_graph", "semi24", "bsr"), compile_shapes=None, log=print, max_tokens=65536,
-              checkpoint=None, compile_limit_s: int = 150) -> dict:
+              checkpoint=None, compile_limit_s: int = 150,
+              variants=("dense", "tile", "attention_aware", "nm")) -> dict:
     from ..engine import optimize
 
     peaks = measure_peaks()
@@ -82,11 +84,14 @@ def run_bench(models=("bert-base",), batches=(1, 8, 32, 128), seqs=(128, 384, 51
         base32 = model_shape(mname).cuda()
         # variants: (name, sparsity, plan or None)
         plans = [("etformer_dense", 0.0, None)]
-        plans += [(f"etformer_tile{int(s * 100)}", s, PruningPlan.uniform("tile", s, tile)) for s in sparsities]
-        if "etformer_tile50" not in [p[0] for p in plans]:
+        if "tile" in variants:
+            plans += [(f"etformer_tile{int(s * 100)}", s, PruningPlan.uniform("tile", s, tile)) for s in sparsities]
+        if "etformer_tile50" not in [p[0] for p in plans]:  # the reference for the BSR peer
             plans.append(("etformer_tile50", 0.5, PruningPlan.uniform("tile", 0.5, tile)))
-        plans.append(("etformer_attention_aware50", 0.5, PruningPlan.attention_aware(0.5, tile)))
-        plans.append(("etformer_2:4", 0.5, PruningPlan.uniform("nm", 0.5, tile)))
+        if "attention_aware" in variants:
+            plans.append(("etformer_attention_aware50", 0.5, PruningPlan.attention_aware(0.5, tile)))
+        if "nm" in variants or "semi24" in peers:  # the reference for the 2:4 peer
+            plans.append(("etformer_2:4", 0.5, PruningPlan.uniform("nm", 0.5, tile)))
         models32 = {}
         for name, s, plan in plans:
             m = copy.deepcopy(base32) if plan is not None else base32
@@ -335,20 +340,68 @@ def cpu_comparison(console) -> None:
         console.print(f"  CPU, MiniLM-L6, 8 x 4 tokens, {k}: {v:.1f} ms (median of 5)")
 
 
+def merge(paths, out: str) -> dict:
+    """One report from the bench.json files of split runs (same GPU and versions expected: the merged file keeps
+    each part's env, peaks and command). Rows are kept as measured; a row's speed-up refers to its own run."""
+    parts = []
+    for p in paths:
+        try:
+            with open(p) as f:
+                parts.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise EtformerError(f"cannot read bench results {p}: {e}") from None
+        if "rows" not in parts[-1] or "env" not in parts[-1]:
+            raise EtformerError(f"{p} is not an etformer bench.json (no rows/env)")
+    gpus = {q["env"]["gpu"] for q in parts}
+    if len(gpus) > 1:
+        raise EtformerError(f"refusing to merge results from different GPUs: {sorted(gpus)}")
+    res = {"env": parts[0]["env"], "peaks": parts[0]["peaks"], "tile": parts[0]["tile"],
+           "rows": [r for q in parts for r in q["rows"]],
+           "parts": [{"command": q.get("command"), "env": q["env"], "peaks": q["peaks"], "rows": len(q["rows"])}
+                     for q in parts]}
+    write_reports(res, out, "merged: " + " + ".join(str(q.get("command")) for q in parts))
+    return res
+
+
+def _csv(v, cast=str):
+    return tuple(cast(x) for x in v.split(",")) if v else None
+
+
 def bench_cmd(args, console) -> None:
+    out = args.out or "bench-results"
+    if getattr(args, "merge", None):
+        res = merge(args.merge, out)
+        console.print(f"merged {len(res['rows'])} rows into {out}/bench.json, bench.md and plots")
+        return
     if not torch.cuda.is_available():
         cpu_comparison(console)
         return
-    out = args.out or "bench-results"
-    command = "etformer bench" + (" --quick" if args.quick else "") + f" --out {out}"
+    command = "etformer bench " + " ".join(a for a in getattr(args, "argv", []) if a != "bench") if getattr(args, "argv", None) \
+        else "etformer bench" + (" --quick" if args.quick else "") + f" --out {out}"
     save = lambda r: write_reports(r, out, command)  # noqa: E731  (after every workload: nothing is lost)
     if args.quick:
         res = run_bench(models=("bert-base",), batches=(1, 8, 32), seqs=(128, 512), varlens=(False, True),
                         sparsities=(0.5, 0.7), compile_shapes={(32, 128, False)}, log=console.print,
                         max_tokens=16384, checkpoint=save)
     else:
-        res = run_bench(models=tuple(args.models.split(",")) if getattr(args, "models", None) else ("bert-base", "distilbert", "minilm"),
-                        log=console.print, compile_shapes={(1, 128, False), (8, 128, False), (32, 128, False), (32, 512, False)},
-                        checkpoint=save)
+        kw = {}
+        if args.peers:
+            kw["peers"] = _csv(args.peers)
+            bad = set(kw["peers"]) - set(ALL_PEERS)
+            if bad:
+                raise EtformerError(f"unknown peer(s) {sorted(bad)}; choose from {', '.join(ALL_PEERS)}")
+        if args.sparsities:
+            kw["sparsities"] = _csv(args.sparsities, float)
+        if args.variants:
+            kw["variants"] = _csv(args.variants)
+        shapes = {(1, 128, False), (8, 128, False), (32, 128, False), (32, 512, False)}
+        if args.compile_shapes:
+            try:
+                shapes = {(int(b), int(s), False) for b, s in (x.split("x") for x in args.compile_shapes.split(","))}
+            except ValueError:
+                raise EtformerError(f"--compile-shapes takes BxS pairs like 32x128,8x512, not {args.compile_shapes!r}") from None
+        res = run_bench(models=_csv(args.models) or ("bert-base", "distilbert", "minilm"),
+                        batches=_csv(args.batches, int) or (1, 8, 32, 128), seqs=_csv(args.seqs, int) or (128, 384, 512),
+                        log=console.print, compile_shapes=shapes, checkpoint=save, **kw)
     save(res)
     console.print(f"wrote {out}/bench.json, bench.md and plots")

@@ -26,7 +26,7 @@ from .peers import GraphCache, TorchLayerStack
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 
 TILE = (128, 64)
-COMPILE_SHAPES = {(1, 128), (32, 512)}
+COMPILE_SHAPES = {(32, 512)}
 PEERS = ("torch_encoder", "torch_encoder_graph", "torch_compile", "sdpa_layers_graph")
 
 

@@ -31,6 +31,11 @@ from ..sparse.tiles import TileSparseWeight
 # Tile density at or above which a matrix runs on cuBLAS instead: on the H200 the TMA tile kernel is 0.87-0.93x cuBLAS
 # when dense and 1.33-1.49x at half density for 128x64 tiles at M >= 4096 (tune.json), so the crossover sits near 0.85.
 DENSE_CUTOFF = 0.8
+# Below this many rows (tokens) a sparse matrix runs on cuBLAS from a dense copy kept beside the tiles: small GEMMs are
+# latency-bound and too few tile programs fill the GPU. Measured on the H200 (benchmarks/results/h200/probe_*):
+# BERT-base 50% tiles, GPU time per forward, tiles vs all-cuBLAS: 584 vs 437 us at 128 tokens, 982 vs 580 at 512,
+# 1208 vs 935 at ~2048 (varlen 32x128), 1651 vs 1722 at 4096.
+SPARSE_MIN_TOKENS = 4096
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 
@@ -55,14 +60,17 @@ class EncoderConfig:
 
 
 class Linear:
-    """One matrix: the tile-sparse kernel when sparse enough, cuBLAS when dense. Knows its own bias."""
+    """One matrix: the tile-sparse kernel when sparse enough, cuBLAS when dense. Knows its own bias.
+
+    force=None chooses by density and, for a sparse matrix, keeps a dense copy for batches under SPARSE_MIN_TOKENS rows
+    on the GPU; "tile" always runs the tile kernel (no dense copy); "dense" always cuBLAS."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: tuple[int, int], force: str | None = None):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.sparse = TileSparseWeight.from_dense(weight, tile)
         dense = self.sparse.density >= DENSE_CUTOFF if force is None else force == "dense"
-        self.dense_weight = weight.contiguous() if dense else None
+        self.dense_weight = weight.contiguous() if (dense or force is None) else None
         if dense:
             self.sparse = None
 
@@ -71,7 +79,8 @@ class Linear:
         return 1.0 if self.sparse is None else self.sparse.density
 
     def __call__(self, x, activation=None, residual=None, out=None, out_col=0, backend="auto"):
-        if self.sparse is not None:
+        small = self.dense_weight is not None and backend == "auto" and x.is_cuda and x.shape[0] < SPARSE_MIN_TOKENS
+        if self.sparse is not None and not small:
             return tile_linear(x, self.sparse, self.bias, activation=activation, residual=residual, out=out,
                                out_col=out_col, backend=backend)
         y = F.linear(x, self.dense_weight, self.bias)
@@ -309,7 +318,9 @@ class ETEncoder(torch.nn.Module):
         for i, L in enumerate(self.layers):
             for kind in ("qkv", "o", "ffn_in", "ffn_out"):
                 lin = getattr(L, kind)
-                out[f"layer{i}.{kind}"] = {"density": lin.density, "kernel": "tile" if lin.sparse is not None else "cublas"}
+                kernel = "cublas" if lin.sparse is None else (
+                    f"tile (cuBLAS under {SPARSE_MIN_TOKENS} tokens)" if lin.dense_weight is not None else "tile")
+                out[f"layer{i}.{kind}"] = {"density": lin.density, "kernel": kernel}
             out[f"layer{i}.v_width"] = L.v_width
         return out
 

@@ -87,51 +87,51 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_linear_kernel(
-        x_src, w_src, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr,
+        x_src, w_src, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
         M, N, K,
         stride_xm, stride_ym, stride_rm, out_col,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
-        TMA: tl.constexpr, FLATTEN: tl.constexpr,
+        TMA: tl.constexpr, TMA_STORE: tl.constexpr,
     ):
-        """One (row block, block-row) work item per loop trip. Launched with one program per item, each makes one
-        trip; launched persistent (fewer programs than items), each strides over the items, and with FLATTEN the
-        compiler pipelines across item boundaries, so the next item's copies overlap this item's epilogue."""
+        pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_r = tl.cdiv(N, BN)
+        # grouped order: GROUP_M row blocks of X sweep the (sorted) block-rows together, for L2 reuse of X
         width = GROUP_M * num_r
+        group = pid // width
+        first_m = group * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        r = tl.load(order_ptr + (pid % width) // gsize)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BK)
         offs_n = tl.arange(0, BN)
+        m_mask = offs_m < M
+        start = tl.load(row_ptr + r)
+        end = tl.load(row_ptr + r + 1)
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         tile_offs = offs_n[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
-        for item in tl.range(tl.program_id(0), num_m * num_r, tl.num_programs(0), flatten=FLATTEN):
-            # grouped order: GROUP_M row blocks of X sweep the (sorted) block-rows together, for L2 reuse of X
-            group = item // width
-            first_m = group * GROUP_M
-            gsize = tl.minimum(num_m - first_m, GROUP_M)
-            pid_m = first_m + (item % width) % gsize
-            r = tl.load(order_ptr + (item % width) // gsize)
+        if TMA:
+            x_rows = x_src
+        else:
+            x_rows = x_src + offs_m[:, None].to(tl.int64) * stride_xm
+        acc = _tile_dot(acc, x_rows, w_src, m_mask, pid_m * BLOCK_M, col_idx, start, end, K, offs_k, tile_offs,
+                        BN, BK, FP32_DOT, TMA)
 
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < M
-            start = tl.load(row_ptr + r)
-            end = tl.load(row_ptr + r + 1)
-            acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-            if TMA:
-                x_rows = x_src
-            else:
-                x_rows = x_src + offs_m[:, None].to(tl.int64) * stride_xm
-            acc = _tile_dot(acc, x_rows, w_src, m_mask, pid_m * BLOCK_M, col_idx, start, end, K, offs_k, tile_offs,
-                            BN, BK, FP32_DOT, TMA)
-
-            cols = r * BN + offs_n
-            n_mask = cols < N
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            acc = _activate(acc, ACT)
-            mask = m_mask[:, None] & n_mask[None, :]
-            if HAS_RES:
-                res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
-                acc += res.to(tl.float32)
+        cols = r * BN + offs_n
+        n_mask = cols < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = _activate(acc, ACT)
+        mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RES:
+            res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
+            acc += res.to(tl.float32)
+        if TMA_STORE:  # bulk copy out of shared memory; rows and columns past the edge are clipped
+            y_desc.store([pid_m * BLOCK_M, r * BN], acc.to(y_desc.dtype))
+        else:
             y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_col + cols[None, :]
             tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -232,8 +232,11 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 # direct launch faster in 17 of 18 cases (e.g. FFN-out dense, 128x64 tiles, TMA: 14.7 us direct, 23.9 split), because
 # the second launch and the fp32 workspace round trip cost more than the extra parallelism brings.
 SPLITK_MAX_M = 0
-# Persistent launch: 0 = one program per work item; n = n programs per SM striding over the items (A/B in tune.py).
-PERSISTENT = 0
+# Y is written through a tensor descriptor (a bulk copy out of shared memory) when the tile's output side is at least
+# this wide. Same-run A/B on the H200 (tune_persistent.json): 1-10% faster for 128x64 tiles in all 12 cases, mixed for
+# 64x64 (-19% to +8%). A persistent launch (1 or 2 programs per SM striding over the work items) was measured in the
+# same run and lost (1 per SM: 1.3-1.8x slower; 2 per SM: even), so every work item is its own program.
+TMA_STORE_MIN_BN = 128
 
 
 def _split_for(M: int, w: TileSparseWeight, block_m: int) -> int:
@@ -286,6 +289,11 @@ def _tma_ok(x: torch.Tensor, w: TileSparseWeight) -> bool:
             and (w.tile[1] * e) % 16 == 0)
 
 
+def _aligned(t: torch.Tensor, col: int = 0) -> bool:
+    e = t.element_size()
+    return (t.data_ptr() + col * e) % 16 == 0 and (t.stride(0) * e) % 16 == 0 and t.stride(1) == 1
+
+
 def _sources(x: torch.Tensor, w: TileSparseWeight, block_m: int, tma: bool):
     """The kernel's X and W operands: tensor descriptors (TMA) or plain pointers."""
     if not tma:
@@ -300,7 +308,7 @@ def _sources(x: torch.Tensor, w: TileSparseWeight, block_m: int, tma: bool):
 def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None = None, *, activation: str | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
                 backend: str = "auto", _config: tuple[int, int, int] | None = None,
-                split_k: int | None = None, tma: bool | None = None, persistent: int | None = None) -> torch.Tensor:
+                split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None) -> torch.Tensor:
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N]."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -354,16 +362,17 @@ def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None 
             M, N, split_k, out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
             BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4)
         return out
-    items = num_m * num_r
-    persistent = PERSISTENT if persistent is None else persistent
-    grid = min(items, (_sms(x.device.index) if x.is_cuda else 1) * persistent) if persistent else items
-    _tile_linear_kernel[(grid,)](
+    if tma_store is None:
+        tma_store = BN >= TMA_STORE_MIN_BN
+    tma_store = tma_store and tma and _aligned(out, out_col)
+    y_desc = TensorDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [block_m, BN]) if tma_store else dummy
+    _tile_linear_kernel[(num_m * num_r,)](
         x_src, w_src, w.row_ptr, w.col_idx, _row_order(w), bias if bias is not None else dummy,
-        residual if residual is not None else dummy, out,
+        residual if residual is not None else dummy, out, y_desc,
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         BN=BN, BK=BK, BLOCK_M=block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma,
-        FLATTEN=bool(persistent) and x.is_cuda, num_warps=warps, num_stages=stages,
+        TMA_STORE=tma_store, num_warps=warps, num_stages=stages,
     )
     return out
 

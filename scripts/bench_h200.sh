@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The H200 benchmark, split into parts that each fit one device call (merge them afterwards with
+# `etformer bench --merge */bench.json --out benchmarks/results/h200`). Run from the repo root on the device with the
+# model and data in .carry (../shared/tools/pack-for-device .carry). Results land in $OUT/<part>.
+set -uo pipefail
+export PYTHONPATH=$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export GLUE_DIR=$PWD/.carry/glue ETFORMER_DEFAULT_MODEL=$PWD/.carry/minilm-l6-fp16
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+EB="python3 -m etformer.cli bench"
+for part in "$@"; do
+  case $part in
+    tests)  # kernels and engine on the GPU (fp16, bf16, CUDA graphs)
+      python3 -m pytest -q -x tests/test_kernels.py tests/test_engine.py tests/test_torch_encoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3 ;;
+    bert128)  # BERT-base, S=128: every dense peer (torch.compile at 32x128), every etformer variant
+      $EB --models bert-base --batches 1,8,32,128 --seqs 128 --peers hf_sdpa,hf_graph,compile,cublas_sdpa_graph \
+          --compile-shapes 32x128 --out "$OUT/bert128" 2>&1 | grep -v "Loading weights" | tail -90 ;;
+    bert512)  # BERT-base, S=384 and 512
+      $EB --models bert-base --batches 1,8,32,128 --seqs 384,512 --peers hf_sdpa,hf_graph,cublas_sdpa_graph \
+          --out "$OUT/bert512" 2>&1 | grep -v "Loading weights" | tail -120 ;;
+    sparsepeers)  # torch's own sparse paths (2:4 semi-structured, BSR with etformer's mask) beside cuBLAS + SDPA
+      $EB --models bert-base --batches 8,32 --seqs 128,512 --peers cublas_sdpa_graph,semi24,bsr --sparsities 0.5 \
+          --variants dense,tile --out "$OUT/sparsepeers" 2>&1 | grep -v "Loading weights" | tail -40 ;;
+    others)  # DistilBERT-shaped and the real MiniLM-L6
+      $EB --models distilbert,minilm --batches 1,8,32,128 --seqs 128,512 --peers hf_sdpa,hf_graph,cublas_sdpa_graph \
+          --sparsities 0.5,0.7 --variants dense,tile,attention_aware --out "$OUT/others" 2>&1 | grep -v "Loading weights" | tail -70 ;;
+    t800)  # E.T.'s Transformer (d=800) through nn.TransformerEncoder
+      python3 -m etformer.bench.transformer --out "$OUT/t800" 2>&1 | grep -v -i warn | tail -50 ;;
+    kernels)  # operators alone: tile linear vs cuBLAS and BSR; attention vs SDPA
+      python3 -m etformer.bench.kernels --out "$OUT/kernels" --tiles 64x64,128x64 2>&1 | tail -60 ;;
+    parity)  # engine vs HF on GLUE dev, fp16 and bf16
+      python3 scripts/gpu_parity.py "$OUT/parity" 2>&1 | grep -v "Loading weights" | tail -12 ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
