@@ -250,11 +250,13 @@ def to_markdown(res: dict) -> str:
              "Median µs (p10–p90) of warm runs, CUDA-graphed where the variant supports it; ×best = best dense peer's "
              "median / this median (same workload, same process). Floor = max(FLOPs/peak, bytes/bandwidth) on real tokens. "
              "For etformer, 'GPU µs' is the replay of its captured graph alone (the rest of the median is host work: "
-             "one copy of the mask to the host, index building, one copy back).",
+             "the input checks, one copy of the B sequence lengths to the host, the graph launch and the output copy; "
+             "the unpadding indices are built inside the graph).",
              ""]
     groups = {}
     for r in res["rows"]:
         groups.setdefault((r["model"], r["batch"], r["seq"], r["varlen"]), []).append(r)
+    lines += summary_table(groups) + [""]
     for (m, B, S, vl), rs in groups.items():
         lines += [f"### {m}, B={B}, S={S}{', variable length (mean S/2)' if vl else ''}", "",
                   "| variant | sparsity | median µs | p10–p90 | GPU µs | floor µs | % of floor | ×best peer | note |",
@@ -269,6 +271,29 @@ def to_markdown(res: dict) -> str:
                 lines.append(f"| {r['variant']} | {r['sparsity']:.0%} | – | – | – | – | – | – | {r['error']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+SUMMARY_VARIANTS = ("etformer_dense", "etformer_tile30", "etformer_tile50", "etformer_tile70", "etformer_tile90",
+                    "etformer_attention_aware50")
+
+
+def summary_table(groups: dict) -> list[str]:
+    """One line per workload: the best dense peer and each etformer variant's speed-up against it (same run)."""
+    cols = [v for v in SUMMARY_VARIANTS if any(r["variant"] == v for rs in groups.values() for r in rs)]
+    lines = ["## Summary: speed-up against the best dense peer of each workload", "",
+             "| model | B | S | varlen | best dense peer | µs | " + " | ".join(c.replace("etformer_", "") for c in cols) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(cols)]
+    for (m, B, S, vl), rs in groups.items():
+        peers = [r for r in rs if r["ok"] and r["variant"] in DENSE_PEERS]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: r["median_us"])
+        by = {r["variant"]: r for r in rs}
+        cells = [f"{by[c]['speedup_vs_best_peer']:.2f}×" if c in by and by[c]["ok"] and by[c]["speedup_vs_best_peer"] else "–"
+                 for c in cols]
+        lines.append(f"| {m} | {B} | {S} | {'yes' if vl else 'no'} | {best['variant']} | {best['median_us']:.0f} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def plots(res: dict, out: str) -> None:

@@ -96,7 +96,7 @@ if HAS_TRITON:
     def _attn_kernel(
         qkv_ptr, out_ptr, cu_ptr, bias_ptr,
         stride_t, stride_o, stride_bb, q_col, k_col, v_col,
-        D, DV, qk_scale,
+        D: tl.constexpr, DV: tl.constexpr, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         ONE_PASS: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     ):
@@ -151,6 +151,10 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------- launcher
 def _blocks(max_seqlen: int, bd: int, on_gpu: bool) -> tuple[bool, int, int, int, int]:
     """(one_pass, BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if bd > 128 and on_gpu:  # wide heads (E.T.'s Transformer: 200, padded to 256): scripts/tune_attention_wide.py,
+        # H=4, causal, fp16 (tune_attention_wide.json): one pass with 32-row blocks at S <= 128 (11.1 us at B=1, SDPA
+        # flash 12.6); online with 128x64 blocks, 8 warps, 2 stages beyond (31.7 / 104.6 us at 8x512 / 32x512)
+        return (True, 32, 128, 4, 1) if max_seqlen <= SHORT_MAX else (False, 128, 64, 8, 2)
     if max_seqlen <= SHORT_MAX:
         bn = max(16, next_pow2(max_seqlen))
         bm = 64 if on_gpu else 16
