@@ -171,3 +171,30 @@ def test_graph_replay_with_new_mask_same_bucket():
         assert torch.all(y[~mask.bool()] == 0)
     if DEVICE == "cuda":
         assert len(enc._graphs) == 2  # (T=26, max 13) shared by the first two batches; T=39 for the full one
+
+
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="the small-batch cuBLAS route exists on a GPU only")
+def test_sparse_matrix_routes_small_batches_to_cublas(monkeypatch):
+    """A sparse matrix keeps a dense copy: under SPARSE_MIN_TOKENS rows it runs on cuBLAS, above on the tile kernel;
+    both give the same product. kernel="tile" keeps no dense copy and always runs the tile kernel."""
+    import torch.nn.functional as F
+
+    from etformer.engine import encoder as E
+
+    torch.manual_seed(0)
+    W = torch.randn(256, 128, device="cuda", dtype=torch.float16) / 12
+    W[:64, :64] = 0
+    W[128:, 64:] = 0
+    b = torch.randn(256, device="cuda", dtype=torch.float16)
+    lin = E.Linear(W, b, (64, 64))
+    assert lin.sparse is not None and lin.dense_weight is not None
+    assert E.Linear(W, b, (64, 64), force="tile").dense_weight is None
+    calls = []
+    real = E.tile_linear
+    monkeypatch.setattr(E, "tile_linear", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    for M in (64, E.SPARSE_MIN_TOKENS + 7):
+        x = torch.randn(M, 128, device="cuda", dtype=torch.float16)
+        ref = F.linear(x.float(), W.float(), b.float())
+        y = lin(x, activation="gelu")
+        assert float((y.float() - F.gelu(ref)).norm() / F.gelu(ref).norm()) < 2e-3
+    assert calls == [E.SPARSE_MIN_TOKENS + 7]  # the small batch never reached the tile kernel
