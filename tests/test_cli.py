@@ -196,6 +196,7 @@ def test_bench_merge_split_runs(tmp_path, capsys):
     assert [p["command"] for p in merged["parts"]] == ["c0", "c1"]
     md = (tmp_path / "m" / "bench.md").read_text()
     assert "### bert-base, B=1, S=128" in md and "### bert-base, B=8, S=128" in md
+    assert "| bert-base | 1 | 128 | no | cublas_sdpa_graph | 101 | 1.00× |" in md  # summary: best peer, dense ×
     other = dict(env, gpu="NVIDIA A100")
     (tmp_path / "p2.json").write_text(json.dumps({"env": other, "peaks": peaks, "tile": [128, 64], "rows": []}))
     assert run("bench", "--merge", tmp_path / "p0.json", tmp_path / "p2.json", "--out", tmp_path / "m2") == 2
