@@ -29,6 +29,18 @@ for part in "$@"; do
       python3 -m etformer.bench.kernels --out "$OUT/kernels" --tiles 64x64,128x64 2>&1 | tail -60 ;;
     parity)  # engine vs HF on GLUE dev, fp16 and bf16
       python3 scripts/gpu_parity.py "$OUT/parity" 2>&1 | grep -v "Loading weights" | tail -12 ;;
+    tune)  # launch sweeps of the tile kernel (TUNED_TMA) and the wide-head attention
+      python3 scripts/tune.py "$OUT" --no-attention 2>&1 | tail -60
+      python3 scripts/tune_attention_wide.py "$OUT" 2>&1 | tail -5 ;;
+    probe)  # BERT-base at B=1, 32 x S=128, 512 with sparse matrices on tiles (the SPARSE_MIN_TOKENS measurement, at 51ee834)
+      python3 - <<'PY' 2>&1 | grep -v "Loading weights" | tail -40
+import os
+from etformer.bench.run import run_bench, write_reports
+res = run_bench(models=("bert-base",), batches=(1, 32), seqs=(128, 512), varlens=(False, True), sparsities=(0.5, 0.7),
+                peers=("hf_graph", "cublas_sdpa_graph"), max_tokens=16384, variants=("dense", "tile"))
+write_reports(res, os.environ["OUT"] + "/probe", "bash scripts/bench_h200.sh probe")
+PY
+      ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done

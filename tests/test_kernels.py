@@ -53,46 +53,38 @@ def test_tile_linear(dtype, M, K, N, tile, density, act, res, tma):
     assert_close(y, peer, ref, f"tile_linear {tile} d={density}")
 
 
+def _check_into_slice(dtype, M, K, N, tile, act, col, what, **kw):
+    """tile_linear with bias, activation and residual into columns [col, col+N) of a NaN-poisoned wider buffer: the
+    slice matches the reference, the columns either side stay untouched. An empty block-row is included."""
+    W = _sparse_weight(N, K, tile, 0.6, dtype, empty_row=True)
+    w = TileSparseWeight.from_dense(W, tile)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    r = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    out = torch.full((M, N + 2 * col), float("nan"), device=DEVICE, dtype=dtype)
+    tile_linear(x, w, b, activation=act, residual=r, out=out, out_col=col, backend="triton", **kw)
+    assert torch.isnan(out[:, :col]).all() and torch.isnan(out[:, col + N:]).all()
+    g = (lambda z: torch.nn.functional.gelu(z)) if act else (lambda z: z)
+    ref = g(x.double() @ W.double().t() + b.double()) + r.double()
+    peer = g(torch.nn.functional.linear(x, W, b)) + r
+    assert_close(out[:, col:col + N], peer, ref, what)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [2, 3, 7])
 @pytest.mark.parametrize("act", [None, "gelu"])
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
 def test_tile_linear_split_k(dtype, split, act, tma):
     """The small-M path: partial sums over a split of each block-row's tiles, reduced in a second kernel."""
-    M, K, N, tile = 9, 192, 160, (32, 64)
-    W = _sparse_weight(N, K, tile, 0.6, dtype, empty_row=True)
-    w = TileSparseWeight.from_dense(W, tile)
-    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
-    b = torch.randn(N, device=DEVICE, dtype=dtype)
-    r = torch.randn(M, N, device=DEVICE, dtype=dtype)
-    out = torch.full((M, N + 32), float("nan"), device=DEVICE, dtype=dtype)
-    tile_linear(x, w, b, activation=act, residual=r, out=out, out_col=16, backend="triton", split_k=split, tma=tma)
-    assert torch.isnan(out[:, :16]).all() and torch.isnan(out[:, 16 + N:]).all()
-    g = (lambda z: torch.nn.functional.gelu(z)) if act else (lambda z: z)
-    ref = g(x.double() @ W.double().t() + b.double()) + r.double()
-    peer = g(torch.nn.functional.linear(x, W, b)) + r
-    assert_close(out[:, 16:16 + N], peer, ref, f"split-K {split}")
+    _check_into_slice(dtype, 9, 192, 160, (32, 64), act, 16, f"split-K {split}", split_k=split, tma=tma)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,tile", [(1, (16, 16)), (70, (32, 32)), (129, (64, 32))])
 @pytest.mark.parametrize("tma_store", [False, True], ids=["ptr-store", "tma-store"])
 def test_tile_linear_output_store(dtype, M, tile, tma_store):
-    """Y written by pointer stores or by tensor-descriptor (bulk) stores into a column slice of a wider buffer: the
-    columns either side stay untouched, rows and columns past the edge are clipped; with an empty block-row."""
-    K, N = 96, 160
-    W = _sparse_weight(N, K, tile, 0.6, dtype, empty_row=True)
-    w = TileSparseWeight.from_dense(W, tile)
-    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
-    b = torch.randn(N, device=DEVICE, dtype=dtype)
-    r = torch.randn(M, N, device=DEVICE, dtype=dtype)
-    out = torch.full((M, N + 24), float("nan"), device=DEVICE, dtype=dtype)
-    tile_linear(x, w, b, activation="gelu", residual=r, backend="triton", tma_store=tma_store,
-                out=out, out_col=8)
-    assert torch.isnan(out[:, :8]).all() and torch.isnan(out[:, 8 + N:]).all()
-    ref = torch.nn.functional.gelu(x.double() @ W.double().t() + b.double()) + r.double()
-    peer = torch.nn.functional.gelu(torch.nn.functional.linear(x, W, b)) + r
-    assert_close(out[:, 8:8 + N], peer, ref, f"store {tile} M={M}")
+    """Y written by pointer stores or by tensor-descriptor (bulk) stores; rows and columns past the edge clipped."""
+    _check_into_slice(dtype, M, 96, 160, tile, "gelu", 8, f"store {tile} M={M}", tma_store=tma_store)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

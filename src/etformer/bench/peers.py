@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..engine.encoder import capture_graph
 from ..models import encoder_linears
 
 
@@ -26,15 +27,7 @@ class GraphCache:
         key = tuple((a.shape, a.dtype) for a in args)
         if key not in self.graphs:
             static = [a.clone() for a in args]
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self.fn(*static)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = self.fn(*static)
+            g, out = capture_graph(lambda: self.fn(*static))
             self.graphs[key] = (g, static, out)
         g, static, out = self.graphs[key]
         for s_, a in zip(static, args):

@@ -21,15 +21,9 @@ def time_cuda(fn, *, warmup: int = 10, reps: int = 100, graph: bool = False, min
     torch.cuda.synchronize()
     run = fn
     if graph:
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
+        from ..engine.encoder import capture_graph
+
+        run = capture_graph(fn)[0].replay
         for _ in range(3):
             run()
     # estimate, then choose the repeat count so the whole measurement lasts about min_ms

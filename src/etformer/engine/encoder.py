@@ -59,6 +59,21 @@ class EncoderConfig:
         return self.hidden // self.heads
 
 
+def capture_graph(run):
+    """(CUDA graph, its output) for the no-argument callable run: two warm-up calls on a side stream (compile the
+    kernels, settle the allocator), then one captured call. Replaying the graph recomputes the output in place."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 class Linear:
     """One matrix: the tile-sparse kernel when sparse enough, cuBLAS when dense. Knows its own bias.
 
@@ -275,15 +290,7 @@ class ETEncoder(torch.nn.Module):
         if g is None:
             static = [input_ids.clone(), None if token_type_ids is None else token_type_ids.clone(),
                       None if keep is None else keep.clone()]
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):  # warm-up: compiles kernels and settles the allocator outside capture
-                for _ in range(2):
-                    self._run(*static, T, max_len, B, S)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._run(*static, T, max_len, B, S)
+            graph, out = capture_graph(lambda: self._run(*static, T, max_len, B, S))
             g = (graph, static, out)
             self._graphs[key] = g
             if len(self._graphs) > GRAPH_CACHE:

@@ -15,7 +15,7 @@ from ..errors import EtformerError
 from ..models import matrices
 from ..pruning.plan import DEFAULT_TILE
 from .convert import _dtype, build_layer
-from .encoder import GRAPH_CACHE, GRAPH_MAX_TOKENS, EncoderConfig, ETEncoder
+from .encoder import GRAPH_CACHE, GRAPH_MAX_TOKENS, EncoderConfig, ETEncoder, capture_graph
 
 
 def torch_encoder_linears(enc: nn.TransformerEncoder) -> dict:
@@ -95,15 +95,7 @@ class ETTorchEncoder(nn.Module):
         g = self._graphs.get(key)
         if g is None:
             static_x, static_keep = x.clone(), None if keep is None else keep.clone()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._run(static_x, static_keep, T, max_len, causal)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._run(static_x, static_keep, T, max_len, causal)
+            graph, out = capture_graph(lambda: self._run(static_x, static_keep, T, max_len, causal))
             g = self._graphs[key] = (graph, static_x, static_keep, out)
             if len(self._graphs) > GRAPH_CACHE:
                 self._graphs.pop(next(iter(self._graphs)))

@@ -62,13 +62,19 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _tile_dot(acc, x_src, w_src, m_mask, row0, col_idx, lo, hi, K, offs_k, tile_offs,
-                  BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr):
-        """acc += X[rows, tiles lo..hi) . W_tiles^T: the K loop over one block-row's kept tiles.
+    def _tile_dot(x_src, w_src, row0, M, stride_xm, col_idx, lo, hi, K,
+                  BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
+                  TMA: tl.constexpr):
+        """X[row0 : row0+BLOCK_M, tiles lo..hi) . W_tiles^T in fp32: the K loop over one block-row's kept tiles.
 
         TMA: x_src and w_src are tensor descriptors (X as [M, K], the tile values as [nnz*BN, BK]); each step is two
-        bulk copies into shared memory, software-pipelined by the compiler. Otherwise x_src points at the first
-        column of this program's X rows and w_src at the tile values, and the loads are pointer gathers."""
+        bulk copies into shared memory, software-pipelined by the compiler. Otherwise they are the X and tile-value
+        pointers, and the loads are pointer gathers."""
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BK)
+        m_mask = offs_m < M
+        tile_offs = tl.arange(0, BN)[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         for i in range(0, hi - lo):
             t = lo + i
             kc = tl.load(col_idx + t)
@@ -77,7 +83,8 @@ if HAS_TRITON:
                 wt = w_src.load([t * BN, 0])
             else:
                 kk = kc * BK + offs_k
-                xa = tl.load(x_src + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+                xa = tl.load(x_src + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
+                             mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
                 wt = tl.load(w_src + t.to(tl.int64) * (BN * BK) + tile_offs)
             if FP32_DOT:
                 acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
@@ -105,20 +112,11 @@ if HAS_TRITON:
         pid_m = first_m + (pid % width) % gsize
         r = tl.load(order_ptr + (pid % width) // gsize)
 
+        acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, tl.load(row_ptr + r),
+                        tl.load(row_ptr + r + 1), K, BLOCK_M, BN, BK, FP32_DOT, TMA)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BK)
         offs_n = tl.arange(0, BN)
         m_mask = offs_m < M
-        start = tl.load(row_ptr + r)
-        end = tl.load(row_ptr + r + 1)
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        tile_offs = offs_n[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
-        if TMA:
-            x_rows = x_src
-        else:
-            x_rows = x_src + offs_m[:, None].to(tl.int64) * stride_xm
-        acc = _tile_dot(acc, x_rows, w_src, m_mask, pid_m * BLOCK_M, col_idx, start, end, K, offs_k, tile_offs,
-                        BN, BK, FP32_DOT, TMA)
 
         cols = r * BN + offs_n
         n_mask = cols < N
@@ -148,26 +146,16 @@ if HAS_TRITON:
         num_m = tl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
         r = pid // num_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BK)
-        offs_n = tl.arange(0, BN)
-        m_mask = offs_m < M
         start = tl.load(row_ptr + r)
         end = tl.load(row_ptr + r + 1)
         chunk = tl.cdiv(end - start, SPLIT)
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        tile_offs = offs_n[:, None] * BK + offs_k[None, :]
-        if TMA:
-            x_rows = x_src
-        else:
-            x_rows = x_src + offs_m[:, None].to(tl.int64) * stride_xm
-        acc = _tile_dot(acc, x_rows, w_src, m_mask, pid_m * BLOCK_M, col_idx, lo, hi, K, offs_k, tile_offs,
-                        BN, BK, FP32_DOT, TMA)
-        cols = r * BN + offs_n
+        acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, BLOCK_M, BN, BK, FP32_DOT, TMA)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = r * BN + tl.arange(0, BN)
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
-        tl.store(ws, acc, mask=m_mask[:, None] & (cols[None, :] < N))
+        tl.store(ws, acc, mask=(offs_m[:, None] < M) & (cols[None, :] < N))
 
     @triton.jit
     def _splitk_epilogue_kernel(
@@ -232,22 +220,14 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 }
 
 
-# Split-K is opt-in (tile_linear(split_k=n)). A same-run A/B on the H200 at M=128 (tune.json, "splitk") found the
+# Split-K is opt-in (tile_linear(split_k=n)). A same-run A/B on the H200 at M=128 (tune_tma.json, "splitk") found the
 # direct launch faster in 17 of 18 cases (e.g. FFN-out dense, 128x64 tiles, TMA: 14.7 us direct, 23.9 split), because
 # the second launch and the fp32 workspace round trip cost more than the extra parallelism brings.
-SPLITK_MAX_M = 0
 # Y is written through a tensor descriptor (a bulk copy out of shared memory) when the tile's output side is at least
-# this wide. Same-run A/B on the H200 (tune_persistent.json): 1-10% faster for 128x64 tiles in all 12 cases, mixed for
+# this wide. Same-run A/B on the H200 (tune_store_persistent.json): 1-10% faster for 128x64 tiles in all 12 cases, mixed for
 # 64x64 (-19% to +8%). A persistent launch (1 or 2 programs per SM striding over the work items) was measured in the
 # same run and lost (1 per SM: 1.3-1.8x slower; 2 per SM: even), so every work item is its own program.
 TMA_STORE_MIN_BN = 128
-
-
-def _split_for(M: int, w: TileSparseWeight, block_m: int) -> int:
-    """Programs along K for the small-M path: enough for two waves, never more than the longest row's tiles."""
-    base = -(-M // block_m) * w.n_block_rows
-    most = max(1, w.max_tiles_per_row)
-    return max(1, min(most, -(-2 * _sms(None) // max(1, base)), 16))
 
 
 def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, K: int = 0) -> tuple[int, int, int]:
@@ -277,11 +257,6 @@ USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it
 @functools.lru_cache(maxsize=None)
 def _capability(index):
     return torch.cuda.get_device_capability(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _tma_ok(x: torch.Tensor, w: TileSparseWeight) -> bool:
@@ -354,8 +329,7 @@ def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None 
     num_m, num_r = triton.cdiv(M, block_m), w.n_block_rows
     dummy = x
     act = _act_code(activation)
-    if split_k is None:
-        split_k = _split_for(M, w, block_m) if (x.is_cuda and M <= SPLITK_MAX_M) else 1
+    split_k = split_k or 1
     x_src, w_src = _sources(x, w, block_m, tma)
     if split_k > 1:
         ws = torch.empty(split_k, M, N, device=x.device, dtype=torch.float32)
