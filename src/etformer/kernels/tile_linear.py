@@ -206,10 +206,12 @@ TUNED_TMA: dict[tuple, tuple[int, int, int]] = {
     ((128, 64), 128): (64, 4, 5), ((128, 64), 4096): (128, 4, 4), ((128, 64), 16384): (128, 4, 4),
     ((128, 128), 128): (64, 4, 6), ((128, 128), 4096): (128, 8, 5), ((128, 128), 16384): (128, 4, 5),
 }
-# Long K (FFN-out, K >= 2048) at up to 4096 rows: the same sweep's winner there was (128, 8, 5) at densities 1 and
-# 0.25 (37.2 us vs cuBLAS 29.6 dense), where the bucket's (128, 4, 4) gave 0.61x cuBLAS in kernels.md
-# (measured before this entry existed; not re-measured since).
+# Long K (FFN-out, K >= 2048) at up to 4096 rows, nearly dense: the same sweep's winner there was (128, 8, 5)
+# (37.2 us vs cuBLAS 29.6 dense). Measured side by side in kernels.md (FFN-out, M=4096): 0.74x cuBLAS dense with it,
+# 0.61x with the bucket's (128, 4, 4); but at 25% density 1.64x with it against 2.10x without, so it applies only from
+# LONG_K_MIN_DENSITY up.
 TUNED_TMA_LONG_K: dict[tuple, tuple[int, int, int]] = {((128, 64), 4096): (128, 8, 5)}
+LONG_K_MIN_DENSITY = 0.75
 # Pointer-load kernel (GPUs before sm_90, unaligned operands), from the earlier sweep in the same file.
 TUNED: dict[tuple, tuple[int, int, int]] = {
     ((32, 32), 128): (64, 4, 3), ((32, 32), 4096): (128, 4, 3), ((32, 32), 16384): (128, 4, 3),
@@ -230,9 +232,10 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 TMA_STORE_MIN_BN = 128
 
 
-def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, K: int = 0) -> tuple[int, int, int]:
+def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, K: int = 0,
+                   density: float = 1.0) -> tuple[int, int, int]:
     mb = 128 if M <= 128 else (4096 if M <= 4096 else 16384)
-    if tma and K >= 2048 and (tile, mb) in TUNED_TMA_LONG_K:
+    if tma and K >= 2048 and density >= LONG_K_MIN_DENSITY and (tile, mb) in TUNED_TMA_LONG_K:
         return TUNED_TMA_LONG_K[(tile, mb)]
     table = TUNED_TMA if tma else TUNED
     if (tile, mb) in table:
@@ -325,7 +328,7 @@ def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None 
         return out
     BN, BK = w.tile
     tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
-    block_m, warps, stages = _config or _launch_params(M, w.tile, x.is_cuda, tma, K)
+    block_m, warps, stages = _config or _launch_params(M, w.tile, x.is_cuda, tma, K, w.density)
     num_m, num_r = triton.cdiv(M, block_m), w.n_block_rows
     dummy = x
     act = _act_code(activation)
