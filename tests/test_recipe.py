@@ -52,3 +52,27 @@ def test_plan_json_round_trip():
     back = PruningPlan.from_json(plan.to_json())
     assert back.to_json() == plan.to_json()
     assert back.pattern("v").name == "row" and back.pattern("q").tile == (64, 64)
+
+
+def test_distillation_corpus_takes_other_tasks_sentences(glue_dir):
+    import pytest
+
+    from etformer.data import load_split
+    from etformer.errors import EtformerError
+    from etformer.pruning.recipe import RecipeConfig, _training_items
+
+    plan = PruningPlan.uniform("tile", 0.5, (16, 16))
+    base = _training_items(RecipeConfig(plan=plan, task="stsb", glue_dir=glue_dir), distill=True)
+    cfg = RecipeConfig(plan=plan, task="stsb", glue_dir=glue_dir, distill_tasks=("rte", "stsb", "rte"),
+                       distill_limit=500)
+    assert cfg.distill_tasks == ("rte",)  # the task itself and repeats dropped
+    more = _training_items(cfg, distill=True)
+    rte = {t for e in load_split("rte", "train", glue_dir) for t in e.texts}
+    added = {i[0][0] for i in more} - {i[0][0] for i in base}
+    assert 0 < len(added) <= 500 and added <= rte
+    assert {i[0][0] for i in base} <= {i[0][0] for i in more}
+    assert all(label is None for _, label in more)
+    with pytest.raises(EtformerError, match="unknown task|task"):
+        RecipeConfig(plan=plan, task="stsb", distill_tasks=("nosuchtask",))
+    with pytest.raises(EtformerError, match="bare encoder"):
+        _training_items(cfg, distill=False)

@@ -60,7 +60,8 @@ def prune(args, console) -> dict:
                        epochs=args.epochs, lr=args.lr, lam=args.lam, rho=args.rho, batch_size=args.batch_size,
                        max_len=args.max_len,
                        max_steps=args.max_steps, train_limit=args.train_limit, seed=args.seed, device=device,
-                       glue_dir=args.glue_dir)
+                       glue_dir=args.glue_dir, distill_tasks=_task_list(getattr(args, "distill_tasks", None)),
+                       distill_limit=getattr(args, "distill_limit", None))
     torch.manual_seed(args.seed)
     t0 = time.time()
     model, tok = load_model(args.model, device=device)
@@ -88,7 +89,8 @@ def prune(args, console) -> dict:
         "etformer_version": _version(), "base_model": model_path, "task": cfg.task, "method": cfg.method,
         "plan": plan.to_json(),
         "training": {k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "lam", "eps", "refresh_every", "rho",
-                                                   "batch_size", "max_len", "max_steps", "train_limit", "seed")},
+                                                   "batch_size", "max_len", "max_steps", "train_limit",
+                                                   "distill_tasks", "distill_limit", "seed")},
         "metrics": {"dense": _clean(dense), "pruned": _clean(pruned)},
         "sparsity": report, "pruned_matrices": sorted(masks), "seconds": round(elapsed, 1), "machine": machine_line(device),
     }
@@ -96,6 +98,10 @@ def prune(args, console) -> dict:
     _summary(console, meta)
     console.print(f"wrote {args.out} in {elapsed:.0f} s")
     return meta
+
+
+def _task_list(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip().lower() for t in text.split(",") if t.strip()) if text else ()
 
 
 def _clean(ev: dict) -> dict:
@@ -287,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-steps", type=int, default=None, help="cap on the steps of each stage (smoke runs)")
     pr.add_argument("--train-limit", type=int, default=None, help="use at most this many training examples")
     pr.add_argument("--eval-limit", type=int, default=None, help="score on at most this many dev examples")
+    pr.add_argument("--distill-tasks", default=None,
+                    help="bare encoders: comma list of GLUE tasks whose training sentences join the distillation data")
+    pr.add_argument("--distill-limit", type=int, default=None, help="at most this many sentences from each of those")
     pr.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("eval", help="score a model on a GLUE task's dev split")

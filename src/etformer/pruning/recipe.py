@@ -48,6 +48,10 @@ class RecipeConfig:
     max_len: int = 128
     max_steps: int | None = None  # caps every stage (smoke runs, CPU demo)
     train_limit: int | None = None
+    # Bare encoders (no task head) learn from their dense self by distillation, which needs sentences but no labels:
+    # the training sentences of these GLUE tasks join the task's own (each sampled down to distill_limit if set).
+    distill_tasks: tuple[str, ...] = ()
+    distill_limit: int | None = None
     seed: int = 0
     device: str = "cpu"
     glue_dir: str | None = None
@@ -57,6 +61,11 @@ class RecipeConfig:
         if self.method not in METHODS:
             raise EtformerError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         task_spec(self.task)
+        self.distill_tasks = tuple(dict.fromkeys(t for t in self.distill_tasks if t != self.task))
+        for t in self.distill_tasks:
+            task_spec(t)
+        if self.distill_limit is not None and self.distill_limit < 1:
+            raise EtformerError("distill_limit must be at least 1")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.dense_epochs < 0 or self.lam < 0:
             raise EtformerError("lr and batch size must be positive; epochs and lambda must not be negative")
 
@@ -114,8 +123,16 @@ def _training_items(cfg: RecipeConfig, distill: bool) -> list[tuple]:
     if cfg.train_limit:
         ex = rng.sample(ex, min(cfg.train_limit, len(ex)))
     if distill:  # sentences one by one, as an embedding model sees them
-        items = sorted({t for e in ex for t in e.texts})
-        return [((t,), None) for t in items]
+        sentences = {t for e in ex for t in e.texts}
+        for task in cfg.distill_tasks:
+            extra = sorted({t for e in load_split(task, "train", cfg.glue_dir) for t in e.texts})
+            if cfg.distill_limit and len(extra) > cfg.distill_limit:
+                extra = rng.sample(extra, cfg.distill_limit)
+            sentences.update(extra)
+        return [((t,), None) for t in sorted(sentences)]
+    if cfg.distill_tasks:
+        raise EtformerError("distill_tasks adds unlabelled sentences for self-distillation, which only a bare encoder "
+                            "(no task head) uses; a model with a task head trains on its task's labels")
     return [(e.texts, e.label) for e in ex]
 
 
