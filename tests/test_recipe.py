@@ -76,3 +76,40 @@ def test_distillation_corpus_takes_other_tasks_sentences(glue_dir):
         RecipeConfig(plan=plan, task="stsb", distill_tasks=("nosuchtask",))
     with pytest.raises(EtformerError, match="bare encoder"):
         _training_items(cfg, distill=False)
+
+
+def test_every_layer_distillation_loss(glue_dir):
+    """distill_hidden: the token term averages the masked MSE of every layer's hidden states; zero at the teacher."""
+    import copy
+
+    from etformer.evaluate import batches, mean_pool
+    from etformer.models import load_model
+    from etformer.pruning.recipe import RecipeConfig, _Trainer
+
+    model, tok = load_model(None)
+    plan = PruningPlan.uniform("tile", 0.5, (16, 16))
+    cfgs = {deep: RecipeConfig(plan=plan, task="stsb", glue_dir=glue_dir, distill_hidden=deep, train_limit=8)
+            for deep in (False, True)}
+    batch = next(batches(tok, [("a cat sat on the mat",), ("two dogs run in a big field today",)], 2, 32, "cpu"))
+    for deep, cfg in cfgs.items():
+        tr = _Trainer(model, tok, cfg, None)
+        assert float(tr.loss(batch, [None, None])) < 1e-6  # the student is still its teacher
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        student.encoder.layer[2].intermediate.dense.weight.mul_(0.5)
+    teacher = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        so = student(**batch, output_hidden_states=True)
+        to = teacher(**batch, output_hidden_states=True)
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    mse = [float(((a - b) ** 2 * m).sum() / (m.sum() * a.shape[-1])) for a, b in zip(so.hidden_states[1:],
+                                                                                     to.hidden_states[1:])]
+    cos = float(1 - torch.nn.functional.cosine_similarity(mean_pool(so.last_hidden_state, batch["attention_mask"]),
+                                                          mean_pool(to.last_hidden_state, batch["attention_mask"])).mean())
+    assert mse[0] < 1e-10 < mse[2]  # layers before the change match, the changed one does not
+    for deep, expect in ((False, mse[-1] + cos), (True, sum(mse) / len(mse) + cos)):
+        tr = _Trainer(student, tok, cfgs[deep], None)
+        tr.teacher = teacher
+        with torch.no_grad():
+            got = float(tr.loss(batch, [None, None]))
+        assert abs(got - expect) <= 1e-4 * max(expect, 1e-3), (deep, got, expect)

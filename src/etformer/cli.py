@@ -61,7 +61,8 @@ def prune(args, console) -> dict:
                        max_len=args.max_len,
                        max_steps=args.max_steps, train_limit=args.train_limit, seed=args.seed, device=device,
                        glue_dir=args.glue_dir, distill_tasks=_task_list(getattr(args, "distill_tasks", None)),
-                       distill_limit=getattr(args, "distill_limit", None))
+                       distill_limit=getattr(args, "distill_limit", None),
+                       distill_hidden=getattr(args, "distill_hidden", False))
     torch.manual_seed(args.seed)
     t0 = time.time()
     model, tok = load_model(args.model, device=device)
@@ -90,7 +91,7 @@ def prune(args, console) -> dict:
         "plan": plan.to_json(),
         "training": {k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "lam", "eps", "refresh_every", "rho",
                                                    "batch_size", "max_len", "max_steps", "train_limit",
-                                                   "distill_tasks", "distill_limit", "seed")},
+                                                   "distill_tasks", "distill_limit", "distill_hidden", "seed")},
         "metrics": {"dense": _clean(dense), "pruned": _clean(pruned)},
         "sparsity": report, "pruned_matrices": sorted(masks), "seconds": round(elapsed, 1), "machine": machine_line(device),
     }
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--distill-tasks", default=None,
                     help="bare encoders: comma list of GLUE tasks whose training sentences join the distillation data")
     pr.add_argument("--distill-limit", type=int, default=None, help="at most this many sentences from each of those")
+    pr.add_argument("--distill-hidden", action="store_true",
+                    help="bare encoders: distil every layer's hidden states, not only the last")
     pr.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("eval", help="score a model on a GLUE task's dev split")

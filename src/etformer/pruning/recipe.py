@@ -52,6 +52,8 @@ class RecipeConfig:
     # the training sentences of these GLUE tasks join the task's own (each sampled down to distill_limit if set).
     distill_tasks: tuple[str, ...] = ()
     distill_limit: int | None = None
+    # Distillation matches every layer's hidden states, not only the last (the student has the teacher's shape).
+    distill_hidden: bool = False
     seed: int = 0
     device: str = "cpu"
     glue_dir: str | None = None
@@ -163,11 +165,15 @@ class _Trainer:
     def loss(self, batch, labels) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
             if self.distill:
-                s = base_model(self.model)(**batch).last_hidden_state.float()
+                deep = self.cfg.distill_hidden
+                so = base_model(self.model)(**batch, output_hidden_states=deep)
                 with torch.no_grad():
-                    t = self.teacher(**batch).last_hidden_state.float()
+                    to = self.teacher(**batch, output_hidden_states=deep)
+                s, t = so.last_hidden_state.float(), to.last_hidden_state.float()
                 m = batch["attention_mask"].unsqueeze(-1).float()
-                token = ((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1])
+                pairs = list(zip(so.hidden_states[1:], to.hidden_states[1:])) if deep else [(s, t)]
+                token = sum(((a.float() - b.float()) ** 2 * m).sum() for a, b in pairs) / (
+                    len(pairs) * m.sum() * s.shape[-1])
                 emb = 1 - F.cosine_similarity(mean_pool(s, batch["attention_mask"]), mean_pool(t, batch["attention_mask"])).mean()
                 return token + emb
             logits = self.model(**batch).logits.float()
