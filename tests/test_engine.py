@@ -173,28 +173,55 @@ def test_graph_replay_with_new_mask_same_bucket():
         assert len(enc._graphs) == 2  # (T=26, max 13) shared by the first two batches; T=39 for the full one
 
 
-@pytest.mark.skipif(not CUDA or INTERPRET, reason="the small-batch cuBLAS route exists on a GPU only")
-def test_sparse_matrix_routes_small_batches_to_cublas(monkeypatch):
-    """A sparse matrix keeps a dense copy: under SPARSE_MIN_TOKENS rows it runs on cuBLAS, above on the tile kernel;
-    both give the same product. kernel="tile" keeps no dense copy and always runs the tile kernel."""
+@needs_triton
+@pytest.mark.parametrize("small_path,small_sparse", [("triton", False), ("triton", True), ("cublas", False)])
+def test_linear_routes(monkeypatch, small_path, small_sparse):
+    """Which weight each call runs on: a sparse matrix keeps a dense copy for batches under SPARSE_MIN_TOKENS rows
+    (the small-batch path: etformer's kernels on the dense weight or on the tiles, or cuBLAS), and its tiles above;
+    a dense matrix runs cuBLAS at scale. backend="triton" always takes the kernels. Every route gives the product."""
     import torch.nn.functional as F
 
     from etformer.engine import encoder as E
 
+    monkeypatch.setattr(E, "SMALL_PATH", small_path)
+    monkeypatch.setattr(E, "SMALL_SPARSE", small_sparse)
+    dt = torch.float16 if DEVICE == "cuda" else torch.float32
     torch.manual_seed(0)
-    W = torch.randn(256, 128, device="cuda", dtype=torch.float16) / 12
+    W = torch.randn(256, 128, device=DEVICE, dtype=dt) / 12
+    Wd = W.clone()
     W[:64, :64] = 0
     W[128:, 64:] = 0
-    b = torch.randn(256, device="cuda", dtype=torch.float16)
-    lin = E.Linear(W, b, (64, 64))
-    assert lin.sparse is not None and lin.dense_weight is not None
+    b = torch.randn(256, device=DEVICE, dtype=dt)
+    lin, dense = E.Linear(W, b, (64, 64)), E.Linear(Wd, b, (64, 64))
+    assert lin.sparse is not None and lin.dense_weight is not None and dense.sparse is None
     assert E.Linear(W, b, (64, 64), force="tile").dense_weight is None
-    calls = []
-    real = E.tile_linear
-    monkeypatch.setattr(E, "tile_linear", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    for M in (64, E.SPARSE_MIN_TOKENS + 7):
-        x = torch.randn(M, 128, device="cuda", dtype=torch.float16)
-        ref = F.linear(x.float(), W.float(), b.float())
-        y = lin(x, activation="gelu")
-        assert float((y.float() - F.gelu(ref)).norm() / F.gelu(ref).norm()) < 2e-3
-    assert calls == [E.SPARSE_MIN_TOKENS + 7]  # the small batch never reached the tile kernel
+    small, big = 64, E.SPARSE_MIN_TOKENS + 7
+    kernels_small = small_path == "triton"
+    backends = ["triton", "reference"] + (["auto"] if DEVICE == "cuda" else [])
+    for bk in backends:
+        for M in (small, big):
+            x = torch.zeros(M, 128, device=DEVICE, dtype=dt)
+            got_s, got_d = lin._operand(x, bk), dense._operand(x, bk)
+            if bk == "reference":
+                want_s, want_d = lin.sparse, None
+            elif bk == "triton":
+                want_s, want_d = lin.sparse, (dense.dense_weight if M == small and kernels_small else None)
+            elif M == big:
+                want_s, want_d = lin.sparse, None
+            else:
+                want_s = (lin.sparse if small_sparse else lin.dense_weight) if kernels_small else None
+                want_d = dense.dense_weight if kernels_small else None
+            assert got_s is want_s and got_d is want_d, (bk, M)
+    if DEVICE != "cuda":
+        return
+    for M in (small, big):
+        x = torch.randn(M, 128, device="cuda", dtype=dt)
+        for L, Wm in ((lin, W), (dense, Wd)):
+            ref = F.gelu(F.linear(x.float(), Wm.float(), b.float()))
+            y = L(x, activation="gelu")
+            assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
+            ws = L.partial_sums(x)
+            assert (ws is None) == (M == big or not kernels_small)
+            if ws is not None:
+                lin_ref = F.linear(x.float(), Wm.float())
+                assert float((ws.sum(0) - lin_ref).norm() / lin_ref.norm()) < 2e-3

@@ -7,7 +7,7 @@ import torch
 
 from etformer.errors import EtformerError
 from etformer.kernels import (CompactV, add_layernorm, attention, attention_reference, pruned_v_attention,
-                              tile_linear)
+                              tile_linear, tile_linear_partials)
 from etformer.sparse import TileSparseWeight
 from kernel_utils import DEVICE, DTYPES, assert_close, needs_triton
 
@@ -183,6 +183,73 @@ def test_attention_bad_inputs(dtype):
         attention(qkv, cu, 4, 4, 32)
     with pytest.raises(EtformerError, match="key_bias"):
         attention(qkv, cu, 4, 2, 32, key_bias=torch.zeros(3, 4, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 64, 96), (17, 72, 100), (130, 128, 192)])
+@pytest.mark.parametrize("act,res", [(None, False), ("gelu", False), ("relu", True)])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
+def test_linear_on_dense_weight(dtype, M, K, N, act, res, tma):
+    """The small-batch path: a plain dense W read in place (K and N not multiples of its 64-wide blocks), with the
+    fused epilogues, into a column slice of a NaN-poisoned buffer."""
+    W = (torch.randn(N, K, device=DEVICE) / math.sqrt(K)).to(dtype)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    r = torch.randn(M, N, device=DEVICE, dtype=dtype) if res else None
+    out = torch.full((M, N + 16), float("nan"), device=DEVICE, dtype=dtype)
+    tile_linear(x, W, b, activation=act, residual=r, out=out, out_col=8, backend="triton", tma=tma)
+    assert torch.isnan(out[:, :8]).all() and torch.isnan(out[:, 8 + N:]).all()
+
+    def f(xx, WW, bb, rr):
+        z = torch.nn.functional.linear(xx, WW, bb)
+        z = torch.nn.functional.gelu(z) if act == "gelu" else (torch.relu(z) if act == "relu" else z)
+        return z + rr if rr is not None else z
+
+    ref = f(x.double(), W.double(), b.double(), r.double() if res else None)
+    assert_close(out[:, 8:8 + N], f(x, W, b, r), ref, "dense-weight linear")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "tiles"])
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_partial_sums_into_add_layernorm(dtype, dense, split):
+    """Split-K partial sums (fp32, [splits, M, N]) reduced by add_layernorm with the linear's bias and the residual:
+    LN(x W^T + b + r) in two launches. Covers a block-row with no tile and K not a multiple of the split."""
+    M, K, N = 33, 320, 96
+    W = _sparse_weight(N, K, (32, 32), 0.6, dtype, empty_row=True)
+    w = W if dense else TileSparseWeight.from_dense(W, (32, 32))
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    r = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    g, beta = torch.rand(N, device=DEVICE, dtype=dtype) + 0.5, torch.randn(N, device=DEVICE, dtype=dtype)
+    ws = tile_linear_partials(x, w, split=split, backend="triton")
+    assert ws.dtype == torch.float32 and ws.shape[1:] == (M, N) and (split is None or ws.shape[0] == split)
+    lin64 = x.double() @ W.double().t()
+    assert_close(ws.sum(0), x.float() @ W.float().t(), lin64, "partial sums")
+    y = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
+    add_layernorm(ws, r, g, beta, 1e-12, out=y, backend="triton", x_bias=b)
+    ref = torch.nn.functional.layer_norm(lin64 + b.double() + r.double(), (N,), g.double(), beta.double(), 1e-12)
+    peer = torch.nn.functional.layer_norm(torch.nn.functional.linear(x, W, b) + r, (N,), g, beta, 1e-12)
+    assert_close(y, peer, ref, "add_layernorm of partial sums")
+    y_ref = add_layernorm(tile_linear_partials(x, w, backend="reference"), r, g, beta, 1e-12, backend="reference",
+                          x_bias=b)
+    assert y_ref.dtype == dtype
+    assert_close(y_ref, peer, ref, "reference path")
+
+
+def test_partial_sums_bad_inputs():
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(EtformerError, match="split"):
+        tile_linear_partials(x, torch.randn(8, 64, device=DEVICE), split=0, backend="triton")
+    with pytest.raises(EtformerError, match="features"):
+        tile_linear_partials(x, torch.randn(8, 32, device=DEVICE), backend="triton")
+    with pytest.raises(EtformerError, match="TileSparseWeight or a dense"):
+        tile_linear(x, [[1.0]], backend="triton")
+    g = torch.ones(8, device=DEVICE)
+    with pytest.raises(EtformerError, match="float32"):
+        add_layernorm(torch.zeros(2, 4, 8, device=DEVICE, dtype=torch.float16), None, g, g)
+    with pytest.raises(EtformerError, match="x_bias"):
+        add_layernorm(torch.zeros(2, 4, 8, device=DEVICE), None, g, g, x_bias=torch.ones(7, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

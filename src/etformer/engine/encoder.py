@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import EtformerError
 from ..kernels.attention import attention
 from ..kernels.layernorm import add_layernorm
-from ..kernels.tile_linear import apply_activation, tile_linear
+from ..kernels.tile_linear import apply_activation, tile_linear, tile_linear_partials
 from ..sparse.tiles import TileSparseWeight
 
 # Tile density at or above which a matrix runs on cuBLAS instead: on the H200 the TMA tile kernel is 0.87-0.93x cuBLAS
@@ -36,6 +36,12 @@ DENSE_CUTOFF = 0.8
 # BERT-base 50% tiles, GPU time per forward, tiles vs all-cuBLAS: 584 vs 437 us at 128 tokens, 982 vs 580 at 512,
 # 1208 vs 935 at ~2048 (varlen 32x128), 1651 vs 1722 at 4096.
 SPARSE_MIN_TOKENS = 4096
+# Under SPARSE_MIN_TOKENS rows, "triton" runs every matrix on etformer's kernels, reading a dense weight in place: the
+# FFN-in GEMM then carries the GELU, and the output projection and FFN-out write split-K partial sums that the
+# following add+LayerNorm reduces (no separate activation or split-K reduction launch). "cublas" keeps F.linear there.
+SMALL_PATH = "triton"
+# Whether that small-batch path runs a sparse matrix on its tiles (True) or on its dense copy (False).
+SMALL_SPARSE = False
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 
@@ -93,10 +99,33 @@ class Linear:
     def density(self) -> float:
         return 1.0 if self.sparse is None else self.sparse.density
 
+    def _operand(self, x, backend):
+        """What runs this call: a TileSparseWeight or a dense tensor for the Triton kernels, or None for F.linear.
+
+        backend "auto" on a GPU: tiles when sparse and at least SPARSE_MIN_TOKENS rows (or no dense copy is kept);
+        under that, the small-batch path (SMALL_PATH, SMALL_SPARSE); a dense matrix at scale goes to cuBLAS.
+        "triton" always takes the kernels (tiles when sparse), so the CPU interpreter covers the same code."""
+        if backend == "reference" or not (x.is_cuda or backend == "triton"):
+            return None if self.sparse is None else self.sparse  # the tile kernel's own reference when sparse
+        small = x.shape[0] < SPARSE_MIN_TOKENS
+        if self.sparse is not None and (backend == "triton" or self.dense_weight is None or not small):
+            return self.sparse
+        if small and SMALL_PATH == "triton":
+            return self.sparse if (self.sparse is not None and SMALL_SPARSE) else self.dense_weight
+        return None
+
+    def partial_sums(self, x, backend="auto"):
+        """fp32 split-K partial sums of x W^T (no bias) when this call would run the small-batch kernels, else None:
+        the caller then hands them to add_layernorm with this layer's bias."""
+        if x.shape[0] >= SPARSE_MIN_TOKENS or SMALL_PATH != "triton" or not (x.is_cuda or backend == "triton"):
+            return None
+        w = self._operand(x, backend)
+        return None if w is None else tile_linear_partials(x, w, backend=backend)
+
     def __call__(self, x, activation=None, residual=None, out=None, out_col=0, backend="auto"):
-        small = self.dense_weight is not None and backend == "auto" and x.is_cuda and x.shape[0] < SPARSE_MIN_TOKENS
-        if self.sparse is not None and not small:
-            return tile_linear(x, self.sparse, self.bias, activation=activation, residual=residual, out=out,
+        w = self._operand(x, backend)
+        if w is not None:
+            return tile_linear(x, w, self.bias, activation=activation, residual=residual, out=out,
                                out_col=out_col, backend=backend)
         y = F.linear(x, self.dense_weight, self.bias)
         y = apply_activation(y, activation)
@@ -224,6 +253,13 @@ class ETEncoder(torch.nn.Module):
     def _ln(self, a, r, wb):
         return add_layernorm(a, r, wb[0], wb[1], self.cfg.eps, backend=self.backend)
 
+    def _linear_ln(self, lin: Linear, a, r, wb):
+        """LN(lin(a) + r): through split-K partial sums on the small-batch path, else one linear then add+LN."""
+        ws = lin.partial_sums(a, self.backend)
+        if ws is None:
+            return self._ln(lin(a, backend=self.backend), r, wb)
+        return add_layernorm(ws, r, wb[0], wb[1], self.cfg.eps, backend=self.backend, x_bias=lin.bias)
+
     def _embed(self, ids, pos, tt):
         e = self.emb
         x = F.embedding(ids, e["word"]) + F.embedding(pos, e["pos"])
@@ -248,9 +284,9 @@ class ETEncoder(torch.nn.Module):
                 f = L.ffn_in(ln(x, None, L.ln2), activation=cfg.activation, backend=bk)
                 x = L.ffn_out(f, residual=x, backend=bk)
             else:
-                h = ln(L.o(attend(L.qkv(x, backend=bk), L), backend=bk), x, L.ln1)
+                h = self._linear_ln(L.o, attend(L.qkv(x, backend=bk), L), x, L.ln1)
                 f = L.ffn_in(h, activation=cfg.activation, backend=bk)
-                x = ln(L.ffn_out(f, backend=bk), h, L.ln2)
+                x = self._linear_ln(L.ffn_out, f, h, L.ln2)
         if self.final_norm is not None:
             x = ln(x, None, self.final_norm)
         return x
@@ -325,8 +361,14 @@ class ETEncoder(torch.nn.Module):
         for i, L in enumerate(self.layers):
             for kind in ("qkv", "o", "ffn_in", "ffn_out"):
                 lin = getattr(L, kind)
-                kernel = "cublas" if lin.sparse is None else (
-                    f"tile (cuBLAS under {SPARSE_MIN_TOKENS} tokens)" if lin.dense_weight is not None else "tile")
+                small = ("etformer kernels on the dense weight" if SMALL_PATH == "triton" else "cuBLAS") + \
+                    f" under {SPARSE_MIN_TOKENS} tokens"
+                if lin.sparse is None:
+                    kernel = f"cuBLAS ({small})"
+                elif lin.dense_weight is None or (SMALL_PATH == "triton" and SMALL_SPARSE):
+                    kernel = "tile"
+                else:
+                    kernel = f"tile ({small})"
                 out[f"layer{i}.{kind}"] = {"density": lin.density, "kernel": kernel}
             out[f"layer{i}.v_width"] = L.v_width
         return out

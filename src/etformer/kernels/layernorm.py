@@ -1,7 +1,8 @@
 """Fused residual add + LayerNorm: y = LN(x + residual) * weight + bias, statistics in fp32.
 
 One program normalizes one row (BERT's hidden sizes, 384 to 1024, fit one block); the sum x + residual is never
-written to memory.
+written to memory. x may also be the fp32 split-K partial sums of a linear layer, [splits, M, N], with that layer's
+bias: the split-K reduction, the bias, the residual and the LayerNorm are then one pass (tile_linear_partials).
 """
 from __future__ import annotations
 
@@ -11,21 +12,30 @@ from ..errors import EtformerError
 from ._common import HAS_TRITON, check_tensor, next_pow2, tl, triton, use_triton
 
 
-def add_layernorm_reference(x, residual, weight, bias, eps=1e-12):
-    h = x.float() if residual is None else x.float() + residual.float()
+def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None, out_dtype=None):
+    h = x.float().sum(0) if x.dim() == 3 else x.float()
+    if x_bias is not None:
+        h = h + x_bias.float()
+    if residual is not None:
+        h = h + residual.float()
     y = torch.nn.functional.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, stride_x, stride_r, stride_y, eps,
-                       BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, N, stride_x, stride_r, stride_y, eps,
+                       SPLIT, stride_s,
+                       BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
         h = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        for s in range(1, SPLIT):  # further split-K partial sums
+            h += tl.load(x_ptr + s * stride_s + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_XB:
+            h += tl.load(xb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_RES:
             h += tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
         mean = tl.sum(h, 0) / N
@@ -38,27 +48,43 @@ if HAS_TRITON:
 
 
 def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                  eps: float = 1e-12, out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    check_tensor("x", x, dims=2)
-    M, N = x.shape
+                  eps: float = 1e-12, out: torch.Tensor | None = None, backend: str = "auto", *,
+                  x_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LN(x (+ x_bias) (+ residual)). x: [M, N], or fp32 partial sums [splits, M, N] (summed first; the output then
+    takes the residual's dtype, or the weight's without a residual)."""
+    partial = isinstance(x, torch.Tensor) and x.dim() == 3
+    if partial:
+        check_tensor("x", x, dims=3, dtypes=(torch.float32,))
+        M, N = x.shape[1:]
+        if x.shape[0] < 1:
+            raise EtformerError("x holds no partial sums")
+    else:
+        check_tensor("x", x, dims=2)
+        M, N = x.shape
     if residual is not None:
         check_tensor("residual", residual, dims=2, device=x.device)
-        if residual.shape != x.shape:
+        if tuple(residual.shape) != (M, N):
             raise EtformerError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
-    for n, t in (("weight", weight), ("bias", bias)):
+    named = [("weight", weight), ("bias", bias)] + ([("x_bias", x_bias)] if x_bias is not None else [])
+    for n, t in named:
         check_tensor(n, t, dims=1, device=x.device)
         if t.shape[0] != N:
             raise EtformerError(f"{n} has {t.shape[0]} entries, x has {N} features")
+    out_dtype = (residual.dtype if residual is not None else weight.dtype) if partial else x.dtype
     if not use_triton(x, backend):
-        y = add_layernorm_reference(x, residual, weight, bias, eps)
+        y = add_layernorm_reference(x, residual, weight, bias, eps, x_bias, out_dtype)
         return y if out is None else out.copy_(y)
-    if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+    if x.stride(-1) != 1 or (residual is not None and residual.stride(1) != 1):
         raise EtformerError("x and residual must have unit stride along features")
-    out = torch.empty_like(x) if out is None else out
+    out = torch.empty(M, N, device=x.device, dtype=out_dtype) if out is None else out
     if M == 0:
         return out
     block = next_pow2(N)
-    _add_ln_kernel[(M,)](x, residual if residual is not None else x, weight, bias, out, N, x.stride(0),
-                         residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-                         BLOCK=block, HAS_RES=residual is not None, num_warps=4 if block <= 1024 else 8)
+    split, stride_s = (x.shape[0], x.stride(0)) if partial else (1, 0)
+    stride_x = x.stride(1) if partial else x.stride(0)
+    _add_ln_kernel[(M,)](x, residual if residual is not None else x, weight, bias, out,
+                         x_bias if x_bias is not None else weight, N, stride_x,
+                         residual.stride(0) if residual is not None else 0, out.stride(0), eps, split, stride_s,
+                         BLOCK=block, HAS_RES=residual is not None, HAS_XB=x_bias is not None,
+                         num_warps=4 if block <= 1024 else 8)
     return out

@@ -39,9 +39,9 @@ def apply_activation(y: torch.Tensor, activation) -> torch.Tensor:
     return torch.nn.functional.gelu(y) if code == 1 else (torch.relu(y) if code == 2 else y)
 
 
-def tile_linear_reference(x, w: TileSparseWeight, bias=None, activation=None, residual=None):
-    """fp32 math on the dense form of w; returns x.dtype."""
-    y = x.float() @ w.to_dense().float().t()
+def tile_linear_reference(x, w, bias=None, activation=None, residual=None):
+    """fp32 math on the dense form of w (a TileSparseWeight or a dense tensor); returns x.dtype."""
+    y = x.float() @ _dense_of(w).float().t()
     if bias is not None:
         y = y + bias.float()
     y = apply_activation(y, activation)
@@ -62,30 +62,43 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _tile_dot(x_src, w_src, row0, M, stride_xm, col_idx, lo, hi, K,
+    def _tile_dot(x_src, w_src, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
-                  TMA: tl.constexpr):
+                  TMA: tl.constexpr, DENSE_W: tl.constexpr):
         """X[row0 : row0+BLOCK_M, tiles lo..hi) . W_tiles^T in fp32: the K loop over one block-row's kept tiles.
 
         TMA: x_src and w_src are tensor descriptors (X as [M, K], the tile values as [nnz*BN, BK]); each step is two
         bulk copies into shared memory, software-pipelined by the compiler. Otherwise they are the X and tile-value
-        pointers, and the loads are pointer gathers."""
+        pointers, and the loads are pointer gathers.
+        DENSE_W: w_src is a plain dense W [N, K] (descriptor or pointer) and lo..hi count K blocks of rows
+        w_row .. w_row+BN: the small-batch path, which needs no tile copy of a dense matrix."""
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BK)
         m_mask = offs_m < M
         tile_offs = tl.arange(0, BN)[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
+        rows_w = w_row + tl.arange(0, BN)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         for i in range(0, hi - lo):
             t = lo + i
-            kc = tl.load(col_idx + t)
+            if DENSE_W:
+                kc = t
+            else:
+                kc = tl.load(col_idx + t)
             if TMA:
                 xa = x_src.load([row0, kc * BK])
-                wt = w_src.load([t * BN, 0])
+                if DENSE_W:
+                    wt = w_src.load([w_row, kc * BK])
+                else:
+                    wt = w_src.load([t * BN, 0])
             else:
                 kk = kc * BK + offs_k
                 xa = tl.load(x_src + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
                              mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-                wt = tl.load(w_src + t.to(tl.int64) * (BN * BK) + tile_offs)
+                if DENSE_W:
+                    wt = tl.load(w_src + rows_w[:, None].to(tl.int64) * K + kk[None, :],
+                                 mask=(rows_w[:, None] < N) & (kk[None, :] < K), other=0.0)
+                else:
+                    wt = tl.load(w_src + t.to(tl.int64) * (BN * BK) + tile_offs)
             if FP32_DOT:
                 acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
             else:
@@ -99,7 +112,7 @@ if HAS_TRITON:
         stride_xm, stride_ym, stride_rm, out_col,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
-        TMA: tl.constexpr, TMA_STORE: tl.constexpr,
+        TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -110,10 +123,17 @@ if HAS_TRITON:
         first_m = group * GROUP_M
         gsize = tl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % width) % gsize
-        r = tl.load(order_ptr + (pid % width) // gsize)
+        if DENSE_W:
+            r = (pid % width) // gsize
+            lo = 0
+            hi = tl.cdiv(K, BK)
+        else:
+            r = tl.load(order_ptr + (pid % width) // gsize)
+            lo = tl.load(row_ptr + r)
+            hi = tl.load(row_ptr + r + 1)
 
-        acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, tl.load(row_ptr + r),
-                        tl.load(row_ptr + r + 1), K, BLOCK_M, BN, BK, FP32_DOT, TMA)
+        acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BN)
         m_mask = offs_m < M
@@ -138,20 +158,26 @@ if HAS_TRITON:
     def _tile_linear_splitk_kernel(
         x_src, w_src, row_ptr, col_idx, ws_ptr, M, N, K, stride_xm, SPLIT,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
+        DENSE_W: tl.constexpr,
     ):
         """Small-M path: each (row block, block-row) is split over SPLIT programs along its kept tiles; fp32
-        partial sums go to a workspace [SPLIT, M, N] that _splitk_epilogue_kernel reduces."""
+        partial sums go to a workspace [SPLIT, M, N] that _splitk_epilogue_kernel (or add_layernorm) reduces."""
         pid = tl.program_id(0)
         s = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
         r = pid // num_m
-        start = tl.load(row_ptr + r)
-        end = tl.load(row_ptr + r + 1)
+        if DENSE_W:
+            start = 0
+            end = tl.cdiv(K, BK)
+        else:
+            start = tl.load(row_ptr + r)
+            end = tl.load(row_ptr + r + 1)
         chunk = tl.cdiv(end - start, SPLIT)
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
-        acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, BLOCK_M, BN, BK, FP32_DOT, TMA)
+        acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = r * BN + tl.arange(0, BN)
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
@@ -262,15 +288,50 @@ def _capability(index):
     return torch.cuda.get_device_capability(index)
 
 
-def _tma_ok(x: torch.Tensor, w: TileSparseWeight) -> bool:
+# The small-batch path reads a dense W [N, K] in place, as (64 x 64) blocks, through the same kernels (DENSE_W), so a
+# dense matrix gets the fused epilogues (GELU) and split-K partial sums without a tile copy of its weights.
+DENSE_TILE = (64, 64)
+# (BLOCK_M, num_warps, num_stages) by M bucket for the dense path; 64-row blocks up to 128 rows for more programs.
+DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 4096: (128, 4, 4), 16384: (128, 4, 4)}
+# Split-K for partial sums aims at this many programs (about one per SM of an H100/H200) ...
+SPLIT_TARGET_PROGRAMS = 128
+# ... with at least this many K blocks per split, and at most SPLIT_MAX splits.
+SPLIT_MIN_BLOCKS = 2
+SPLIT_MAX = 8
+
+
+def _dense_of(w) -> torch.Tensor:
+    return w.to_dense() if isinstance(w, TileSparseWeight) else w
+
+
+def _weight_shape(x: torch.Tensor, w) -> tuple[int, int]:
+    """(N, K) of w, after checking it against x."""
+    if isinstance(w, TileSparseWeight):
+        N, K, dtype, device = w.out_features, w.in_features, w.dtype, w.device
+    elif isinstance(w, torch.Tensor):
+        check_tensor("weight", w, dims=2)
+        (N, K), dtype, device = w.shape, w.dtype, w.device
+    else:
+        raise EtformerError(f"weight must be a TileSparseWeight or a dense [out, in] tensor, not {type(w).__name__}")
+    if x.shape[1] != K:
+        raise EtformerError(f"x has {x.shape[1]} features, the weight expects {K}")
+    if dtype != x.dtype or device != x.device:
+        raise EtformerError(f"weight is {dtype} on {device}, x is {x.dtype} on {x.device}; convert one of them")
+    return N, K
+
+
+def _tma_ok(x: torch.Tensor, w) -> bool:
     """Bulk tensor copies need sm_90+, 16-byte aligned bases and row strides, and at least one tile."""
-    if TensorDescriptor is None or w.nnz_tiles == 0:
+    if TensorDescriptor is None:
         return False
     if x.is_cuda and _capability(x.device.index)[0] < 9:
         return False
     e = x.element_size()
-    return (x.data_ptr() % 16 == 0 and (x.stride(0) * e) % 16 == 0 and w.values.data_ptr() % 16 == 0
-            and (w.tile[1] * e) % 16 == 0)
+    if not (x.data_ptr() % 16 == 0 and (x.stride(0) * e) % 16 == 0):
+        return False
+    if isinstance(w, TileSparseWeight):
+        return w.nnz_tiles > 0 and w.values.data_ptr() % 16 == 0 and (w.tile[1] * e) % 16 == 0
+    return _aligned(w)
 
 
 def _aligned(t: torch.Tensor, col: int = 0) -> bool:
@@ -278,30 +339,88 @@ def _aligned(t: torch.Tensor, col: int = 0) -> bool:
     return (t.data_ptr() + col * e) % 16 == 0 and (t.stride(0) * e) % 16 == 0 and t.stride(1) == 1
 
 
-def _sources(x: torch.Tensor, w: TileSparseWeight, block_m: int, tma: bool):
+def _sources(x: torch.Tensor, w, block_m: int, tma: bool, BN: int, BK: int):
     """The kernel's X and W operands: tensor descriptors (TMA) or plain pointers."""
+    wt = w if isinstance(w, torch.Tensor) else w.values
     if not tma:
-        return x, w.values
-    BN, BK = w.tile
+        return x, wt
     xd = TensorDescriptor(x, [x.shape[0], x.shape[1]], [x.stride(0), 1], [block_m, BK])
-    vals = w.values.view(-1, BK)  # (nnz * BN, BK): tile t is rows t*BN .. t*BN+BN
-    wd = TensorDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK])
-    return xd, wd
+    if isinstance(w, torch.Tensor):
+        return xd, TensorDescriptor(w, [w.shape[0], w.shape[1]], [w.stride(0), 1], [BN, BK])
+    vals = wt.view(-1, BK)  # (nnz * BN, BK): tile t is rows t*BN .. t*BN+BN
+    return xd, TensorDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK])
 
 
-def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None = None, *, activation: str | None = None,
+def _plan(x: torch.Tensor, w, tma, config):
+    """Everything a launch needs: (w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx)."""
+    M, K = x.shape
+    dense = isinstance(w, torch.Tensor)
+    if dense:
+        w = w if w.stride(1) == 1 and w.stride(0) == K else w.contiguous()
+        BN, BK = DENSE_TILE
+    else:
+        BN, BK = w.tile
+    tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
+    if config is not None:
+        block_m, warps, stages = config
+    elif dense:
+        mb = 128 if M <= 128 else (4096 if M <= 4096 else 16384)
+        block_m, warps, stages = DENSE_LAUNCH[mb] if x.is_cuda else (32, 4, 1)
+    else:
+        block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, K, w.density)
+    row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)
+    return w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx
+
+
+def _auto_split(x: torch.Tensor, N: int, K: int, BN: int, BK: int, block_m: int) -> int:
+    """Splits so that about SPLIT_TARGET_PROGRAMS programs run, each over at least SPLIT_MIN_BLOCKS K blocks."""
+    base = triton.cdiv(x.shape[0], block_m) * triton.cdiv(N, BN)
+    want = triton.cdiv(SPLIT_TARGET_PROGRAMS, base)
+    return max(1, min(want, SPLIT_MAX, triton.cdiv(K, BK) // SPLIT_MIN_BLOCKS))
+
+
+def _partials(x, w, N, K, split, tma, config) -> torch.Tensor:
+    """Launch the split-K kernel: fp32 partial sums [split, M, N] of X W^T (split None: chosen by _auto_split)."""
+    w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx = _plan(x, w, tma, config)
+    M = x.shape[0]
+    split = split or _auto_split(x, N, K, BN, BK, block_m)
+    ws = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return ws
+    x_src, w_src = _sources(x, w, block_m, tma, BN, BK)
+    _tile_linear_splitk_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, BN), split)](
+        x_src, w_src, row_ptr, col_idx, ws, M, N, K, x.stride(0), split,
+        BN=BN, BK=BK, BLOCK_M=block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma, DENSE_W=dense,
+        num_warps=warps, num_stages=stages)
+    return ws
+
+
+def tile_linear_partials(x: torch.Tensor, w, *, split: int | None = None, backend: str = "auto",
+                         tma: bool | None = None, _config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """fp32 partial sums of X W^T, [split, M, N], for a consumer that reduces them in its own pass (add_layernorm
+    takes them, with the bias, in place of x): split-K without a second launch. w: a TileSparseWeight or a dense
+    [N, K] tensor. split=None picks enough splits to fill the GPU. The reference path returns one split."""
+    check_tensor("x", x, dims=2)
+    N, K = _weight_shape(x, w)
+    if split is not None and split < 1:
+        raise EtformerError(f"split must be at least 1, not {split}")
+    if not use_triton(x, backend):
+        return (x.float() @ _dense_of(w).float().t()).unsqueeze(0)
+    return _partials(x if x.stride(1) == 1 else x.contiguous(), w, N, K, split, tma, _config)
+
+
+def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activation: str | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
                 backend: str = "auto", _config: tuple[int, int, int] | None = None,
                 split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None) -> torch.Tensor:
-    """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N]."""
+    """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N].
+
+    w: a TileSparseWeight (the kernel visits its kept tiles only) or a dense [N, K] tensor (read in place as
+    DENSE_TILE blocks: the small-batch path, for the fused epilogues)."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
     M, K = x.shape
-    N = w.out_features
-    if K != w.in_features:
-        raise EtformerError(f"x has {K} features, the weight expects {w.in_features}")
-    if w.dtype != x.dtype or w.device != x.device:
-        raise EtformerError(f"weight is {w.dtype} on {w.device}, x is {x.dtype} on {x.device}; convert one of them")
+    N, _ = _weight_shape(x, w)
     if bias is not None:
         check_tensor("bias", bias, dims=1, device=x.device)
         if bias.shape[0] != N:
@@ -326,36 +445,28 @@ def tile_linear(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None 
         out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
     if M == 0:
         return out
-    BN, BK = w.tile
-    tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
-    block_m, warps, stages = _config or _launch_params(M, w.tile, x.is_cuda, tma, K, w.density)
-    num_m, num_r = triton.cdiv(M, block_m), w.n_block_rows
     dummy = x
     act = _act_code(activation)
-    split_k = split_k or 1
-    x_src, w_src = _sources(x, w, block_m, tma)
-    if split_k > 1:
-        ws = torch.empty(split_k, M, N, device=x.device, dtype=torch.float32)
-        _tile_linear_splitk_kernel[(num_m * num_r, split_k)](
-            x_src, w_src, w.row_ptr, w.col_idx, ws, M, N, K, x.stride(0), split_k,
-            BN=BN, BK=BK, BLOCK_M=block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma,
-            num_warps=warps, num_stages=stages)
+    if split_k is not None and split_k > 1:
+        ws = _partials(x, w, N, K, split_k, tma, _config)
         _splitk_epilogue_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 128))](
             ws, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
             M, N, split_k, out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
             BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4)
         return out
+    w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx = _plan(x, w, tma, _config)
+    x_src, w_src = _sources(x, w, block_m, tma, BN, BK)
     if tma_store is None:
         tma_store = BN >= TMA_STORE_MIN_BN
     tma_store = tma_store and tma and _aligned(out, out_col)
     y_desc = TensorDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [block_m, BN]) if tma_store else dummy
-    _tile_linear_kernel[(num_m * num_r,)](
-        x_src, w_src, w.row_ptr, w.col_idx, _row_order(w), bias if bias is not None else dummy,
+    _tile_linear_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, BN),)](
+        x_src, w_src, row_ptr, col_idx, dummy if dense else _row_order(w), bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, y_desc,
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         BN=BN, BK=BK, BLOCK_M=block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma,
-        TMA_STORE=tma_store, num_warps=warps, num_stages=stages,
+        TMA_STORE=tma_store, DENSE_W=dense, num_warps=warps, num_stages=stages,
     )
     return out
 

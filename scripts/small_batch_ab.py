@@ -1,0 +1,149 @@
+"""Same-run A/B of the engine's small-batch path on a BERT-base-shaped encoder (random weights, fp16), on a GPU.
+
+    python3 scripts/small_batch_ab.py OUT_DIR
+
+Modes (etformer.engine.encoder): SMALL_PATH="cublas" (F.linear, separate GELU, add+LN after each GEMM), "triton"
+(etformer's kernels on the dense weights: GELU in the FFN-in epilogue, split-K partial sums reduced inside add+LN), and
+"triton" with SMALL_SPARSE (pruned matrices on their tiles). For each (B, S, plan, mode): end-to-end median (the
+encoder call, graphed) and the GPU time of the graph replay alone, the cuBLAS + SDPA CUDA-graph layer stack beside it,
+and the relative error against the fp32 model (with HF's own fp16 error for scale). Then a launch sweep of the
+dense-weight kernel at 128 rows (direct and partial sums) for the four BERT-base matrices, and a kernel-level
+profile of one B=1, S=128 forward per mode. Writes small_batch_ab.json.
+"""
+import copy
+import json
+import os
+import sys
+
+import torch
+
+from etformer.bench.peers import cublas_sdpa_graph
+from etformer.bench.run import make_inputs, model_shape
+from etformer.bench.timing import env_info, time_cuda
+from etformer.engine import encoder as E
+from etformer.engine import optimize
+from etformer.kernels import tile_linear as TL
+from etformer.pruning import PruningPlan
+from etformer.pruning.recipe import hard_masks
+from etformer.sparse.tiles import atomic_write
+
+MODES = {"cublas": ("cublas", False), "triton": ("triton", False), "triton_sparse": ("triton", True)}
+SHAPES = [(1, 128), (1, 512), (8, 128), (2, 384)]
+
+
+def set_mode(mode):
+    E.SMALL_PATH, E.SMALL_SPARSE = MODES[mode]
+
+
+def rel(a, b, mask):
+    keep = mask.bool()
+    a, b = a[keep].float(), b[keep].float()
+    return float((a - b).norm() / b.norm())
+
+
+def main(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    base = model_shape("bert-base").cuda()
+    plans = {"dense": None, "tile50": PruningPlan.uniform("tile", 0.5, (128, 64))}
+    models = {}
+    for name, plan in plans.items():
+        m = copy.deepcopy(base)
+        if plan is not None:
+            with torch.no_grad():
+                for p, mk in hard_masks(m, plan).values():
+                    p.mul_(mk)
+        models[name] = m
+    rows = []
+    for B, S in SHAPES:
+        ids, mask = make_inputs(B, S, False, base.config.vocab_size)
+        for name, plan in plans.items():
+            m32 = models[name]
+            with torch.no_grad():
+                ref = m32(input_ids=ids, attention_mask=mask).last_hidden_state
+                hf16 = copy.deepcopy(m32).half()(input_ids=ids, attention_mask=mask).last_hidden_state
+            peer = cublas_sdpa_graph(copy.deepcopy(m32).half(), masked=False)
+            peer_us = time_cuda(lambda: peer(ids, mask), min_ms=100)["median_us"]
+            for mode in MODES:
+                if name == "dense" and mode == "triton_sparse":
+                    continue
+                set_mode(mode)
+                enc = optimize(m32, plan, dtype=torch.float16, device="cuda")
+                y = enc(ids, mask).last_hidden_state
+                e2e = time_cuda(lambda: enc(ids, mask), min_ms=100)["median_us"]
+                gpu = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=100)["median_us"]
+                r = {"B": B, "S": S, "plan": name, "mode": mode, "e2e_us": e2e, "gpu_us": gpu,
+                     "peer_cublas_sdpa_graph_us": peer_us, "speedup_vs_peer": peer_us / e2e,
+                     "err": rel(y, ref, mask), "hf_fp16_err": rel(hf16, ref, mask)}
+                rows.append(r)
+                print(f"B={B:2d} S={S:3d} {name:6s} {mode:13s} e2e {e2e:7.1f} us  gpu {gpu:7.1f} us  "
+                      f"peer {peer_us:7.1f} ({peer_us / e2e:.2f}x)  err {r['err']:.2e} (HF fp16 {r['hf_fp16_err']:.2e})",
+                      flush=True)
+    set_mode("triton")
+
+    # launch sweep of the dense-weight kernel at M=128
+    sweep = []
+    torch.manual_seed(0)
+    for kind, (N, K) in {"qkv": (2304, 768), "o": (768, 768), "ffn_in": (3072, 768), "ffn_out": (768, 3072)}.items():
+        W = torch.randn(N, K, device="cuda", dtype=torch.float16) / 30
+        b = torch.randn(N, device="cuda", dtype=torch.float16)
+        x = torch.randn(128, K, device="cuda", dtype=torch.float16)
+        cub = time_cuda(lambda: torch.nn.functional.linear(x, W, b), graph=True, min_ms=50)["median_us"]
+        for bn in (32, 64, 128):
+            TL.DENSE_TILE = (bn, 64)
+            for cfg in ((64, 4, 3), (64, 4, 4), (128, 4, 4), (128, 8, 4), (32, 4, 4)):
+                for split in (None, 1, 2, 4, 8):
+                    if split is None:
+                        fn = lambda: TL.tile_linear(x, W, b, activation="gelu", _config=cfg)  # noqa: E731
+                    else:
+                        fn = lambda: TL.tile_linear_partials(x, W, split=split, _config=cfg)  # noqa: E731
+                    try:
+                        t = time_cuda(fn, graph=True, min_ms=20)["median_us"]
+                    except Exception as e:  # a launch that does not fit (shared memory) is recorded, not fatal
+                        t = None
+                        print(f"  {kind} BN={bn} {cfg} split={split}: {type(e).__name__}")
+                    sweep.append({"matrix": kind, "BN": bn, "config": cfg, "split": split, "us": t,
+                                  "cublas_linear_us": cub})
+        best_d = min((s for s in sweep if s["matrix"] == kind and s["split"] is None and s["us"]), key=lambda s: s["us"])
+        best_p = min((s for s in sweep if s["matrix"] == kind and s["split"] and s["us"]), key=lambda s: s["us"])
+        print(f"sweep {kind}: cuBLAS {cub:.1f} us; best direct (+GELU) {best_d['us']:.1f} BN={best_d['BN']} "
+              f"{best_d['config']}; best partials {best_p['us']:.1f} BN={best_p['BN']} {best_p['config']} "
+              f"split={best_p['split']}", flush=True)
+    TL.DENSE_TILE = (64, 64)
+
+    # kernel-level profile, B=1, S=128
+    prof_out = {}
+    ids, mask = make_inputs(1, 128, False, base.config.vocab_size)
+    for name, plan in plans.items():
+        for mode in MODES:
+            if name == "dense" and mode == "triton_sparse":
+                continue
+            set_mode(mode)
+            enc = optimize(models[name], plan, dtype=torch.float16, device="cuda")
+            replay = enc.graph_replay_fn(ids, mask)
+            for _ in range(5):
+                replay()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    replay()
+                torch.cuda.synchronize()
+            fam = {}
+            for e in prof.key_averages():
+                t = getattr(e, "self_device_time_total", 0) or 0
+                if t:
+                    fam[e.key[:60]] = fam.get(e.key[:60], 0) + t / 5
+            prof_out[f"{name}/{mode}"] = sorted(fam.items(), key=lambda kv: -kv[1])[:10]
+            print(f"== {name}/{mode}: " + ", ".join(f"{k[:28]} {v:.0f}" for k, v in prof_out[f"{name}/{mode}"][:6]))
+    set_mode("triton")
+
+    res = {"env": env_info(), "command": "python3 scripts/small_batch_ab.py OUT_DIR", "rows": rows, "sweep": sweep,
+           "profile_b1_s128": prof_out}
+
+    def wj(tmp):
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+    atomic_write(os.path.join(out_dir, "small_batch_ab.json"), wj)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
