@@ -26,13 +26,13 @@ for part in "$@"; do
     t800)  # E.T.'s Transformer (d=800) through nn.TransformerEncoder
       python3 -m etformer.bench.transformer --out "$OUT/t800" 2>&1 | grep -v -i warn | tail -50 ;;
     kernels)  # operators alone: tile linear vs cuBLAS and BSR; attention vs SDPA
-      python3 -m etformer.bench.kernels --out "$OUT/kernels" --tiles 64x64,128x64 2>&1 | tail -60 ;;
+      python3 -m etformer.bench.kernels --out "$OUT/kernels" --tiles 64x64,128x64 2>&1 | tail -45 ;;
     torchparity)  # every nn.TransformerEncoder configuration through the kernels vs PyTorch's own fp16/bf16 run
       python3 scripts/torch_encoder_parity.py "$OUT/torchparity" 2>&1 | grep -v -i warn | tail -40 ;;
     accuracy)  # 50% tiles on MiniLM / STS-B: longer recipes, the larger distillation corpus, RGL and ADMM
       bash scripts/accuracy_gpu.sh 2>&1 | tail -20 ;;
     smallbatch)  # same-run A/B of the small-batch path (cuBLAS vs etformer kernels on dense weights vs tiles), sweep
-      python3 scripts/small_batch_ab.py "$OUT/smallbatch" 2>&1 | grep -v -i warn | tail -60 ;;
+      python3 scripts/small_batch_ab.py "$OUT/smallbatch" 2>&1 | grep -v -i warn | tail -45 ;;
     parity)  # engine vs HF on GLUE dev, fp16 and bf16
       python3 scripts/gpu_parity.py "$OUT/parity" 2>&1 | grep -v "Loading weights" | tail -12 ;;
     tune)  # launch sweeps of the tile kernel (TUNED_TMA) and the wide-head attention

@@ -38,9 +38,13 @@ DENSE_CUTOFF = 0.8
 SPARSE_MIN_TOKENS = 4096
 # Under SPARSE_MIN_TOKENS rows, "triton" runs every matrix on etformer's kernels, reading a dense weight in place: the
 # FFN-in GEMM then carries the GELU, and the output projection and FFN-out write split-K partial sums that the
-# following add+LayerNorm reduces (no separate activation or split-K reduction launch). "cublas" keeps F.linear there.
-SMALL_PATH = "triton"
-# Whether that small-batch path runs a sparse matrix on its tiles (True) or on its dense copy (False).
+# following add+LayerNorm reduces (7 launches a layer instead of 9). "cublas" keeps F.linear there. Same-run A/B on
+# the H200, BERT-base, GPU time per forward (benchmarks/results/h200/small_batch_ab.json): 425 vs 438 us at B=1, S=128
+# (the kernels' summed time is equal, 396 us; the two launches saved are the gain), but 615 vs 570 at B=1, S=512,
+# 776 vs 649 at B=8, S=128 and 729 vs 652 at B=2, S=384. So cuBLAS stays the default; "triton" is the option.
+SMALL_PATH = "cublas"
+# Whether that small-batch path runs a sparse matrix on its tiles (True) or on its dense copy (False). Tiles were
+# slower at every small shape in the same A/B (463 vs 426 us at B=1, S=128 for 50% tiles), hence False.
 SMALL_SPARSE = False
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
