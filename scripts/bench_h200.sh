@@ -33,6 +33,8 @@ for part in "$@"; do
       bash scripts/accuracy_gpu.sh 2>&1 | tail -20 ;;
     smallbatch)  # same-run A/B of the small-batch path (cuBLAS vs etformer kernels on dense weights vs tiles), sweep
       python3 scripts/small_batch_ab.py "$OUT/smallbatch" 2>&1 | grep -v -i warn | tail -45 ;;
+    fusedffn)  # same-run A/B of the fused FFN block at small batch, and its launch sweep
+      python3 scripts/small_batch_ab.py "$OUT/fusedffn" --ffn 2>&1 | grep -v -i warn | tail -45 ;;
     parity)  # engine vs HF on GLUE dev, fp16 and bf16
       python3 scripts/gpu_parity.py "$OUT/parity" 2>&1 | grep -v "Loading weights" | tail -12 ;;
     tune)  # launch sweeps of the tile kernel (TUNED_TMA) and the wide-head attention

@@ -1,10 +1,12 @@
 """Same-run A/B of the engine's small-batch path on a BERT-base-shaped encoder (random weights, fp16), on a GPU.
 
-    python3 scripts/small_batch_ab.py OUT_DIR
+    python3 scripts/small_batch_ab.py OUT_DIR                       # the first A/B (small_batch_ab.json)
+    python3 scripts/small_batch_ab.py OUT_DIR --ffn                 # the fused FFN block (fused_ffn_ab.json)
 
 Modes (etformer.engine.encoder): SMALL_PATH="cublas" (F.linear, separate GELU, add+LN after each GEMM), "triton"
 (etformer's kernels on the dense weights: GELU in the FFN-in epilogue, split-K partial sums reduced inside add+LN), and
-"triton" with SMALL_SPARSE (pruned matrices on their tiles). For each (B, S, plan, mode): end-to-end median (the
+"triton" with SMALL_SPARSE (pruned matrices on their tiles); each with the fused FFN block off. With --ffn: cuBLAS
+with the fused FFN block on (FUSED_FFN_MAX_TOKENS), and that with SMALL_PATH="triton" for the output projection. For each (B, S, plan, mode): end-to-end median (the
 encoder call, graphed) and the GPU time of the graph replay alone, the cuBLAS + SDPA CUDA-graph layer stack beside it,
 and the relative error against the fp32 model (with HF's own fp16 error for scale). Then a launch sweep of the
 dense-weight kernel at 128 rows (direct and partial sums) for the four BERT-base matrices, and a kernel-level
@@ -29,12 +31,17 @@ from etformer.sparse.tiles import atomic_write
 
 TL = importlib.import_module("etformer.kernels.tile_linear")
 
-MODES = {"cublas": ("cublas", False), "triton": ("triton", False), "triton_sparse": ("triton", True)}
+MODES = {"cublas": ("cublas", False, 0), "triton": ("triton", False, 0), "triton_sparse": ("triton", True, 0)}
 SHAPES = [(1, 128), (1, 512), (8, 128), (2, 384)]
+FFN_MODES = {"cublas": ("cublas", False, 0), "fused_ffn": ("cublas", False, 1 << 20),
+             "fused_ffn+triton_o": ("triton", False, 1 << 20)}
+FFN_SHAPES = [(1, 128), (2, 128), (1, 384), (1, 512), (8, 128)]
+FFN_CONFIGS = [(64, 128, 64, 128, 4, 3), (64, 64, 64, 128, 4, 3), (64, 128, 64, 64, 4, 3), (64, 128, 64, 128, 8, 3),
+               (128, 128, 64, 128, 8, 3), (64, 256, 64, 128, 8, 2)]
 
 
 def set_mode(mode):
-    E.SMALL_PATH, E.SMALL_SPARSE = MODES[mode]
+    E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS = MODES[mode]
 
 
 def rel(a, b, mask):
@@ -43,10 +50,14 @@ def rel(a, b, mask):
     return float((a - b).norm() / b.norm())
 
 
-def main(out_dir):
+def main(out_dir, ffn=False):
+    global MODES, SHAPES
+    if ffn:
+        MODES, SHAPES = FFN_MODES, FFN_SHAPES
     os.makedirs(out_dir, exist_ok=True)
+    name_json = "fused_ffn_ab.json" if ffn else "small_batch_ab.json"
     base = model_shape("bert-base").cuda()
-    plans = {"dense": None, "tile50": PruningPlan.uniform("tile", 0.5, (128, 64))}
+    plans = {"dense": None} if ffn else {"dense": None, "tile50": PruningPlan.uniform("tile", 0.5, (128, 64))}
     models = {}
     for name, plan in plans.items():
         m = copy.deepcopy(base)
@@ -80,11 +91,69 @@ def main(out_dir):
                 print(f"B={B:2d} S={S:3d} {name:6s} {mode:13s} e2e {e2e:7.1f} us  gpu {gpu:7.1f} us  "
                       f"peer {peer_us:7.1f} ({peer_us / e2e:.2f}x)  err {r['err']:.2e} (HF fp16 {r['hf_fp16_err']:.2e})",
                       flush=True)
-    set_mode("triton")
-    res = {"env": env_info(), "command": "python3 scripts/small_batch_ab.py OUT_DIR", "rows": rows}
-    save(res, out_dir)
+    set_mode("cublas")
+    res = {"env": env_info(), "command": "python3 scripts/small_batch_ab.py OUT_DIR" + (" --ffn" if ffn else ""),
+           "rows": rows}
+    save(res, out_dir, name_json)
+    if ffn:
+        from etformer.kernels.fused_ffn import fused_ffn_partials
 
-    # launch sweep of the dense-weight kernel at M=128
+        sweep = []
+        torch.manual_seed(0)
+        w1 = torch.randn(3072, 768, device="cuda", dtype=torch.float16) / 30
+        w2 = torch.randn(768, 3072, device="cuda", dtype=torch.float16) / 60
+        b1 = torch.randn(3072, device="cuda", dtype=torch.float16)
+        for M in (128, 256, 512):
+            x = torch.randn(M, 768, device="cuda", dtype=torch.float16)
+            for cfg in FFN_CONFIGS:
+                try:
+                    t = time_cuda(lambda: fused_ffn_partials(x, w1, b1, w2, "gelu", _config=cfg), graph=True,
+                                  min_ms=20)["median_us"]
+                except Exception as e:
+                    t = None
+                    print(f"  ffn M={M} {cfg}: {type(e).__name__}: {str(e)[:80]}")
+                sweep.append({"M": M, "config": cfg, "us": t})
+            ok = [r for r in sweep if r["M"] == M and r["us"]]
+            print(f"ffn sweep M={M}: " + ", ".join(f"{r['config']} {r['us']:.1f}" for r in ok), flush=True)
+        res["ffn_sweep"] = sweep
+
+    if not ffn:
+        res["sweep"] = dense_weight_sweep()
+    save(res, out_dir, name_json)
+
+
+    # kernel-level profile, B=1, S=128
+    prof_out = {}
+    ids, mask = make_inputs(1, 128, False, base.config.vocab_size)
+    for name, plan in plans.items():
+        for mode in MODES:
+            if name == "dense" and mode == "triton_sparse":
+                continue
+            set_mode(mode)
+            enc = optimize(models[name], plan, dtype=torch.float16, device="cuda")
+            replay = enc.graph_replay_fn(ids, mask)
+            for _ in range(5):
+                replay()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    replay()
+                torch.cuda.synchronize()
+            fam = {}
+            for e in prof.key_averages():
+                t = getattr(e, "self_device_time_total", 0) or 0
+                if t:
+                    fam[e.key[:60]] = fam.get(e.key[:60], 0) + t / 5
+            prof_out[f"{name}/{mode}"] = sorted(fam.items(), key=lambda kv: -kv[1])[:10]
+            print(f"== {name}/{mode}: " + ", ".join(f"{k[:28]} {v:.0f}" for k, v in prof_out[f"{name}/{mode}"][:6]))
+    set_mode("cublas")
+
+    res["profile_b1_s128"] = prof_out
+    save(res, out_dir, name_json)
+
+
+def dense_weight_sweep():
+    """Launch sweep of the dense-weight kernel at M=128 (direct with GELU, and partial sums) for BERT-base's matrices."""
     sweep = []
     torch.manual_seed(0)
     for kind, (N, K) in {"qkv": (2304, 768), "o": (768, 768), "ffn_in": (3072, 768), "ffn_out": (768, 3072)}.items():
@@ -116,45 +185,15 @@ def main(out_dir):
               f"split={best_p['split']}", flush=True)
     TL.DENSE_TILE = (64, 64)
 
-    res["sweep"] = sweep
-    save(res, out_dir)
-
-    # kernel-level profile, B=1, S=128
-    prof_out = {}
-    ids, mask = make_inputs(1, 128, False, base.config.vocab_size)
-    for name, plan in plans.items():
-        for mode in MODES:
-            if name == "dense" and mode == "triton_sparse":
-                continue
-            set_mode(mode)
-            enc = optimize(models[name], plan, dtype=torch.float16, device="cuda")
-            replay = enc.graph_replay_fn(ids, mask)
-            for _ in range(5):
-                replay()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    replay()
-                torch.cuda.synchronize()
-            fam = {}
-            for e in prof.key_averages():
-                t = getattr(e, "self_device_time_total", 0) or 0
-                if t:
-                    fam[e.key[:60]] = fam.get(e.key[:60], 0) + t / 5
-            prof_out[f"{name}/{mode}"] = sorted(fam.items(), key=lambda kv: -kv[1])[:10]
-            print(f"== {name}/{mode}: " + ", ".join(f"{k[:28]} {v:.0f}" for k, v in prof_out[f"{name}/{mode}"][:6]))
-    set_mode("triton")
-
-    res.update(sweep=sweep, profile_b1_s128=prof_out)
-    save(res, out_dir)
+    return sweep
 
 
-def save(res, out_dir):
+def save(res, out_dir, name):
     def wj(tmp):
         with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
-    atomic_write(os.path.join(out_dir, "small_batch_ab.json"), wj)
+    atomic_write(os.path.join(out_dir, name), wj)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], ffn="--ffn" in sys.argv[2:])

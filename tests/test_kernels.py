@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from etformer.errors import EtformerError
-from etformer.kernels import (CompactV, add_layernorm, attention, attention_reference, pruned_v_attention,
-                              tile_linear, tile_linear_partials)
+from etformer.kernels import (CompactV, add_layernorm, attention, attention_reference, fused_ffn_partials,
+                              pruned_v_attention, tile_linear, tile_linear_partials)
 from etformer.sparse import TileSparseWeight
 from kernel_utils import DEVICE, DTYPES, assert_close, needs_triton
 
@@ -235,6 +235,46 @@ def test_partial_sums_into_add_layernorm(dtype, dense, split):
                           x_bias=b)
     assert y_ref.dtype == dtype
     assert_close(y_ref, peer, ref, "reference path")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D,I", [(1, 64, 128), (17, 96, 200), (70, 64, 96)])
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_fused_ffn_into_add_layernorm(dtype, M, D, I, act):
+    """act(x W1^T + b1) W2^T as partial sums in one launch, then add+LN with b2 and the residual: the whole post-LN
+    FFN block. I and D not multiples of the slice and chunk widths."""
+    x = torch.randn(M, D, device=DEVICE, dtype=dtype)
+    w1 = (torch.randn(I, D, device=DEVICE) / math.sqrt(D)).to(dtype)
+    w2 = (torch.randn(D, I, device=DEVICE) / math.sqrt(I)).to(dtype)
+    b1, b2 = torch.randn(I, device=DEVICE, dtype=dtype), torch.randn(D, device=DEVICE, dtype=dtype)
+    g, beta = torch.rand(D, device=DEVICE, dtype=dtype) + 0.5, torch.randn(D, device=DEVICE, dtype=dtype)
+    ws = fused_ffn_partials(x, w1, b1, w2, act, backend="triton")
+    assert ws.dtype == torch.float32 and ws.shape[1:] == (M, D)
+    fa = torch.nn.functional.gelu if act == "gelu" else torch.relu
+
+    def ffn(xx, a, bb1, c):
+        return torch.nn.functional.linear(fa(torch.nn.functional.linear(xx, a, bb1)), c)
+
+    ref = ffn(x.double(), w1.double(), b1.double(), w2.double())
+    assert_close(ws.sum(0), ffn(x, w1, b1, w2).float(), ref, "fused FFN partial sums")
+    y = torch.full((M, D), float("nan"), device=DEVICE, dtype=dtype)
+    add_layernorm(ws, x, g, beta, 1e-12, out=y, backend="triton", x_bias=b2)
+    ln_ref = torch.nn.functional.layer_norm(ref + b2.double() + x.double(), (D,), g.double(), beta.double(), 1e-12)
+    ln_peer = torch.nn.functional.layer_norm(ffn(x, w1, b1, w2) + b2 + x, (D,), g, beta, 1e-12)
+    assert_close(y, ln_peer, ln_ref, "fused FFN block")
+
+
+def test_fused_ffn_bad_inputs():
+    x = torch.randn(4, 64, device=DEVICE)
+    w1, w2 = torch.randn(96, 64, device=DEVICE), torch.randn(64, 96, device=DEVICE)
+    with pytest.raises(EtformerError, match="do not chain"):
+        fused_ffn_partials(x, w1, None, w2.t().contiguous(), backend="triton")
+    with pytest.raises(EtformerError, match="must match"):
+        fused_ffn_partials(x, w1.half(), None, w2, backend="triton")
+    with pytest.raises(EtformerError, match="b1"):
+        fused_ffn_partials(x, w1, torch.zeros(5, device=DEVICE), w2, backend="triton")
+    with pytest.raises(EtformerError, match="activation"):
+        fused_ffn_partials(x, w1, None, w2, "swish", backend="triton")
 
 
 def test_partial_sums_bad_inputs():

@@ -9,6 +9,7 @@
            h   = LN(ctx W_O^T + b_O + X)                                      # fused add + LayerNorm
            f   = GELU(h W_1^T + b_1)                                          # GELU in the GEMM epilogue
            X   = LN(f W_2^T + b_2 + h)
+           (up to FUSED_FFN_MAX_TOKENS tokens the last two lines are one fused FFN launch + add&LN)
       -> pad once: last_hidden_state (B, S, d), zeros at padded positions
 
 Each matrix runs on the tile-sparse kernel when it is sparse enough to win, and on cuBLAS otherwise (the cut-off
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import EtformerError
 from ..kernels.attention import attention
+from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
 from ..kernels.tile_linear import apply_activation, tile_linear, tile_linear_partials
 from ..sparse.tiles import TileSparseWeight
@@ -46,6 +48,9 @@ SMALL_PATH = "cublas"
 # Whether that small-batch path runs a sparse matrix on its tiles (True) or on its dense copy (False). Tiles were
 # slower at every small shape in the same A/B (463 vs 426 us at B=1, S=128 for 50% tiles), hence False.
 SMALL_SPARSE = False
+# Post-LN layers with at most this many tokens run the FFN block as one fused launch (kernels/fused_ffn.py: both GEMMs
+# and the activation, partial sums reduced in the following add+LayerNorm with b2), on the dense weights; 0 turns it off.
+FUSED_FFN_MAX_TOKENS = 256
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 
@@ -257,6 +262,18 @@ class ETEncoder(torch.nn.Module):
     def _ln(self, a, r, wb):
         return add_layernorm(a, r, wb[0], wb[1], self.cfg.eps, backend=self.backend)
 
+    def _ffn_ln(self, L: Layer, h):
+        """LN(FFN(h) + h) of a post-LN layer: one fused FFN launch up to FUSED_FFN_MAX_TOKENS tokens on the kernels
+        (dense weights of both matrices; a sparse one uses its dense copy), else FFN-in (+act) then FFN-out + add&LN."""
+        bk = self.backend
+        w1, w2 = L.ffn_in.dense_weight, L.ffn_out.dense_weight
+        if (w1 is not None and w2 is not None and 0 < h.shape[0] <= FUSED_FFN_MAX_TOKENS
+                and (bk == "triton" or (bk == "auto" and h.is_cuda))):
+            ws = fused_ffn_partials(h, w1, L.ffn_in.bias, w2, self.cfg.activation, backend=bk)
+            return add_layernorm(ws, h, L.ln2[0], L.ln2[1], self.cfg.eps, backend=bk, x_bias=L.ffn_out.bias)
+        f = L.ffn_in(h, activation=self.cfg.activation, backend=bk)
+        return self._linear_ln(L.ffn_out, f, h, L.ln2)
+
     def _linear_ln(self, lin: Linear, a, r, wb):
         """LN(lin(a) + r): through split-K partial sums on the small-batch path, else one linear then add+LN."""
         ws = lin.partial_sums(a, self.backend)
@@ -289,8 +306,7 @@ class ETEncoder(torch.nn.Module):
                 x = L.ffn_out(f, residual=x, backend=bk)
             else:
                 h = self._linear_ln(L.o, attend(L.qkv(x, backend=bk), L), x, L.ln1)
-                f = L.ffn_in(h, activation=cfg.activation, backend=bk)
-                x = self._linear_ln(L.ffn_out, f, h, L.ln2)
+                x = self._ffn_ln(L, h)
         if self.final_norm is not None:
             x = ln(x, None, self.final_norm)
         return x
