@@ -127,9 +127,19 @@ def test_cli_eval_engine_et(glue_dir, tmp_path):
 
 @needs_triton
 @pytest.mark.parametrize("plan", [PruningPlan.uniform("tile", 0.5, (16, 16)), PruningPlan.attention_aware(0.6, (16, 16))])
-def test_engine_through_kernels_small_bert(plan):
-    """The whole engine on the Triton kernels (interpreter on the CPU, compiled on a GPU) against HF."""
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused-ffn"])
+def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
+    """The whole engine on the Triton kernels (interpreter on the CPU, compiled on a GPU) against HF; fused-ffn: with
+    the optional one-launch FFN block and the small-batch kernels on dense weights switched on."""
     from conftest import tiny_bert
+    from etformer.engine import encoder as E
+
+    calls = []
+    if fused:
+        monkeypatch.setattr(E, "FUSED_FFN_MAX_TOKENS", 1 << 20)
+        monkeypatch.setattr(E, "SMALL_PATH", "triton")
+        real = E.fused_ffn_partials
+        monkeypatch.setattr(E, "fused_ffn_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
     with torch.no_grad():
@@ -149,6 +159,7 @@ def test_engine_through_kernels_small_bert(plan):
         for _ in range(2):  # the second call replays the captured graph
             y = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.cpu()
             assert _rel_on_tokens(y, ref, mask) < (1e-5 if DEVICE == "cpu" else 2e-3)
+    assert bool(calls) == fused  # the fused FFN ran exactly when switched on
 
 
 @needs_triton

@@ -9,7 +9,7 @@
            h   = LN(ctx W_O^T + b_O + X)                                      # fused add + LayerNorm
            f   = GELU(h W_1^T + b_1)                                          # GELU in the GEMM epilogue
            X   = LN(f W_2^T + b_2 + h)
-           (up to FUSED_FFN_MAX_TOKENS tokens the last two lines are one fused FFN launch + add&LN)
+           (optionally, up to FUSED_FFN_MAX_TOKENS tokens, the last two lines are one fused FFN launch + add&LN)
       -> pad once: last_hidden_state (B, S, d), zeros at padded positions
 
 Each matrix runs on the tile-sparse kernel when it is sparse enough to win, and on cuBLAS otherwise (the cut-off
@@ -50,7 +50,10 @@ SMALL_PATH = "cublas"
 SMALL_SPARSE = False
 # Post-LN layers with at most this many tokens run the FFN block as one fused launch (kernels/fused_ffn.py: both GEMMs
 # and the activation, partial sums reduced in the following add+LayerNorm with b2), on the dense weights; 0 turns it off.
-FUSED_FFN_MAX_TOKENS = 256
+# Off by default: same-run A/B on the H200, BERT-base GPU time per forward (benchmarks/results/h200/fused_ffn_ab.json):
+# 501 vs 438 us at B=1, S=128 and worse at every larger shape. The fused launch takes 17 us against 15 us for the four
+# launches it replaces: 48 programs each stream 384 KB of weights one after another, too few to draw the bandwidth.
+FUSED_FFN_MAX_TOKENS = 0
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 
