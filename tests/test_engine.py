@@ -173,7 +173,7 @@ def test_graph_replay_with_new_mask_same_bucket():
     enc = optimize(model, None, dtype="float32", device=DEVICE, backend="triton")
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 100, (3, 13), generator=g)
-    lens = [[13, 4, 9], [9, 13, 4], [13, 13, 13]]
+    lens = [[13, 4, 9], [9, 13, 4], [13, 13, 13], [3, 13, 9]]  # the last has 25 tokens: the 26-row graph, one ghost
     for ls in lens:
         mask = (torch.arange(13)[None, :] < torch.tensor(ls)[:, None]).long()
         ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -181,7 +181,7 @@ def test_graph_replay_with_new_mask_same_bucket():
         assert _rel_on_tokens(y, ref, mask) < (1e-5 if DEVICE == "cpu" else 2e-3), ls
         assert torch.all(y[~mask.bool()] == 0)
     if DEVICE == "cuda":
-        assert len(enc._graphs) == 2  # (T=26, max 13) shared by the first two batches; T=39 for the full one
+        assert len(enc._graphs) == 2  # (T=26, max 13) shared by batches 1, 2 and 4; T=39 for the full one
 
 
 @needs_triton
@@ -236,3 +236,51 @@ def test_linear_routes(monkeypatch, small_path, small_sparse):
             if ws is not None:
                 lin_ref = F.linear(x.float(), Wm.float())
                 assert float((ws.sum(0) - lin_ref).norm() / lin_ref.norm()) < 2e-3
+
+
+def test_graph_buckets():
+    from etformer.engine.encoder import ETEncoder
+
+    b = ETEncoder.graph_bucket
+    assert b(39, 13, 3, 13) == (39, 13)  # no padding: exact
+    assert b(25, 13, 3, 13) == (26, 13)
+    assert b(1000, 300, 4, 512) == (1024, 512)
+    assert b(1000, 200, 8, 512) == (1024, 256)
+    assert b(2047, 512, 4, 512) == (2048, 512)  # never past B*S
+    for T in range(1, 5000, 7):  # at most 1/8 extra rows, and never fewer
+        Tb, _ = b(T, 64, 64, 128)
+        assert T <= Tb <= T + T // 8 + 1
+    assert len({b(T, 64, 64, 128)[0] for T in range(64, 64 * 128)}) <= 8 * 7 + 1  # 8 buckets an octave
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ghost_rows_change_nothing(backend):
+    """Running with more packed rows than real tokens (a graph bucket's ghosts) gives the same real outputs, for the
+    BERT engine and the nn.TransformerEncoder one, with the ghost rows' inputs poisoned by whatever the gather reads."""
+    from torch import nn
+
+    from conftest import tiny_bert
+
+    model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
+    enc = optimize(model, None, dtype="float32", device="cpu", backend=backend)
+    ids = torch.randint(1, 100, (3, 13))
+    mask = (torch.arange(13)[None, :] < torch.tensor([13, 3, 9])[:, None]).long()
+    keep = mask.bool()
+    T = int(mask.sum())
+    exact = enc._run(ids, None, keep, T, 13, 3, 13)
+    ghost = enc._run(ids, None, keep, T + 6, 16, 3, 13)
+    assert torch.equal(exact, ghost) or float((exact - ghost).abs().max()) < 1e-6
+    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert _rel_on_tokens(ghost, ref, mask) < 1e-5
+    assert torch.all(ghost[~keep] == 0)
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True)
+    te = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    et = optimize(te, dtype="float32", device="cpu", tile=(16, 16), backend=backend)
+    x = torch.randn(3, 13, 32)
+    exact = et._run(x, keep, T, 13, False)
+    ghost = et._run(x, keep, T + 6, 16, False)
+    assert float((exact - ghost).abs().max()) < 1e-6
+    assert torch.all(ghost[~keep] == 0)

@@ -228,10 +228,23 @@ class ETEncoder(torch.nn.Module):
             c = self._const_cache[key] = (pos, cu)
         return c
 
+    @staticmethod
+    def graph_bucket(T: int, max_len: int, B: int, S: int) -> tuple[int, int]:
+        """The (rows, longest row) a CUDA graph is captured for: T rounded up to its top four bits (at most 1/8
+        extra rows, never past B*S) and max_len to a power of two (never past S). Batches of one (B, S) then share a
+        few dozen graphs at most instead of one per distinct token count; the extra rows are ghosts (below)."""
+        if T == B * S:
+            return T, max_len
+        e = max(0, T.bit_length() - 4)
+        return min(B * S, -(-T >> e) << e), min(S, 1 << max(0, (max_len - 1).bit_length()))
+
     def _indices(self, keep, B, S, T):
         """Device side of the unpad, with no host sync (it runs inside the CUDA graph): (flat, positions, cu_seqlens).
 
-        flat is None when nothing is padded (T == B*S): the packed tokens are then the input itself."""
+        T is the number of packed rows, at least the real token count (graph buckets round it up). flat[i] is the
+        (b*S + s) source of packed row i; rows past the real tokens are ghosts: flat = B*S (a discard row for the
+        pad), they belong to no sequence (cu_seqlens covers real tokens only), so attention never reads them and
+        every other operator is row-wise. flat is None when nothing is padded (T == B*S and no mask)."""
         if keep is None:
             pos, cu = self._consts(B, S, self.device)
             return None, pos, cu
@@ -239,23 +252,29 @@ class ETEncoder(torch.nn.Module):
         cs = torch.cumsum(m, 0)
         dest = torch.where(m.bool(), cs - 1, T).to(torch.int64)  # slot of each real token; padding goes to slot T
         src = torch.arange(B * S, device=keep.device)
-        flat = torch.zeros(T + 1, dtype=torch.int64, device=keep.device).scatter_(0, dest, src)[:T]
+        flat = torch.full((T + 1,), B * S, dtype=torch.int64, device=keep.device).scatter_(0, dest, src)[:T]
         cu = torch.zeros(B + 1, dtype=torch.int32, device=keep.device)
         cu[1:] = cs.view(B, S)[:, -1]
         if self.cfg.position_offset:  # RoBERTa counts positions over real tokens, from padding_idx + 1
-            rowpos = (torch.cumsum(keep.to(torch.int32), 1) - 1).reshape(-1)[flat]
+            rowpos = (torch.cumsum(keep.to(torch.int32), 1) - 1).reshape(-1)[self._gather_index(flat, B, S)]
             pos = rowpos + self.cfg.position_offset
         else:
             pos = flat % S
         return flat, pos, cu
 
+    @staticmethod
+    def _gather_index(flat, B, S):
+        """flat with ghost rows pointed at a real (ignored) token, for gathers."""
+        return flat.clamp(max=B * S - 1)
+
     def _prepare(self, input_ids, token_type_ids, keep, B, S, T):
         """Gather the real tokens (inside the CUDA graph): ids, positions, token types, cu_seqlens, flat."""
         flat, pos, cu = self._indices(keep, B, S, T)
-        ids = input_ids.reshape(-1) if flat is None else input_ids.reshape(-1)[flat]
+        g = None if flat is None else self._gather_index(flat, B, S)
+        ids = input_ids.reshape(-1) if g is None else input_ids.reshape(-1)[g]
         tt = None
         if token_type_ids is not None:
-            tt = token_type_ids.reshape(-1) if flat is None else token_type_ids.reshape(-1)[flat]
+            tt = token_type_ids.reshape(-1) if g is None else token_type_ids.reshape(-1)[g]
         return ids, pos, tt, cu, flat
 
     # ------------------------------------------------------------------ compute
@@ -318,9 +337,9 @@ class ETEncoder(torch.nn.Module):
     def _pad(x, flat, B, S):
         if flat is None:  # nothing was padded
             return x.view(B, S, -1)
-        out = x.new_zeros(B * S, x.shape[1])
+        out = x.new_zeros(B * S + 1, x.shape[1])  # the last row takes the ghost rows
         out[flat] = x
-        return out.view(B, S, -1)
+        return out[: B * S].view(B, S, -1)
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_ignored):
@@ -342,8 +361,9 @@ class ETEncoder(torch.nn.Module):
         return self._pad(self._layers(ids, pos, tt, cu, max_len), flat, B, S)
 
     def _graphed(self, input_ids, token_type_ids, keep, T, max_len, B, S):
-        """Replay the graph of this (B, S, T, max_len) bucket, capturing it on first use. Its inputs are the ids,
-        the token types and (when something is padded) the mask; the index work runs inside the graph."""
+        """Replay the graph of this (B, S, graph_bucket(T, max_len)) bucket, capturing it on first use. Its inputs are
+        the ids, the token types and (when something is padded) the mask; the index work runs inside the graph."""
+        T, max_len = self.graph_bucket(T, max_len, B, S)
         key = (B, S, T, max_len, token_type_ids is not None)
         g = self._graphs.get(key)
         if g is None:
@@ -367,7 +387,7 @@ class ETEncoder(torch.nn.Module):
         """The captured graph for these inputs' shape, as a no-argument callable: times the GPU work alone."""
         self(input_ids, attention_mask, token_type_ids)
         keep = self._validate(input_ids, attention_mask, token_type_ids)
-        T, max_len = self._lengths(keep, *input_ids.shape)
+        T, max_len = self.graph_bucket(*self._lengths(keep, *input_ids.shape), *input_ids.shape)
         return self._graphs[(*input_ids.shape, T, max_len, token_type_ids is not None)][0].replay
 
     def encode_fn(self):

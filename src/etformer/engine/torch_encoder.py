@@ -86,11 +86,12 @@ class ETTorchEncoder(nn.Module):
         B, S, d = x.shape
         flat, _, cu = core._indices(keep, B, S, T)
         packed = x.reshape(B * S, d)
-        packed = (packed if flat is None else packed[flat]).to(core.dtype).contiguous()  # (T, d)
+        packed = (packed if flat is None else packed[core._gather_index(flat, B, S)]).to(core.dtype).contiguous()
         y = core._stack(packed, cu, max_len, causal=causal)
         return core._pad(y, flat, B, S)
 
     def _graphed(self, x, keep, T, max_len, causal):
+        T, max_len = self.core.graph_bucket(T, max_len, x.shape[0], x.shape[1])
         key = (tuple(x.shape), x.dtype, T, max_len, causal)
         g = self._graphs.get(key)
         if g is None:
