@@ -11,6 +11,7 @@ from triton.compiler import ASTSource
 A = importlib.import_module("etformer.kernels.attention")
 T = importlib.import_module("etformer.kernels.tile_linear")
 N = importlib.import_module("etformer.kernels.layernorm")
+F = importlib.import_module("etformer.kernels.fused_ffn")
 tgt = GPUTarget("cuda", 90, 32)
 ok = True
 def comp(fn, sig, consts, name, warps=4, stages=3):
@@ -32,15 +33,32 @@ for tma in (False, True):
          {"x_src": xs, "w_src": ws, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
           "y_ptr": p16, "y_desc": "tensordesc<fp16[128,128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32",
           "out_col": "i32", "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
-          "FP32_DOT": C, "TMA": C, "TMA_STORE": C},
+          "FP32_DOT": C, "TMA": C, "TMA_STORE": C, "DENSE_W": C},
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True,
-          "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma},
+          "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False},
          f"tile_linear tma={tma} tma_store={tma}", stages=4)
     xs = "tensordesc<fp16[64,64]>" if tma else p16
     comp(T._tile_linear_splitk_kernel,
          {"x_src": xs, "w_src": ws, "row_ptr": i32, "col_idx": i32, "ws_ptr": "*fp32", "M": "i32", "N": "i32",
-          "K": "i32", "stride_xm": "i32", "SPLIT": "i32", "BN": C, "BK": C, "BLOCK_M": C, "FP32_DOT": C, "TMA": C},
-         {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False, "TMA": tma}, f"tile_linear split-K tma={tma}")
+          "K": "i32", "stride_xm": "i32", "SPLIT": "i32", "BN": C, "BK": C, "BLOCK_M": C, "FP32_DOT": C, "TMA": C,
+          "DENSE_W": C},
+         {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False, "TMA": tma, "DENSE_W": False},
+         f"tile_linear split-K tma={tma}")
+# the small-batch path: a dense W [N, K] read in place through a descriptor, 64x64 blocks
+comp(T._tile_linear_kernel,
+     {"x_src": "tensordesc<fp16[64,64]>", "w_src": "tensordesc<fp16[64,64]>", "row_ptr": p16, "col_idx": p16,
+      "order_ptr": p16, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "y_desc": p16, "M": "i32", "N": "i32",
+      "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C,
+      "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C, "TMA_STORE": C,
+      "DENSE_W": C},
+     {"BN": 64, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": False,
+      "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True}, "tile_linear dense W", stages=4)
+comp(F._ffn_kernel,
+     {"x_src": "tensordesc<fp16[64,64]>", "w1_src": "tensordesc<fp16[128,64]>", "b1_ptr": p16,
+      "w2_src": "tensordesc<fp16[128,128]>", "ws_ptr": "*fp32", "x_ptr": p16, "M": "i32", "D": "i32", "I": "i32",
+      "stride_xm": "i32", "BLOCK_M": C, "BI": C, "BK": C, "BD": C, "ACT": C, "HAS_B1": C, "FP32_DOT": C, "TMA": C},
+     {"BLOCK_M": 64, "BI": 128, "BK": 64, "BD": 128, "ACT": 1, "HAS_B1": True, "FP32_DOT": False, "TMA": True},
+     "fused FFN")
 comp(T._splitk_epilogue_kernel,
      {"ws_ptr": "*fp32", "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "M": "i32", "N": "i32", "SPLIT": "i32",
       "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BLOCK_M": C, "BLOCK_N": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C},
@@ -53,8 +71,14 @@ for one, bn in ((True, 128), (False, 64)):
          {"D": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_DV": 64, "ONE_PASS": one, "CAUSAL": True, "HAS_BIAS": True,
           "FP32_DOT": False}, f"attention one_pass={one}", stages=1 if one else 3)
 comp(N._add_ln_kernel,
-     {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "N": "i32", "stride_x": "i32", "stride_r": "i32",
-      "stride_y": "i32", "eps": "fp32", "BLOCK": C, "HAS_RES": C}, {"BLOCK": 1024, "HAS_RES": True}, "add_layernorm")
+     {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
+      "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "SPLIT": "i32", "stride_s": "i32",
+      "BLOCK": C, "HAS_RES": C, "HAS_XB": C}, {"BLOCK": 1024, "HAS_RES": True, "HAS_XB": False}, "add_layernorm")
+comp(N._add_ln_kernel,
+     {"x_ptr": "*fp32", "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
+      "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "SPLIT": "i32", "stride_s": "i32",
+      "BLOCK": C, "HAS_RES": C, "HAS_XB": C}, {"BLOCK": 1024, "HAS_RES": True, "HAS_XB": True},
+     "add_layernorm of partial sums")
 # Wide heads (E.T.'s Transformer: D = 200, padded to 256 on chip). D is a compile-time constant so that the head
 # offsets h*D are known multiples of 8 elements: the loads are then 16-byte vectors and K/V stream through cp.async.
 # With D a run-time integer (not a multiple of 16, so Triton could not assume alignment) every load was a 2-byte

@@ -164,16 +164,16 @@ def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
 
 @needs_triton
 def test_graph_replay_with_new_mask_same_bucket():
-    """Two batches with the same (B, S, T, max_len) share one captured graph; the varlen indices are rebuilt on the
-    device from each batch's mask, so the second batch (rows permuted) must still match HF, and a full batch (no
-    padding, no index work) must too."""
+    """Batches with the same (B, S, T, max_len), or whose bucket is a captured graph, share it; the varlen indices
+    are rebuilt on the device from each batch's mask, so the second batch (rows permuted) must still match HF, a full
+    batch (no padding, no index work) must too, and so must one run in a graph with a ghost row."""
     from conftest import tiny_bert
 
     model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
     enc = optimize(model, None, dtype="float32", device=DEVICE, backend="triton")
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 100, (3, 13), generator=g)
-    lens = [[13, 4, 9], [9, 13, 4], [13, 13, 13], [3, 13, 9]]  # the last has 25 tokens: the 26-row graph, one ghost
+    lens = [[13, 4, 9], [9, 13, 4], [13, 13, 13], [3, 13, 9]]  # 25 tokens: its bucket is the 26-row graph (one ghost)
     for ls in lens:
         mask = (torch.arange(13)[None, :] < torch.tensor(ls)[:, None]).long()
         ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -253,6 +253,25 @@ def test_graph_buckets():
     assert len({b(T, 64, 64, 128)[0] for T in range(64, 64 * 128)}) <= 8 * 7 + 1  # 8 buckets an octave
 
 
+def test_graph_key_policy():
+    """Exact token counts for the first GRAPH_EXACT_PER_SHAPE graphs of a shape, then buckets; a count whose bucket
+    graph exists reuses it; other shapes and extras count separately."""
+    from etformer.engine.encoder import GRAPH_EXACT_PER_SHAPE, choose_graph_key
+
+    cache = {}
+    for T in range(1000, 1000 + GRAPH_EXACT_PER_SHAPE):
+        k = choose_graph_key(cache, 4, 512, T, 300, (False,))
+        assert k == (4, 512, T, 300, False)
+        cache[k] = None
+    assert choose_graph_key(cache, 4, 512, 1001, 300, (False,)) == (4, 512, 1001, 300, False)  # exact hit
+    k = choose_graph_key(cache, 4, 512, 1500, 400, (False,))
+    assert k == (4, 512, 1536, 512, False)  # the shape has its exact graphs: a bucket
+    cache[k] = None
+    assert choose_graph_key(cache, 4, 512, 1499, 390, (False,)) == k  # same bucket, reused
+    assert choose_graph_key(cache, 4, 512, 1500, 400, (True,)) == (4, 512, 1500, 400, True)  # other extras
+    assert choose_graph_key(cache, 8, 512, 1500, 400, (False,)) == (8, 512, 1500, 400, False)  # other shape
+
+
 @needs_triton
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_ghost_rows_change_nothing(backend):
@@ -262,25 +281,27 @@ def test_ghost_rows_change_nothing(backend):
 
     from conftest import tiny_bert
 
+    dev = DEVICE if backend == "triton" else "cpu"
+    tol = 1e-5 if dev == "cpu" else 2e-3  # fp32 on a GPU: tf32 matmuls
     model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
-    enc = optimize(model, None, dtype="float32", device="cpu", backend=backend)
+    enc = optimize(model, None, dtype="float32", device=dev, backend=backend)
     ids = torch.randint(1, 100, (3, 13))
     mask = (torch.arange(13)[None, :] < torch.tensor([13, 3, 9])[:, None]).long()
-    keep = mask.bool()
+    keep = mask.bool().to(dev)
     T = int(mask.sum())
-    exact = enc._run(ids, None, keep, T, 13, 3, 13)
-    ghost = enc._run(ids, None, keep, T + 6, 16, 3, 13)
-    assert torch.equal(exact, ghost) or float((exact - ghost).abs().max()) < 1e-6
+    exact = enc._run(ids.to(dev), None, keep, T, 13, 3, 13).cpu()
+    ghost = enc._run(ids.to(dev), None, keep, T + 6, 16, 3, 13).cpu()
+    assert float((exact - ghost).norm() / exact.norm()) < tol
     ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert _rel_on_tokens(ghost, ref, mask) < 1e-5
-    assert torch.all(ghost[~keep] == 0)
+    assert _rel_on_tokens(ghost, ref, mask) < tol
+    assert torch.all(ghost[~mask.bool()] == 0)
 
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True)
     te = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    et = optimize(te, dtype="float32", device="cpu", tile=(16, 16), backend=backend)
-    x = torch.randn(3, 13, 32)
-    exact = et._run(x, keep, T, 13, False)
-    ghost = et._run(x, keep, T + 6, 16, False)
-    assert float((exact - ghost).abs().max()) < 1e-6
-    assert torch.all(ghost[~keep] == 0)
+    et = optimize(te, dtype="float32", device=dev, tile=(16, 16), backend=backend)
+    x = torch.randn(3, 13, 32, device=dev)
+    exact = et._run(x, keep, T, 13, False).cpu()
+    ghost = et._run(x, keep, T + 6, 16, False).cpu()
+    assert float((exact - ghost).norm() / exact.norm()) < tol
+    assert torch.all(ghost[~mask.bool()] == 0)

@@ -56,6 +56,24 @@ SMALL_SPARSE = False
 FUSED_FFN_MAX_TOKENS = 0
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
+# Graphs for a (batch, length) shape are captured for the exact token count for the first GRAPH_EXACT_PER_SHAPE
+# counts seen; after that a new count reuses or captures the graph of its bucket (graph_bucket), so variable-length
+# traffic stops capturing new graphs. A bucket graph runs up to 1/8 extra ghost rows (measured: BERT-base, B=32,
+# S=512, 8786 tokens in a 9216-row graph: 4298 us GPU+host against 3977 in an earlier run with the exact graph).
+GRAPH_EXACT_PER_SHAPE = 4
+
+
+def choose_graph_key(cache, B: int, S: int, T: int, max_len: int, extra: tuple) -> tuple:
+    """The key (B, S, rows, longest row, *extra) of the graph to replay or capture for a batch of T real tokens."""
+    exact = (B, S, T, max_len, *extra)
+    if exact in cache:
+        return exact
+    Tb, Lb = ETEncoder.graph_bucket(T, max_len, B, S)
+    bucket = (B, S, Tb, Lb, *extra)
+    if bucket in cache:
+        return bucket
+    same_shape = sum(1 for k in cache if k[:2] == (B, S) and k[4:] == extra)
+    return exact if same_shape < GRAPH_EXACT_PER_SHAPE else bucket
 
 
 @dataclass
@@ -361,10 +379,11 @@ class ETEncoder(torch.nn.Module):
         return self._pad(self._layers(ids, pos, tt, cu, max_len), flat, B, S)
 
     def _graphed(self, input_ids, token_type_ids, keep, T, max_len, B, S):
-        """Replay the graph of this (B, S, graph_bucket(T, max_len)) bucket, capturing it on first use. Its inputs are
-        the ids, the token types and (when something is padded) the mask; the index work runs inside the graph."""
-        T, max_len = self.graph_bucket(T, max_len, B, S)
-        key = (B, S, T, max_len, token_type_ids is not None)
+        """Replay the graph for this batch (choose_graph_key: its exact token count, or its bucket's), capturing it on
+        first use. Its inputs are the ids, the token types and (when something is padded) the mask; the index work
+        runs inside the graph, so a bucket graph serves every token count up to its rows."""
+        key = choose_graph_key(self._graphs, B, S, T, max_len, (token_type_ids is not None,))
+        T, max_len = key[2], key[3]
         g = self._graphs.get(key)
         if g is None:
             static = [input_ids.clone(), None if token_type_ids is None else token_type_ids.clone(),
@@ -387,8 +406,9 @@ class ETEncoder(torch.nn.Module):
         """The captured graph for these inputs' shape, as a no-argument callable: times the GPU work alone."""
         self(input_ids, attention_mask, token_type_ids)
         keep = self._validate(input_ids, attention_mask, token_type_ids)
-        T, max_len = self.graph_bucket(*self._lengths(keep, *input_ids.shape), *input_ids.shape)
-        return self._graphs[(*input_ids.shape, T, max_len, token_type_ids is not None)][0].replay
+        T, max_len = self._lengths(keep, *input_ids.shape)
+        return self._graphs[choose_graph_key(self._graphs, *input_ids.shape, T, max_len,
+                                             (token_type_ids is not None,))][0].replay
 
     def encode_fn(self):
         """A callable for etformer.evaluate: batch dict -> last_hidden_state (B, S, d)."""

@@ -15,7 +15,7 @@ from ..errors import EtformerError
 from ..models import matrices
 from ..pruning.plan import DEFAULT_TILE
 from .convert import _dtype, build_layer
-from .encoder import GRAPH_CACHE, GRAPH_MAX_TOKENS, EncoderConfig, ETEncoder, capture_graph
+from .encoder import GRAPH_CACHE, GRAPH_MAX_TOKENS, EncoderConfig, ETEncoder, capture_graph, choose_graph_key
 
 
 def torch_encoder_linears(enc: nn.TransformerEncoder) -> dict:
@@ -91,8 +91,8 @@ class ETTorchEncoder(nn.Module):
         return core._pad(y, flat, B, S)
 
     def _graphed(self, x, keep, T, max_len, causal):
-        T, max_len = self.core.graph_bucket(T, max_len, x.shape[0], x.shape[1])
-        key = (tuple(x.shape), x.dtype, T, max_len, causal)
+        key = choose_graph_key(self._graphs, x.shape[0], x.shape[1], T, max_len, (x.shape[2], x.dtype, causal))
+        T, max_len = key[2], key[3]
         g = self._graphs.get(key)
         if g is None:
             static_x, static_keep = x.clone(), None if keep is None else keep.clone()
