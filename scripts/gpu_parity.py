@@ -18,8 +18,7 @@ from etformer import optimize
 from etformer.data import load_split
 from etformer.evaluate import batches, evaluate, fit_probe, mean_pool
 from etformer.models import load_model
-from etformer.pruning import PruningPlan
-from etformer.pruning.recipe import hard_masks
+from etformer.pruning import PruningPlan, apply_plan
 
 
 @torch.no_grad()
@@ -43,11 +42,7 @@ def main(out_dir):
     for pname, plan in plans.items():
         import copy
 
-        m32 = copy.deepcopy(model32)
-        if plan is not None:
-            with torch.no_grad():
-                for p, mask in hard_masks(m32, plan).values():
-                    p.mul_(mask)
+        m32 = apply_plan(copy.deepcopy(model32), plan)
         hf32 = lambda b: m32(**b).last_hidden_state  # noqa: E731
         xt, _ = features(hf32, tok, [e.texts[0] for e in train])
         xd32, h32 = features(hf32, tok, [e.texts[0] for e in dev])

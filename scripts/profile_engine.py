@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from etformer.bench.run import make_inputs, model_shape
 from etformer.bench.timing import time_cuda
 from etformer.engine import optimize
-from etformer.pruning import PruningPlan
-from etformer.pruning.recipe import hard_masks
+from etformer.pruning import PruningPlan, apply_plan
 from etformer.kernels.tile_linear import tile_linear
 
 out_dir = sys.argv[1]
@@ -25,11 +24,7 @@ res = {}
 for name, plan in (("dense", None), ("tile50", PruningPlan.uniform("tile", 0.5, (128, 64))),
                    ("tile_balanced50", PruningPlan.uniform("tile_balanced", 0.5, (128, 64)))):
     import copy
-    m = copy.deepcopy(base)
-    if plan is not None:
-        with torch.no_grad():
-            for p, mk in hard_masks(m, plan).values():
-                p.mul_(mk)
+    m = apply_plan(copy.deepcopy(base), plan)
     enc = optimize(m, plan, dtype=torch.float16, device="cuda")
     enc.check_finite = False
     enc.use_graphs = False

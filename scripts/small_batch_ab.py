@@ -25,8 +25,7 @@ from etformer.bench.run import make_inputs, model_shape
 from etformer.bench.timing import env_info, time_cuda
 from etformer.engine import encoder as E
 from etformer.engine import optimize
-from etformer.pruning import PruningPlan
-from etformer.pruning.recipe import hard_masks
+from etformer.pruning import PruningPlan, apply_plan
 from etformer.sparse.tiles import atomic_write
 
 TL = importlib.import_module("etformer.kernels.tile_linear")
@@ -40,8 +39,11 @@ FFN_CONFIGS = [(64, 128, 64, 128, 4, 3), (64, 64, 64, 128, 4, 3), (64, 128, 64, 
                (128, 128, 64, 128, 8, 3), (64, 256, 64, 128, 8, 2)]
 
 
+ALL_MODES = {**MODES, **FFN_MODES}
+
+
 def set_mode(mode):
-    E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS = MODES[mode]
+    E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS = ALL_MODES[mode]
 
 
 def rel(a, b, mask):
@@ -51,23 +53,14 @@ def rel(a, b, mask):
 
 
 def main(out_dir, ffn=False):
-    global MODES, SHAPES
-    if ffn:
-        MODES, SHAPES = FFN_MODES, FFN_SHAPES
+    modes, shapes = (FFN_MODES, FFN_SHAPES) if ffn else (MODES, SHAPES)
     os.makedirs(out_dir, exist_ok=True)
     name_json = "fused_ffn_ab.json" if ffn else "small_batch_ab.json"
     base = model_shape("bert-base").cuda()
     plans = {"dense": None} if ffn else {"dense": None, "tile50": PruningPlan.uniform("tile", 0.5, (128, 64))}
-    models = {}
-    for name, plan in plans.items():
-        m = copy.deepcopy(base)
-        if plan is not None:
-            with torch.no_grad():
-                for p, mk in hard_masks(m, plan).values():
-                    p.mul_(mk)
-        models[name] = m
+    models = {name: apply_plan(copy.deepcopy(base), plan) for name, plan in plans.items()}
     rows = []
-    for B, S in SHAPES:
+    for B, S in shapes:
         ids, mask = make_inputs(B, S, False, base.config.vocab_size)
         for name, plan in plans.items():
             m32 = models[name]
@@ -76,7 +69,7 @@ def main(out_dir, ffn=False):
                 hf16 = copy.deepcopy(m32).half()(input_ids=ids, attention_mask=mask).last_hidden_state
             peer = cublas_sdpa_graph(copy.deepcopy(m32).half(), masked=False)
             peer_us = time_cuda(lambda: peer(ids, mask), min_ms=100)["median_us"]
-            for mode in MODES:
+            for mode in modes:
                 if name == "dense" and mode == "triton_sparse":
                     continue
                 set_mode(mode)
@@ -126,7 +119,7 @@ def main(out_dir, ffn=False):
     prof_out = {}
     ids, mask = make_inputs(1, 128, False, base.config.vocab_size)
     for name, plan in plans.items():
-        for mode in MODES:
+        for mode in modes:
             if name == "dense" and mode == "triton_sparse":
                 continue
             set_mode(mode)

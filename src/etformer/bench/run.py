@@ -16,9 +16,8 @@ import time
 import torch
 
 from ..errors import EtformerError
-from ..pruning import PruningPlan
+from ..pruning import PruningPlan, apply_plan
 from ..pruning.plan import DEFAULT_TILE
-from ..pruning.recipe import hard_masks
 from ..sparse.tiles import atomic_write
 from . import peers as P
 from .timing import env_info, floor_us, measure_peaks, time_cuda
@@ -94,12 +93,7 @@ def run_bench(models=("bert-base",), batches=(1, 8, 32, 128), seqs=(128, 384, 51
             plans.append(("etformer_2:4", 0.5, PruningPlan.uniform("nm", 0.5, tile)))
         models32 = {}
         for name, s, plan in plans:
-            m = copy.deepcopy(base32) if plan is not None else base32
-            if plan is not None:
-                with torch.no_grad():
-                    for p_, mk in hard_masks(m, plan).values():
-                        p_.mul_(mk)
-            models32[name] = (m, plan)
+            models32[name] = (apply_plan(copy.deepcopy(base32), plan) if plan is not None else base32, plan)
         dense16 = copy.deepcopy(base32).half()
         built = {}
         for B in batches:

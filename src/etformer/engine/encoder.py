@@ -63,6 +63,11 @@ GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 GRAPH_EXACT_PER_SHAPE = 4
 
 
+def _on_kernels(x: torch.Tensor, backend: str) -> bool:
+    """Whether this call runs etformer's Triton kernels: "triton" always, "auto" on a GPU tensor."""
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
 def choose_graph_key(cache, B: int, S: int, T: int, max_len: int, extra: tuple) -> tuple:
     """The key (B, S, rows, longest row, *extra) of the graph to replay or capture for a batch of T real tokens."""
     exact = (B, S, T, max_len, *extra)
@@ -135,8 +140,8 @@ class Linear:
         backend "auto" on a GPU: tiles when sparse and at least SPARSE_MIN_TOKENS rows (or no dense copy is kept);
         under that, the small-batch path (SMALL_PATH, SMALL_SPARSE); a dense matrix at scale goes to cuBLAS.
         "triton" always takes the kernels (tiles when sparse), so the CPU interpreter covers the same code."""
-        if backend == "reference" or not (x.is_cuda or backend == "triton"):
-            return None if self.sparse is None else self.sparse  # the tile kernel's own reference when sparse
+        if not _on_kernels(x, backend):
+            return self.sparse  # None when dense (F.linear); else tile_linear runs its own reference
         small = x.shape[0] < SPARSE_MIN_TOKENS
         if self.sparse is not None and (backend == "triton" or self.dense_weight is None or not small):
             return self.sparse
@@ -147,7 +152,7 @@ class Linear:
     def partial_sums(self, x, backend="auto"):
         """fp32 split-K partial sums of x W^T (no bias) when this call would run the small-batch kernels, else None:
         the caller then hands them to add_layernorm with this layer's bias."""
-        if x.shape[0] >= SPARSE_MIN_TOKENS or SMALL_PATH != "triton" or not (x.is_cuda or backend == "triton"):
+        if x.shape[0] >= SPARSE_MIN_TOKENS or SMALL_PATH != "triton" or not _on_kernels(x, backend):
             return None
         w = self._operand(x, backend)
         return None if w is None else tile_linear_partials(x, w, backend=backend)
@@ -307,8 +312,7 @@ class ETEncoder(torch.nn.Module):
         (dense weights of both matrices; a sparse one uses its dense copy), else FFN-in (+act) then FFN-out + add&LN."""
         bk = self.backend
         w1, w2 = L.ffn_in.dense_weight, L.ffn_out.dense_weight
-        if (w1 is not None and w2 is not None and 0 < h.shape[0] <= FUSED_FFN_MAX_TOKENS
-                and (bk == "triton" or (bk == "auto" and h.is_cuda))):
+        if w1 is not None and w2 is not None and 0 < h.shape[0] <= FUSED_FFN_MAX_TOKENS and _on_kernels(h, bk):
             ws = fused_ffn_partials(h, w1, L.ffn_in.bias, w2, self.cfg.activation, backend=bk)
             return add_layernorm(ws, h, L.ln2[0], L.ln2[1], self.cfg.eps, backend=bk, x_bias=L.ffn_out.bias)
         f = L.ffn_in(h, activation=self.cfg.activation, backend=bk)

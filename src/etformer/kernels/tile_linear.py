@@ -258,9 +258,14 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 TMA_STORE_MIN_BN = 128
 
 
+def _m_bucket(M: int) -> int:
+    """The row-count bucket the launch tables are keyed by."""
+    return 128 if M <= 128 else (4096 if M <= 4096 else 16384)
+
+
 def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, K: int = 0,
                    density: float = 1.0) -> tuple[int, int, int]:
-    mb = 128 if M <= 128 else (4096 if M <= 4096 else 16384)
+    mb = _m_bucket(M)
     if tma and K >= 2048 and density >= LONG_K_MIN_DENSITY and (tile, mb) in TUNED_TMA_LONG_K:
         return TUNED_TMA_LONG_K[(tile, mb)]
     table = TUNED_TMA if tma else TUNED
@@ -367,8 +372,7 @@ def _plan(x: torch.Tensor, w, tma, config):
     if config is not None:
         block_m, warps, stages = config
     elif dense:
-        mb = 128 if M <= 128 else (4096 if M <= 4096 else 16384)
-        block_m, warps, stages = DENSE_LAUNCH[mb] if x.is_cuda else (32, 4, 1)
+        block_m, warps, stages = DENSE_LAUNCH[_m_bucket(M)] if x.is_cuda else (32, 4, 1)
     else:
         block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, K, w.density)
     row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)

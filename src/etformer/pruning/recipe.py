@@ -114,6 +114,15 @@ def hard_masks(model, plan: PruningPlan, scale: float = 1.0) -> dict[str, tuple[
     return out
 
 
+@torch.no_grad()
+def apply_plan(model, plan: PruningPlan | None):
+    """Zero, in place, every weight the plan's hard masks drop (magnitude, one shot); returns the model. None: as is."""
+    if plan is not None:
+        for p, mask in hard_masks(model, plan).values():
+            p.mul_(mask)
+    return model
+
+
 def final_masks(masks: dict) -> dict[str, torch.Tensor]:
     return {name: m for name, (_, m) in masks.items()}
 
