@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/out}/accuracy; mkdir -p "$OUT"
 CORPUS=${CORPUS:-sst2,mrpc,cola,rte}; LIMIT=${LIMIT:-20000}; EPOCHS=${EPOCHS:-3}
 run() {
   local name=$1; shift
-  ( time timeout "${SECONDS_EACH:-560}" python3 -m etformer.cli prune --task stsb --pattern tile --sparsity "${SPARSITY:-0.5}" \
+  ( time timeout "${SECONDS_EACH:-560}" python3 -m etformer.cli prune --task "${TASK:-stsb}" --pattern tile --sparsity "${SPARSITY:-0.5}" \
       --max-len 64 --out "/tmp/acc-$name" --overwrite "$@" ) > "$OUT/$name.log" 2>&1
   cp "/tmp/acc-$name/etformer.json" "$OUT/$name.json" 2>/dev/null
   grep -E "^dense|pruned \(|wrote|rror|real" "$OUT/$name.log" | sed "s/^/$name: /"
@@ -25,5 +25,22 @@ case ${SET:-methods} in
     run rgl50_corpus_hidden_b32 --method rgl --distill-tasks "$CORPUS" --distill-limit "$LIMIT" --epochs 2 --distill-hidden &
     run rgl50_stsb_e8_hidden --method rgl --epochs 8 --distill-hidden &
     SPARSITY=0.3 run rgl30_stsb_e8_hidden --method rgl --epochs 8 --distill-hidden & ;;
+  close)  # STS-B: 10 epochs, gradual magnitude pruning, a stronger lasso; SST-2 and MRPC with a task head fine-tuned
+           # first, then pruned with logit + hidden-state distillation from it (and SST-2 dense with the same budget);
+           # then the engine's parity on the resulting checkpoints (OUT/parity_trained)
+    run rgl50_stsb_e10_hidden --method rgl --epochs 10 --distill-hidden &
+    run gmp50_stsb_e8_hidden --method gmp --epochs 8 --distill-hidden &
+    run rgl50_stsb_e8_hidden_lam1e-3 --method rgl --epochs 8 --distill-hidden --lam 1e-3 &
+    TASK=sst2 run sst2_head_rgl50 --method rgl --head --dense-epochs 1 --epochs 2 --kd 1 --distill-hidden --batch-size 64 &
+    TASK=sst2 SPARSITY=0 run sst2_head_dense --method rgl --head --dense-epochs 1 --epochs 2 --kd 1 --distill-hidden \
+      --batch-size 64 &
+    TASK=mrpc run mrpc_head_rgl50 --method rgl --head --dense-epochs 3 --epochs 3 --kd 1 --distill-hidden &
+    wait
+    ck=()
+    for n in sst2_head_rgl50 mrpc_head_rgl50 rgl50_stsb_e10_hidden gmp50_stsb_e8_hidden rgl50_stsb_e8_hidden_lam1e-3; do
+      [ -f "/tmp/acc-$n/etformer.json" ] && ck+=("$n=/tmp/acc-$n")
+    done
+    PARITY_BUILTIN=0 timeout "${PARITY_SECONDS:-150}" python3 scripts/gpu_parity.py "$OUT/../parity_trained" "${ck[@]}" 2>&1 \
+      | grep -v "Loading weights" | cut -c1-300 | tail -12 ;;
 esac
 wait

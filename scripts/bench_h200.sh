@@ -30,7 +30,7 @@ for part in "$@"; do
     torchparity)  # every nn.TransformerEncoder configuration through the kernels vs PyTorch's own fp16/bf16 run
       python3 scripts/torch_encoder_parity.py "$OUT/torchparity" 2>&1 | grep -v -i warn | tail -40 ;;
     accuracy)  # 50% tiles on MiniLM / STS-B: longer recipes, the larger distillation corpus, RGL and ADMM
-      bash scripts/accuracy_gpu.sh 2>&1 | tail -20 ;;
+      bash scripts/accuracy_gpu.sh 2>&1 | tail -40 ;;
     smallbatch)  # same-run A/B of the small-batch path (cuBLAS vs etformer kernels on dense weights vs tiles), sweep
       python3 scripts/small_batch_ab.py "$OUT/smallbatch" 2>&1 | grep -v -i warn | tail -45 ;;
     fusedffn)  # same-run A/B of the fused FFN block at small batch, and its launch sweep

@@ -204,3 +204,29 @@ def test_bench_merge_split_runs(tmp_path, capsys):
     (tmp_path / "p3.json").write_text("{not json")
     assert run("bench", "--merge", tmp_path / "p3.json", "--out", tmp_path / "m3") == 2
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
+
+def test_prune_with_a_new_task_head(glue_dir, tmp_path, capsys):
+    """--head fine-tunes a fresh classifier first (the dense score is taken after that), then prunes with logit and
+    hidden-state distillation from it; the checkpoint carries the head and runs on the engine."""
+    from transformers import AutoConfig
+
+    out = tmp_path / "sst2"
+    assert run("prune", "--task", "sst2", "--pattern", "tile", "--sparsity", 0.5, "--out", out, "--head",
+               "--dense-epochs", 1, "--kd", 1, "--distill-hidden", "--max-steps", 3, "--batch-size", 8,
+               "--max-len", 24, "--train-limit", 32, "--eval-limit", 64, "--glue-dir", glue_dir,
+               "--device", "cpu") == 0
+    meta = json.loads((out / "etformer.json").read_text())
+    assert meta["training"]["new_head"] is True and meta["training"]["kd"] == 1.0
+    assert meta["metrics"]["dense"]["method"] == "task head" and meta["metrics"]["pruned"]["method"] == "task head"
+    assert AutoConfig.from_pretrained(out).architectures == ["BertForSequenceClassification"]
+    j = tmp_path / "r.json"
+    assert run("eval", out, "--task", "sst2", "--engine", "et", "--limit", 64, "--json", j, "--glue-dir", glue_dir) == 0
+    assert json.loads(j.read_text())["method"] == "task head"
+    capsys.readouterr()
+    assert run("prune", "--task", "sst2", "--pattern", "tile", "--sparsity", 0.5, "--out", tmp_path / "x", "--head",
+               "--glue-dir", glue_dir, "--device", "cpu") == 2
+    assert "--dense-epochs" in capsys.readouterr().err
+    assert run("prune", "--task", "stsb", "--pattern", "tile", "--sparsity", 0.5, "--out", tmp_path / "y", "--kd", 1,
+               "--glue-dir", glue_dir, "--device", "cpu") == 2
+    assert "--kd" in capsys.readouterr().err

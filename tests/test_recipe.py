@@ -113,3 +113,44 @@ def test_every_layer_distillation_loss(glue_dir):
         with torch.no_grad():
             got = float(tr.loss(batch, [None, None]))
         assert abs(got - expect) <= 1e-4 * max(expect, 1e-3), (deep, got, expect)
+
+
+def test_task_head_distillation_terms(glue_dir):
+    """kd / distill_hidden with a task head: label loss plus KL of the logits and every layer's hidden-state MSE against
+    the frozen dense model; both terms vanish at the teacher and grow when the student moves."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from etformer.models import load_model
+    from etformer.pruning.recipe import KD_TEMPERATURE, RecipeConfig, _Trainer
+
+    model, tok = load_model(None, with_head=True, num_labels=2)
+    plan = PruningPlan.uniform("tile", 0.5, (16, 16))
+    cfg = RecipeConfig(plan=plan, task="sst2", glue_dir=glue_dir, kd=2.0, distill_hidden=True, train_limit=16,
+                       batch_size=8, max_len=32)
+    tr = _Trainer(model, tok, cfg, None)  # no dense stage: the model as given is the teacher
+    assert tr.teacher is not None and tr.teacher is not model
+    batch, labels = next(tr._batches())
+    y = torch.tensor(labels)
+    with torch.no_grad():
+        ce = F.cross_entropy(model(**batch).logits, y)
+        assert abs(float(tr.loss(batch, labels)) - float(ce)) < 1e-5
+        model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+        model.bert.encoder.layer[1].output.dense.weight.mul_(0.5)
+        so = model(**batch, output_hidden_states=True)
+        to = tr.teacher(**batch, output_hidden_states=True)
+        T = KD_TEMPERATURE
+        kl = T * T * F.kl_div(F.log_softmax(so.logits / T, -1), F.softmax(to.logits / T, -1), reduction="batchmean")
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        hid = sum(float(((a - b) ** 2 * m).sum() / (m.sum() * a.shape[-1]))
+                  for a, b in zip(so.hidden_states[1:], to.hidden_states[1:])) / (len(so.hidden_states) - 1)
+        expect = float(F.cross_entropy(so.logits, y)) + 2.0 * float(kl) + hid
+        got = float(tr.loss(batch, labels))
+    assert float(kl) > 1e-4 and hid > 1e-6  # the student moved, so both terms are live
+    assert abs(got - expect) <= 1e-4 * expect, (got, expect)
+    # with a dense stage the teacher is taken after it, not before
+    tr2 = _Trainer(model, tok, dataclasses.replace(cfg, dense_epochs=1.0), None)
+    assert tr2.teacher is None
+    tr2.snapshot_teacher()
+    assert torch.equal(tr2.teacher.classifier.weight, model.classifier.weight)

@@ -48,8 +48,9 @@ def prune(args, console) -> dict:
     import torch
 
     from .checkpoint import check_out_dir, save_checkpoint
+    from .data import task_spec
     from .evaluate import evaluate
-    from .models import load_model, resolve_model_path
+    from .models import has_task_head, load_model, resolve_model_path
     from .pruning import RecipeConfig, make_plan, run_recipe, sparsity_report
     from .sparse.tiles import parse_tile
 
@@ -62,18 +63,33 @@ def prune(args, console) -> dict:
                        max_steps=args.max_steps, train_limit=args.train_limit, seed=args.seed, device=device,
                        glue_dir=args.glue_dir, distill_tasks=_task_list(getattr(args, "distill_tasks", None)),
                        distill_limit=getattr(args, "distill_limit", None),
-                       distill_hidden=getattr(args, "distill_hidden", False))
+                       distill_hidden=getattr(args, "distill_hidden", False), kd=getattr(args, "kd", 0.0))
+    head = getattr(args, "head", False)
+    spec = task_spec(cfg.task)
+    if head and cfg.dense_epochs <= 0:
+        raise EtformerError("--head adds an untrained task head: give it --dense-epochs to fine-tune it first")
     torch.manual_seed(args.seed)
     t0 = time.time()
-    model, tok = load_model(args.model, device=device)
+    model, tok = load_model(args.model, device=device, with_head=True if head else None,
+                            num_labels=(1 if spec.is_regression else len(spec.labels)) if head else None)
+    if cfg.kd > 0 and not has_task_head(model):
+        raise EtformerError("--kd distils a task head's logits; this model has none (a bare encoder distils itself)")
     model_path = resolve_model_path(args.model)
     label = args.model or "all-MiniLM-L6-v2"
     console.print(f"[bold]etformer prune[/]: {label} on {cfg.task}, "
                   f"plan {plan.name} at {args.sparsity:.0%}, tile {plan.tile[0]}x{plan.tile[1]}, method {cfg.method}, "
                   f"on {machine_line(device)}")
     ev = dict(glue_dir=args.glue_dir, device=device, limit=args.eval_limit)
-    dense = evaluate(model, tok, cfg.task, **ev)
-    console.print(f"dense {dense['metric']}: {dense['value']:.2f}  ({dense['method']})")
+    scores = {}
+
+    def score_dense(m):
+        scores["dense"] = evaluate(m, tok, cfg.task, **ev)
+        d = scores["dense"]
+        console.print(f"dense {d['metric']}: {d['value']:.2f}  ({d['method']})")
+
+    fine_tunes = has_task_head(model) and cfg.dense_epochs > 0
+    if not fine_tunes:  # the dense reference is the model as given; otherwise it is scored after its fine-tune
+        score_dense(model)
     with _progress(console) as prog:
         bars = {}
 
@@ -82,16 +98,19 @@ def prune(args, console) -> dict:
                 bars[stage] = prog.add_task(stage, total=total, loss=float("nan"))
             prog.update(bars[stage], completed=step, loss=loss)
 
-        masks = run_recipe(model, tok, cfg, on_step=on_step, on_stage=console.print)
+        masks = run_recipe(model, tok, cfg, on_step=on_step, on_stage=console.print,
+                           on_dense=score_dense if fine_tunes else None)
+    dense = scores["dense"]
     pruned = evaluate(model, tok, cfg.task, **ev)
     report = sparsity_report(model, plan)
     elapsed = time.time() - t0
     meta = {
         "etformer_version": _version(), "base_model": model_path, "task": cfg.task, "method": cfg.method,
         "plan": plan.to_json(),
-        "training": {k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "lam", "eps", "refresh_every", "rho",
-                                                   "batch_size", "max_len", "max_steps", "train_limit",
-                                                   "distill_tasks", "distill_limit", "distill_hidden", "seed")},
+        "training": {**{k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "lam", "eps", "refresh_every",
+                                                      "rho", "batch_size", "max_len", "max_steps", "train_limit",
+                                                      "distill_tasks", "distill_limit", "distill_hidden", "kd",
+                                                      "seed")}, "new_head": head},
         "metrics": {"dense": _clean(dense), "pruned": _clean(pruned)},
         "sparsity": report, "pruned_matrices": sorted(masks), "seconds": round(elapsed, 1), "machine": machine_line(device),
     }
@@ -298,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bare encoders: comma list of GLUE tasks whose training sentences join the distillation data")
     pr.add_argument("--distill-limit", type=int, default=None, help="at most this many sentences from each of those")
     pr.add_argument("--distill-hidden", action="store_true",
-                    help="bare encoders: distil every layer's hidden states, not only the last")
+                    help="distil every layer's hidden states from the dense model (bare encoders: from themselves; "
+                         "with a task head: from the model after its dense fine-tune), not only the output")
+    pr.add_argument("--head", action="store_true",
+                    help="add a fresh task head to an encoder that has none and fine-tune it (needs --dense-epochs)")
+    pr.add_argument("--kd", type=float, default=0.0,
+                    help="weight of logit distillation from the dense fine-tuned model (models with a task head)")
     pr.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("eval", help="score a model on a GLUE task's dev split")

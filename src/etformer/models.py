@@ -149,8 +149,10 @@ def matrices(model: nn.Module) -> dict[str, Matrix]:
     return {n: Matrix(k, i, lin.weight, lin.bias) for n, (k, i, lin) in encoder_linears(model).items()}
 
 
-def load_model(path: str | None, *, dtype=torch.float32, device="cpu", with_head: bool | None = None):
-    """Load (model, tokenizer) from a local folder or hub id. A task head is loaded when the checkpoint has one."""
+def load_model(path: str | None, *, dtype=torch.float32, device="cpu", with_head: bool | None = None,
+               num_labels: int | None = None):
+    """Load (model, tokenizer) from a local folder or hub id. A task head is loaded when the checkpoint has one;
+    with_head=True adds a freshly initialised one with num_labels outputs to an encoder that has none."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(path)
@@ -164,8 +166,14 @@ def load_model(path: str | None, *, dtype=torch.float32, device="cpu", with_head
     if with_head is None:
         with_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     cls = AutoModelForSequenceClassification if with_head else AutoModel
+    kw = {"dtype" if _new_dtype_kw() else "torch_dtype": dtype}
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if with_head and num_labels is not None:
+        if has_head and config.num_labels != num_labels:
+            raise EtformerError(f"{path} has a task head with {config.num_labels} outputs; the task needs {num_labels}")
+        kw["num_labels"] = num_labels
     try:
-        model = cls.from_pretrained(path, dtype=dtype) if _new_dtype_kw() else cls.from_pretrained(path, torch_dtype=dtype)
+        model = cls.from_pretrained(path, **kw)
         tok = AutoTokenizer.from_pretrained(path)
     except EtformerError:
         raise

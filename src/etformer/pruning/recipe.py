@@ -29,6 +29,7 @@ from .plan import PruningPlan
 from .regularizers import ADMM, ReweightedGroupLasso
 
 METHODS = ("rgl", "oneshot", "gmp", "admm")
+KD_TEMPERATURE = 2.0  # logit distillation (models with a task head, RecipeConfig.kd)
 
 
 @dataclass
@@ -53,7 +54,11 @@ class RecipeConfig:
     distill_tasks: tuple[str, ...] = ()
     distill_limit: int | None = None
     # Distillation matches every layer's hidden states, not only the last (the student has the teacher's shape).
+    # With a task head it adds that term to the label loss, the teacher being the model after its dense fine-tune.
     distill_hidden: bool = False
+    # A model with a task head: weight of the logit distillation term from the dense fine-tuned model (KL at
+    # temperature KD_TEMPERATURE for classification, MSE for regression); 0 trains on the labels alone.
+    kd: float = 0.0
     seed: int = 0
     device: str = "cpu"
     glue_dir: str | None = None
@@ -68,8 +73,8 @@ class RecipeConfig:
             task_spec(t)
         if self.distill_limit is not None and self.distill_limit < 1:
             raise EtformerError("distill_limit must be at least 1")
-        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.dense_epochs < 0 or self.lam < 0:
-            raise EtformerError("lr and batch size must be positive; epochs and lambda must not be negative")
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.dense_epochs < 0 or self.lam < 0 or self.kd < 0:
+            raise EtformerError("lr and batch size must be positive; epochs, lambda and kd must not be negative")
 
 
 class MaskKeeper:
@@ -151,11 +156,22 @@ class _Trainer:
     def __init__(self, model, tok, cfg: RecipeConfig, on_step: Callable | None):
         self.model, self.tok, self.cfg, self.on_step = model, tok, cfg, on_step
         self.distill = not has_task_head(model)
-        self.teacher = copy.deepcopy(base_model(model)).eval().requires_grad_(False) if self.distill else None
+        self.teacher = None
+        if self.distill:
+            self.teacher = copy.deepcopy(base_model(model)).eval().requires_grad_(False)
+        elif (cfg.kd > 0 or cfg.distill_hidden) and cfg.dense_epochs == 0:
+            self.snapshot_teacher()  # already fine-tuned; otherwise the dense stage trains on labels, then snapshots
         self.items = _training_items(cfg, self.distill)
         self.rng = random.Random(cfg.seed)
         self.spec = task_spec(cfg.task)
         self.use_amp = torch.device(cfg.device).type == "cuda"
+
+    def snapshot_teacher(self) -> None:
+        """The model as it is now (after the dense fine-tune) becomes the frozen teacher of the sparse stages."""
+        if self.distill:
+            self.teacher.load_state_dict(base_model(self.model).state_dict())
+        elif self.cfg.kd > 0 or self.cfg.distill_hidden:
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def steps_for(self, epochs: float) -> int:
         n = math.ceil(epochs * len(self.items) / self.cfg.batch_size)
@@ -185,10 +201,31 @@ class _Trainer:
                     len(pairs) * m.sum() * s.shape[-1])
                 emb = 1 - F.cosine_similarity(mean_pool(s, batch["attention_mask"]), mean_pool(t, batch["attention_mask"])).mean()
                 return token + emb
-            logits = self.model(**batch).logits.float()
+            deep = self.cfg.distill_hidden and self.teacher is not None
+            so = self.model(**batch, output_hidden_states=deep)
+            logits = so.logits.float()
             if self.spec.is_regression:
-                return F.mse_loss(logits.squeeze(-1), torch.tensor(labels, dtype=torch.float32, device=logits.device))
-            return F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+                loss = F.mse_loss(logits.squeeze(-1), torch.tensor(labels, dtype=torch.float32, device=logits.device))
+            else:
+                loss = F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+            if self.teacher is None:
+                return loss
+            with torch.no_grad():
+                to = self.teacher(**batch, output_hidden_states=deep)
+            t = to.logits.float()
+            if self.cfg.kd > 0:
+                if self.spec.is_regression:
+                    loss = loss + self.cfg.kd * F.mse_loss(logits, t)
+                else:
+                    T = KD_TEMPERATURE
+                    loss = loss + self.cfg.kd * T * T * F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t / T, -1),
+                                                                 log_target=True, reduction="batchmean")
+            if deep:
+                m = batch["attention_mask"].unsqueeze(-1).float()
+                pairs = list(zip(so.hidden_states[1:], to.hidden_states[1:]))
+                loss = loss + sum(((a.float() - b.float()) ** 2 * m).sum() for a, b in pairs) / (
+                    len(pairs) * m.sum() * so.hidden_states[-1].shape[-1])
+            return loss
 
     def run(self, stage: str, steps: int, *, reg=None, keeper: MaskKeeper | None = None,
             on_tick: Callable[[int], None] | None = None) -> None:
@@ -231,8 +268,11 @@ def _train_steps(model, params, stage, steps, next_loss, lr, weight_decay, reg, 
     model.eval()
 
 
-def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, on_stage: Callable | None = None) -> dict:
-    """Prune `model` in place by cfg.plan with cfg.method. Returns the final masks: name -> bool tensor."""
+def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, on_stage: Callable | None = None,
+               on_dense: Callable | None = None) -> dict:
+    """Prune `model` in place by cfg.plan with cfg.method. Returns the final masks: name -> bool tensor.
+
+    on_dense(model) runs after the dense fine-tune (when there is one), before anything is pruned."""
     torch.manual_seed(cfg.seed)
     model.to(cfg.device)
     tr = _Trainer(model, tok, cfg, on_step)
@@ -244,8 +284,9 @@ def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, o
             say("dense fine-tune skipped: a bare encoder has no labels to fine-tune on (it is its own teacher)")
         else:
             tr.run("dense", tr.steps_for(cfg.dense_epochs))
-            if tr.teacher is not None:
-                tr.teacher.load_state_dict(base_model(model).state_dict())
+            tr.snapshot_teacher()
+            if on_dense is not None:
+                on_dense(model)
 
     return prune_stages(model, plan, cfg.method, tr.run, tr.steps_for(cfg.epochs), lam=cfg.lam, eps=cfg.eps,
                         refresh_every=cfg.refresh_every, rho=cfg.rho, admm_every=cfg.admm_every)
