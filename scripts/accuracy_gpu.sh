@@ -42,5 +42,12 @@ case ${SET:-methods} in
     done
     PARITY_BUILTIN=0 timeout "${PARITY_SECONDS:-150}" python3 scripts/gpu_parity.py "$OUT/../parity_trained" "${ck[@]}" 2>&1 \
       | grep -v "Loading weights" | cut -c1-300 | tail -12 ;;
+  gmp)  # gradual magnitude pruning (best of the `close` set on STS-B) longer and at a higher lr; on SST-2 and MRPC
+    run gmp50_stsb_e12_hidden --method gmp --epochs 12 --distill-hidden &
+    run gmp50_stsb_e10_hidden_lr5e-4 --method gmp --epochs 10 --distill-hidden --lr 5e-4 &
+    TASK=sst2 run sst2_head_gmp50 --method gmp --head --dense-epochs 1 --epochs 2 --kd 1 --distill-hidden --batch-size 64 &
+    TASK=sst2 run sst2_head_gmp50_e3 --method gmp --head --dense-epochs 1 --epochs 3 --kd 1 --distill-hidden \
+      --batch-size 64 &
+    TASK=mrpc run mrpc_head_gmp50 --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 --distill-hidden & ;;
 esac
 wait
