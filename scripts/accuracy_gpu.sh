@@ -49,5 +49,12 @@ case ${SET:-methods} in
     TASK=sst2 run sst2_head_gmp50_e3 --method gmp --head --dense-epochs 1 --epochs 3 --kd 1 --distill-hidden \
       --batch-size 64 &
     TASK=mrpc run mrpc_head_gmp50 --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 --distill-hidden & ;;
+  seeds)  # the best STS-B recipe (gmp, 10 epochs, lr 5e-4) at two more seeds; SST-2 and MRPC at lr 5e-4
+    run gmp50_stsb_e10_hidden_lr5e-4_seed1 --method gmp --epochs 10 --distill-hidden --lr 5e-4 --seed 1 &
+    run gmp50_stsb_e10_hidden_lr5e-4_seed2 --method gmp --epochs 10 --distill-hidden --lr 5e-4 --seed 2 &
+    TASK=sst2 run sst2_head_gmp50_e3_lr5e-4 --method gmp --head --dense-epochs 1 --epochs 3 --kd 1 --distill-hidden \
+      --batch-size 64 --lr 5e-4 &
+    TASK=mrpc run mrpc_head_gmp50_lr5e-4 --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 --distill-hidden \
+      --lr 5e-4 & ;;
 esac
 wait
