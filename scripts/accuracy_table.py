@@ -1,4 +1,4 @@
-"""Markdown table of prune runs (the etformer.json of each, e.g. from scripts/accuracy_gpu.sh):
+"""Markdown tables of prune runs (the etformer.json of each, e.g. from scripts/accuracy_gpu.sh), one per task:
 
     python3 scripts/accuracy_table.py RUN.json ... > accuracy.md
 """
@@ -6,37 +6,59 @@ import json
 import os
 import sys
 
+TASK_NOTE = {
+    "stsb": "MiniLM as a bare encoder, distilled from its dense self; Spearman ρ of the cosine similarity of mean-pooled "
+            "embeddings on the 1,500 STS-B dev pairs (no fine-tuning: the dense score is the model as given)",
+    "sst2": "a fresh classification head (`--head`) fine-tuned with the dense encoder first (the dense score is taken "
+            "there), then pruned with logit and hidden-state distillation from that model (`--kd 1 --distill-hidden`); "
+            "accuracy on the 872 SST-2 dev sentences",
+    "mrpc": "as SST-2, with a fresh head; F1 on the 408 MRPC dev pairs",
+}
+
 
 def weighted_tile_sparsity(report: dict) -> float:
     """Fraction of all weight elements of the pruned matrices that sit in zero tiles."""
     num = sum(r["tile_sparsity"] * r["shape"][0] * r["shape"][1] for r in report.values())
-    return num / sum(r["shape"][0] * r["shape"][1] for r in report.values())
+    den = sum(r["shape"][0] * r["shape"][1] for r in report.values())
+    return num / den if den else 0.0
+
+
+def row(name, d) -> str:
+    t = d["training"]
+    target = d["plan"]["matrices"]["q"]["sparsity"]
+    data = d["task"].upper().replace("STSB", "STS-B").replace("SST2", "SST-2")
+    if t.get("distill_tasks"):
+        data += f" + {', '.join(t['distill_tasks'])}" + (f" (≤ {t['distill_limit']} each)" if t.get("distill_limit") else "")
+    dv, pv = d["metrics"]["dense"]["value"], d["metrics"]["pruned"]["value"]
+    dense_ep = f"{t['dense_epochs']:g} + " if t.get("dense_epochs") else ""
+    return (f"| {name} | {d['method']} | {target:.0%} | {weighted_tile_sparsity(d['sparsity']):.1%} | {t['lr']:g} "
+            f"| {t.get('seed', 0)} | {data} | {'yes' if t.get('distill_hidden') else 'no'} | {t.get('kd', 0):g} "
+            f"| {t['batch_size']} | {dense_ep}{t['epochs']:g} | {dv:.2f} | {pv:.2f} | {dv - pv:+.2f} | {d['seconds']:.0f} |")
 
 
 def main(paths):
     runs = [(os.path.splitext(os.path.basename(p))[0], json.load(open(p))) for p in paths]
-    runs.sort(key=lambda r: (-r[1]["metrics"]["pruned"]["value"]))
     d0 = runs[0][1]
-    print("# Accuracy of tile-pruned MiniLM-L6 on STS-B dev (GPU recipes)\n")
-    print(f"Machine: {d0['machine']}. Model all-MiniLM-L6-v2 (bare encoder, distilled from its dense self); metric: "
-          f"Spearman of the cosine similarity of mean-pooled embeddings on the 1,500 STS-B dev pairs; dense "
-          f"{d0['metrics']['dense']['value']:.2f}. Every encoder matrix pruned in "
-          f"{d0['plan']['tile'][0]}x{d0['plan']['tile'][1]} tiles; lr 3e-4, sequences up to 64 tokens, seed 0. "
-          "Runs of one row group shared the GPU. Command: `SET=... bash scripts/bench_h200.sh accuracy` "
-          "(scripts/accuracy_gpu.sh), then `python3 scripts/accuracy_table.py *.json`.\n")
-    print("| run | method | target | zero tiles | distillation data | every layer | batch | epochs / stage | pruned ρ "
-          "| gap to dense | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, d in runs:
-        t = d["training"]
-        target = d["plan"]["matrices"]["q"]["sparsity"]
-        data = "STS-B" + (f" + {', '.join(t['distill_tasks'])}" + (f" (≤ {t['distill_limit']} each)" if
-                                                                    t.get("distill_limit") else "")
-                          if t.get("distill_tasks") else "")
-        dv, pv = d["metrics"]["dense"]["value"], d["metrics"]["pruned"]["value"]
-        print(f"| {name} | {d['method']} | {target:.0%} | {weighted_tile_sparsity(d['sparsity']):.1%} | {data} "
-              f"| {'yes' if t.get('distill_hidden') else 'no'} | {t['batch_size']} | {t['epochs']:g} | {pv:.2f} "
-              f"| {dv - pv:.2f} | {d['seconds']:.0f} |")
+    print("# Accuracy of tile-pruned MiniLM-L6 on GLUE dev (GPU recipes)\n")
+    print(f"Machine: {d0['machine']}. Model all-MiniLM-L6-v2; every encoder matrix pruned in "
+          f"{d0['plan']['tile'][0]}x{d0['plan']['tile'][1]} tiles (unless the target is 0%: the same training, "
+          "nothing pruned); sequences up to 64 tokens. Runs of one set shared the GPU. Command: "
+          "`SET=... bash scripts/bench_h200.sh accuracy` (scripts/accuracy_gpu.sh), then "
+          "`python3 scripts/accuracy_table.py *.json`. Epochs: dense fine-tune + each sparse stage (gradual prune or "
+          "regularize, then retrain with the masks fixed). Gap = dense − pruned.\n")
+    for task in ("stsb", "sst2", "mrpc"):
+        sel = sorted([r for r in runs if r[1]["task"] == task], key=lambda r: -r[1]["metrics"]["pruned"]["value"])
+        if not sel:
+            continue
+        metric = sel[0][1]["metrics"]["pruned"]["metric"]
+        print(f"## {task.upper().replace('STSB', 'STS-B').replace('SST2', 'SST-2')} ({metric})\n")
+        print(TASK_NOTE.get(task, "") + ".\n")
+        print("| run | method | target | zero tiles | lr | seed | data | every layer | kd | batch | epochs | dense "
+              "| pruned | gap | seconds |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for name, d in sel:
+            print(row(name, d))
+        print()
 
 
 if __name__ == "__main__":
