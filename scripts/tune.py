@@ -1,6 +1,6 @@
 """Sweep launch parameters of the tile-sparse linear and attention kernels on the GPU; print the best per case.
 
-    python3 scripts/tune.py OUTDIR [--no-attention] [--store-only]
+    python3 scripts/tune.py OUTDIR [--no-attention] [--store-only] [--no-store] [--tiles 256x64,128x64] [--m 4096,16384]
 The winners go into the TUNED table of etformer/kernels/tile_linear.py and _blocks() of attention.py by hand,
 with the sweep's JSON committed beside the benchmark results.
 """
@@ -16,9 +16,15 @@ from etformer.kernels.attention import attention
 from etformer.kernels.tile_linear import tile_linear
 from etformer.sparse import TileSparseWeight
 
+def _opt(name, default):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
 ATTN = "--no-attention" not in sys.argv
 SWEEP = "--store-only" not in sys.argv
-TILES = [(64, 64), (128, 64), (128, 128)]
+STORE = "--no-store" not in sys.argv
+TILES = [tuple(int(v) for v in t.split("x")) for t in _opt("--tiles", "64x64,128x64,128x128").split(",")]
+MS = [int(m) for m in _opt("--m", "128,4096,16384").split(",")]
 out = {"linear": [], "attention": [], "splitk": []}
 
 
@@ -34,11 +40,12 @@ def sweep(x, w, M, tma):
         t = time_cuda(lambda: tile_linear(x, w, tma=False, split_k=1), graph=True, min_ms=15)["median_us"]
         return (t, "table")
     best = None
+    wide = w.tile[0] >= 256  # a 256-wide output side: the accumulator needs 8 warps, shared memory fewer stages
     for bm in (64, 128, 256):
-        if (M <= 128 and bm == 256) or (M > 128 and bm == 64):
+        if (M <= 128 and bm == 256) or (M > 128 and bm == 64 and not wide) or (wide and bm == 256):
             continue
-        for warps in ((4,) if bm == 64 else (4, 8)):
-            for stages in (4, 5, 6):
+        for warps in ((4,) if bm == 64 else ((8,) if wide else (4, 8))):
+            for stages in ((3, 4, 5) if wide else (4, 5, 6)):
                 try:
                     t = time_cuda(lambda: tile_linear(x, w, _config=(bm, warps, stages), tma=tma, split_k=1),
                                   graph=True, min_ms=15)["median_us"]
@@ -50,7 +57,7 @@ def sweep(x, w, M, tma):
 
 
 for tile in (TILES if SWEEP else ()):
-    for M in (128, 4096, 16384):
+    for M in MS:
         for (K, N) in ((768, 3072), (3072, 768), (768, 768)):
             if M == 128 and (K, N) == (768, 768):
                 continue
@@ -79,7 +86,7 @@ for tile in (TILES if SWEEP else ()):
 # same-run A/B: tensor-descriptor stores of Y against pointer stores, tabled config (the persistent-launch A/B that
 # ran beside it is in benchmarks/results/h200/tune_persistent.json; the launch mode lost and was removed)
 out["store"] = []
-for tile in ((128, 64), (64, 64)):
+for tile in (((128, 64), (64, 64)) if STORE else ()):
     for M in (4096, 16384):
         for (K, N) in ((768, 3072), (3072, 768)):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
