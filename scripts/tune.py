@@ -40,12 +40,11 @@ def sweep(x, w, M, tma):
         t = time_cuda(lambda: tile_linear(x, w, tma=False, split_k=1), graph=True, min_ms=15)["median_us"]
         return (t, "table")
     best = None
-    wide = w.tile[0] >= 256  # a 256-wide output side: the accumulator needs 8 warps, shared memory fewer stages
     for bm in (64, 128, 256):
-        if (M <= 128 and bm == 256) or (M > 128 and bm == 64 and not wide) or (wide and bm == 256):
+        if (M <= 128 and bm == 256) or (M > 128 and bm == 64):
             continue
-        for warps in ((4,) if bm == 64 else ((8,) if wide else (4, 8))):
-            for stages in ((3, 4, 5) if wide else (4, 5, 6)):
+        for warps in ((4,) if bm == 64 else (4, 8)):
+            for stages in (4, 5, 6):
                 try:
                     t = time_cuda(lambda: tile_linear(x, w, _config=(bm, warps, stages), tma=tma, split_k=1),
                                   graph=True, min_ms=15)["median_us"]

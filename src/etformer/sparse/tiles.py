@@ -22,9 +22,8 @@ import torch
 from ..errors import EtformerError
 
 FORMAT_VERSION = 1
-# Tile shapes the tensor-core kernels take: both sides multiples of 16 (the fp16/bf16 MMA K step); the input side at
-# most 128, the output side (one program's output columns) up to 256.
-SUPPORTED_TILES = tuple((a, b) for a in (16, 32, 64, 128, 256) for b in (16, 32, 64, 128))
+# Tile shapes the tensor-core kernels take: both sides multiples of 16 (the fp16/bf16 MMA K step), at most 128.
+SUPPORTED_TILES = tuple((a, b) for a in (16, 32, 64, 128) for b in (16, 32, 64, 128))
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -36,8 +35,7 @@ def check_tile(tile) -> tuple[int, int]:
         raise EtformerError(f"tile shape {tile!r} must be an int or a pair like (32, 32)") from None
     if (bm, bk) not in SUPPORTED_TILES:
         raise EtformerError(
-            f"tile shape {bm}x{bk} cannot run on the tensor-core path: the output side must be 16, 32, 64, 128 or 256 "
-            "and the input side 16, 32, 64 or 128")
+            f"tile shape {bm}x{bk} cannot run on the tensor-core path: each side must be 16, 32, 64 or 128")
     return bm, bk
 
 
