@@ -163,11 +163,10 @@ def load_model(path: str | None, *, dtype=torch.float32, device="cpu", with_head
     except Exception as e:
         raise EtformerError(f"cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from e
     family_of(config)
-    if with_head is None:
-        with_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    with_head = has_head if with_head is None else with_head
     cls = AutoModelForSequenceClassification if with_head else AutoModel
     kw = {"dtype" if _new_dtype_kw() else "torch_dtype": dtype}
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if with_head and num_labels is not None:
         if has_head and config.num_labels != num_labels:
             raise EtformerError(f"{path} has a task head with {config.num_labels} outputs; the task needs {num_labels}")
