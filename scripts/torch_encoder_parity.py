@@ -24,8 +24,7 @@ from torch import nn
 
 from etformer import optimize
 from etformer.bench.timing import env_info
-from etformer.engine.torch_encoder import torch_encoder_linears
-from etformer.pruning import Pattern, make_mask
+from etformer.bench.torch_encoders import prune_tiles, torch_encoder
 from etformer.sparse.tiles import atomic_write
 
 D, HEADS, FFN, LAYERS, TILE = 800, 4, 3200, 2, (128, 64)
@@ -33,24 +32,8 @@ LENGTHS = [128, 64, 97, 128, 5, 128, 77, 1]
 
 
 def build(act, norm_first, batch_first, final_norm, ffn=FFN, seed=0):
-    torch.manual_seed(seed)
-    layer = nn.TransformerEncoderLayer(D, HEADS, ffn, dropout=0.0, activation=act, batch_first=batch_first,
-                                       norm_first=norm_first)
-    enc = nn.TransformerEncoder(layer, LAYERS, norm=nn.LayerNorm(D) if final_norm else None,
-                                enable_nested_tensor=False)
-    with torch.no_grad():
-        for m in enc.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return enc.eval().cuda()
-
-
-def prune(enc, v_rows):
-    with torch.no_grad():
-        for (_, kind), (w, _) in torch_encoder_linears(enc).items():
-            pat = Pattern("row") if (v_rows and kind == "v") else Pattern("tile", tile=TILE)
-            w.mul_(make_mask(w, pat, 0.5))
+    return torch_encoder(D, HEADS, ffn, LAYERS, act=act, norm_first=norm_first, batch_first=batch_first,
+                         final_norm=final_norm, seed=seed).cuda()
 
 
 @torch.no_grad()
@@ -94,7 +77,7 @@ def main(out_dir):
     for act, nf, bf, fn, pr, causal, ffn in cases:
         enc = build(act, nf, bf, fn, ffn)
         if pr:
-            prune(enc, v_rows=nf)
+            prune_tiles(enc, TILE, 0.5, v_rows=nf)
         r = compare(enc, bf, causal)
         r.update(activation=act, norm_first=nf, batch_first=bf, final_norm=fn, pruned=pr, causal=causal, ffn=ffn)
         rows.append(r)

@@ -6,31 +6,9 @@ import torch
 from torch import nn
 
 from etformer import optimize
-from etformer.engine.torch_encoder import torch_encoder_linears
+from etformer.bench.torch_encoders import prune_tiles, torch_encoder
 from etformer.errors import EtformerError
-from etformer.pruning import Pattern, make_mask
 from kernel_utils import needs_triton, DEVICE as KDEVICE
-
-
-def _encoder(d, heads, ffn, layers, act, norm_first, batch_first, final_norm, seed=0):
-    torch.manual_seed(seed)
-    layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, activation=act, batch_first=batch_first,
-                                       norm_first=norm_first)
-    enc = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d) if final_norm else None,
-                                enable_nested_tensor=False)
-    with torch.no_grad():  # LayerNorm affine params away from 1/0 so a swapped norm shows
-        for m in enc.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return enc.eval()
-
-
-def _prune(enc, tile, s=0.5, v_rows=False):
-    with torch.no_grad():
-        for (i, kind), (w, _) in torch_encoder_linears(enc).items():
-            pat = Pattern("row") if (v_rows and kind == "v") else Pattern("tile", tile=tile)
-            w.mul_(make_mask(w, pat, s))
 
 
 def _inputs(B, S, d, batch_first, pad=True):
@@ -62,9 +40,9 @@ CONFIGS = list(itertools.product(["relu", "gelu"], [False, True], [True, False],
 @pytest.mark.parametrize("act,norm_first,batch_first,final_norm", CONFIGS)
 @pytest.mark.parametrize("pruned", [False, True])
 def test_every_configuration_matches_pytorch(act, norm_first, batch_first, final_norm, pruned):
-    enc = _encoder(64, 2, 96, 2, act, norm_first, batch_first, final_norm)
+    enc = torch_encoder(64, 2, 96, 2, act=act, norm_first=norm_first, batch_first=batch_first, final_norm=final_norm)
     if pruned:
-        _prune(enc, (16, 16), v_rows=norm_first)  # also exercises compact V + folded W_O
+        prune_tiles(enc, (16, 16), v_rows=norm_first)  # also exercises compact V + folded W_O
     et = optimize(enc, dtype="float32", device="cpu", tile=(16, 16), backend="reference")
     _check(enc, et, 3, 11, 64, batch_first)
 
@@ -72,9 +50,9 @@ def test_every_configuration_matches_pytorch(act, norm_first, batch_first, final
 @pytest.mark.parametrize("pruned", [False, True])
 def test_seed_transformer_causal_head_dim_200(pruned):
     """E.T.'s Transformer: d=800, 4 heads of 200, FFN 200, causal; 800 is not divisible by the 128x64 tile."""
-    enc = _encoder(800, 4, 200, 2, "relu", False, True, False)
+    enc = torch_encoder(800, 4, 200, 2)
     if pruned:
-        _prune(enc, (128, 64), s=0.5)
+        prune_tiles(enc, (128, 64), 0.5)
     et = optimize(enc, dtype="float32", device="cpu", tile=(128, 64), backend="reference")
     _check(enc, et, 2, 13, 800, True, causal=True)
 
@@ -83,8 +61,8 @@ def test_seed_transformer_causal_head_dim_200(pruned):
 @pytest.mark.parametrize("causal", [False, True])
 def test_through_the_kernels(causal):
     """Head dim 200 and a model dim the tile does not divide, on the Triton kernels (interpreter or GPU)."""
-    enc = _encoder(200, 2, 64, 1, "gelu", False, True, True)  # head dim 100: padded to 128 inside
-    _prune(enc, (64, 64), s=0.5)
+    enc = torch_encoder(200, 2, 64, 1, act="gelu", final_norm=True)  # head dim 100: padded to 128 inside
+    prune_tiles(enc, (64, 64), 0.5)
     dev = "cuda" if KDEVICE == "cuda" else "cpu"
     et = optimize(enc, dtype="float32", device=dev, tile=(64, 64), backend="triton")
     src, kpm = _inputs(2, 9, 200, True, pad=not causal)
@@ -98,7 +76,7 @@ def test_through_the_kernels(causal):
 
 
 def test_bad_inputs():
-    enc = _encoder(64, 2, 96, 1, "relu", False, True, False)
+    enc = torch_encoder(64, 2, 96, 1)
     et = optimize(enc, dtype="float32", device="cpu", tile=(16, 16), backend="reference")
     with pytest.raises(EtformerError, match="features"):
         et(torch.randn(2, 5, 32))
@@ -125,7 +103,7 @@ def test_prune_module_on_torch_encoder(method):
     from etformer.pruning import PruningPlan, prune_module
     from etformer.pruning.patterns import group_norms
 
-    enc = _encoder(64, 2, 128, 2, "gelu", True, True, True)
+    enc = torch_encoder(64, 2, 128, 2, act="gelu", norm_first=True, final_norm=True)
     teacher = copy.deepcopy(enc)
     plan = PruningPlan.attention_aware(0.5, (16, 16))
     g = torch.Generator().manual_seed(0)
@@ -168,9 +146,10 @@ def test_sdpa_layer_stack_peer_matches_torch(norm_first):
 def test_every_configuration_through_the_kernels(act, norm_first, batch_first, final_norm, pruned):
     """Each configuration on the Triton kernels. On a GPU in fp16 the engine's error against the fp32 module must be
     at most twice PyTorch's own fp16 run's; in the interpreter (CPU, fp32) it must match to 1e-4."""
-    enc = _encoder(64, 2, 96, 2, act, norm_first, batch_first, final_norm, seed=1)
+    enc = torch_encoder(64, 2, 96, 2, act=act, norm_first=norm_first, batch_first=batch_first,
+                        final_norm=final_norm, seed=1)
     if pruned:
-        _prune(enc, (16, 16), v_rows=norm_first)
+        prune_tiles(enc, (16, 16), v_rows=norm_first)
     gpu = KDEVICE == "cuda"
     dev, dt = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
     et = optimize(enc, dtype=dt, device=dev, tile=(16, 16), backend="triton")

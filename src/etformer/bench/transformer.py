@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from ..engine.torch_encoder import optimize_torch_encoder
-from ..models import matrices
-from ..pruning import Pattern, make_mask
 from ..sparse.tiles import atomic_write
 from .peers import GraphCache, TorchLayerStack
 from .timing import env_info, floor_us, measure_peaks, time_cuda
+from .torch_encoders import prune_tiles, torch_encoder
 
 TILE = (128, 64)
 COMPILE_SHAPES = {(32, 512)}
@@ -31,18 +30,11 @@ PEERS = ("torch_encoder", "torch_encoder_graph", "torch_compile", "sdpa_layers_g
 
 
 def build(ffn, seed=0):
-    torch.manual_seed(seed)
-    layer = nn.TransformerEncoderLayer(800, 4, ffn, dropout=0.0, activation="relu", batch_first=True)
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval().cuda()
+    return torch_encoder(800, 4, ffn, 2, seed=seed, jitter_norms=False).cuda()
 
 
 def prune(enc, s):
-    enc = copy.deepcopy(enc)
-    with torch.no_grad():
-        for m in matrices(enc).values():
-            w = m.weight()
-            w.mul_(make_mask(w, Pattern("tile", tile=TILE), s))
-    return enc
+    return prune_tiles(copy.deepcopy(enc), TILE, s)
 
 
 def cost(B, S, ffn, density):

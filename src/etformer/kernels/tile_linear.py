@@ -16,6 +16,7 @@ epilogue (bias, residual).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -359,8 +360,23 @@ def _sources(x: torch.Tensor, w, block_m: int, tma: bool, BN: int, BK: int):
     return xd, TensorDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK])
 
 
-def _plan(x: torch.Tensor, w, tma, config):
-    """Everything a launch needs: (w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx)."""
+class _Launch(NamedTuple):
+    """Everything a launch of the tile kernels needs."""
+
+    w: object  # the TileSparseWeight, or the dense [N, K] weight (row-major)
+    BN: int
+    BK: int
+    block_m: int
+    warps: int
+    stages: int
+    tma: bool
+    dense: bool
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+
+
+def _plan(x: torch.Tensor, w, tma, config) -> _Launch:
+    """The launch for X W^T: the operand form, block sizes and launch parameters, TMA or pointer loads."""
     M, K = x.shape
     dense = isinstance(w, torch.Tensor)
     if dense:
@@ -375,8 +391,8 @@ def _plan(x: torch.Tensor, w, tma, config):
         block_m, warps, stages = DENSE_LAUNCH[_m_bucket(M)] if x.is_cuda else (32, 4, 1)
     else:
         block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, K, w.density)
-    row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)
-    return w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx
+    row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)  # x: a placeholder the dense kernel ignores
+    return _Launch(w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx)
 
 
 def _auto_split(x: torch.Tensor, N: int, K: int, BN: int, BK: int, block_m: int) -> int:
@@ -388,17 +404,17 @@ def _auto_split(x: torch.Tensor, N: int, K: int, BN: int, BK: int, block_m: int)
 
 def _partials(x, w, N, K, split, tma, config) -> torch.Tensor:
     """Launch the split-K kernel: fp32 partial sums [split, M, N] of X W^T (split None: chosen by _auto_split)."""
-    w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx = _plan(x, w, tma, config)
+    L = _plan(x, w, tma, config)
     M = x.shape[0]
-    split = split or _auto_split(x, N, K, BN, BK, block_m)
+    split = split or _auto_split(x, N, K, L.BN, L.BK, L.block_m)
     ws = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
     if M == 0:
         return ws
-    x_src, w_src = _sources(x, w, block_m, tma, BN, BK)
-    _tile_linear_splitk_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, BN), split)](
-        x_src, w_src, row_ptr, col_idx, ws, M, N, K, x.stride(0), split,
-        BN=BN, BK=BK, BLOCK_M=block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma, DENSE_W=dense,
-        num_warps=warps, num_stages=stages)
+    x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
+    _tile_linear_splitk_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN), split)](
+        x_src, w_src, L.row_ptr, L.col_idx, ws, M, N, K, x.stride(0), split,
+        BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
+        DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages)
     return ws
 
 
@@ -461,19 +477,19 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
             M, N, split_k, out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
             BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4)
         return out
-    w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx = _plan(x, w, tma, _config)
-    x_src, w_src = _sources(x, w, block_m, tma, BN, BK)
+    L = _plan(x, w, tma, _config)
+    x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
     if tma_store is None:
-        tma_store = BN >= TMA_STORE_MIN_BN
-    tma_store = tma_store and tma and _aligned(out, out_col)
-    y_desc = TensorDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [block_m, BN]) if tma_store else dummy
-    _tile_linear_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, BN),)](
-        x_src, w_src, row_ptr, col_idx, dummy if dense else _row_order(w), bias if bias is not None else dummy,
+        tma_store = L.BN >= TMA_STORE_MIN_BN
+    tma_store = tma_store and L.tma and _aligned(out, out_col)
+    y_desc = TensorDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [L.block_m, L.BN]) if tma_store else dummy
+    _tile_linear_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN),)](
+        x_src, w_src, L.row_ptr, L.col_idx, dummy if L.dense else _row_order(L.w), bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, y_desc,
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
-        BN=BN, BK=BK, BLOCK_M=block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
-        HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma,
-        TMA_STORE=tma_store, DENSE_W=dense, num_warps=warps, num_stages=stages,
+        BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
+        HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
+        TMA_STORE=tma_store, DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages,
     )
     return out
 
