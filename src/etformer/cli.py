@@ -302,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tile", default=_tile_str(DEFAULT_TILE), help="tile shape, e.g. 16x16, 32x32, 64x64, 128x64")
     pr.add_argument("--out", required=True)
     pr.add_argument("--overwrite", action="store_true")
-    pr.add_argument("--method", default="rgl", choices=METHODS)
+    pr.add_argument("--method", default="rgl", choices=METHODS,
+                    help="rgl: reweighted group lasso, then hard prune (E.T.'s method, the default); gmp: gradual "
+                         "magnitude pruning (the most accurate at 50%% tiles on the H200, "
+                         "benchmarks/results/h200/accuracy); oneshot; admm")
     pr.add_argument("--epochs", type=float, default=1.0, help="passes over the data per sparse stage")
     pr.add_argument("--dense-epochs", type=float, default=0.0)
     pr.add_argument("--lr", type=float, default=RecipeConfig.lr, help="peak learning rate (AdamW, warm-up, decay)")
