@@ -230,3 +230,21 @@ def test_prune_with_a_new_task_head(glue_dir, tmp_path, capsys):
     assert run("prune", "--task", "stsb", "--pattern", "tile", "--sparsity", 0.5, "--out", tmp_path / "y", "--kd", 1,
                "--glue-dir", glue_dir, "--device", "cpu") == 2
     assert "--kd" in capsys.readouterr().err
+
+
+def test_regression_task_with_a_new_head(glue_dir, tmp_path, capsys):
+    """STS-B with --head: a one-output regression head, MSE on the labels plus MSE distillation of its output."""
+    from etformer.errors import EtformerError
+    from etformer.models import load_model
+
+    out = tmp_path / "stsb"
+    assert run("prune", "--task", "stsb", "--pattern", "tile", "--sparsity", 0.5, "--out", out, "--head",
+               "--dense-epochs", 1, "--kd", 0.5, "--method", "gmp", "--max-steps", 2, "--batch-size", 8,
+               "--max-len", 24, "--train-limit", 24, "--eval-limit", 40, "--glue-dir", glue_dir,
+               "--device", "cpu") == 0
+    meta = json.loads((out / "etformer.json").read_text())
+    assert meta["metrics"]["pruned"]["method"] == "task head" and meta["training"]["kd"] == 0.5
+    model, _ = load_model(str(out))
+    assert model.config.num_labels == 1
+    with pytest.raises(EtformerError, match="1 outputs; the task needs 2"):
+        load_model(str(out), with_head=True, num_labels=2)
