@@ -27,6 +27,7 @@ from etformer.data import load_split
 from etformer.evaluate import batches, evaluate, fit_probe, mean_pool, predict_with_head
 from etformer.models import base_model, has_task_head, load_model
 from etformer.pruning import PruningPlan, apply_plan
+from etformer.sparse.tiles import atomic_write
 
 DEVICE = os.environ.get("PARITY_DEVICE", "cuda")
 DTYPES = [getattr(torch, d) for d in os.environ.get("PARITY_DTYPES", "float16,bfloat16").split(",")]
@@ -55,6 +56,14 @@ def probe_predictor(encode32, tok, train):
     return predict
 
 
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    atomic_write(path, write)
+
+
 def check(name, m32, tok, plan, dev, task, glue, predict_probe, results, out_dir):
     head = has_task_head(m32)
     texts = [e.texts for e in dev]
@@ -70,6 +79,9 @@ def check(name, m32, tok, plan, dev, task, glue, predict_probe, results, out_dir
 
     x32, h32 = features(enc32, tok, texts)
     p32 = predictions(enc32, x32)
+    labels = np.array([e.label for e in dev])
+    # a bare encoder is also scored on STS-B through cosine similarity
+    sts_hf = None if head else evaluate(m32, tok, "stsb", encode=enc32, glue_dir=glue, device=DEVICE)["value"]
     for dt in DTYPES:
         body = copy.deepcopy(body32).to(dt)
 
@@ -85,25 +97,20 @@ def check(name, m32, tok, plan, dev, task, glue, predict_probe, results, out_dir
         el = time.time() - t0
         e_hf = float((hh - h32).norm() / h32.norm())
         e_et = float((he - h32).norm() / h32.norm())
-        agree = float(np.mean(predictions(enc.encode_fn(), xe) == p32))
-        if not head:  # a bare encoder is also scored on STS-B through cosine similarity
-            sts = evaluate(m32, tok, "stsb", encode=enc.encode_fn(), glue_dir=glue, device=DEVICE)["value"]
-            sts_hf = evaluate(m32, tok, "stsb", encode=enc32, glue_dir=glue, device=DEVICE)["value"]
-        else:
-            sts = sts_hf = None
+        pe = predictions(enc.encode_fn(), xe)
+        agree = float(np.mean(pe == p32))
+        sts = None if head else evaluate(m32, tok, "stsb", encode=enc.encode_fn(), glue_dir=glue, device=DEVICE)["value"]
         key = f"{name}/{str(dt).replace('torch.', '')}"
-        labels = np.array([e.label for e in dev])
         results[key] = {"hf_rel_err": e_hf, "et_rel_err": e_et, "err_ratio": e_et / e_hf if e_hf > 0 else None,
                         "predictions": "task head" if head else "sst2 linear probe", "dev_set": task,
                         "pred_agreement": agree, "hf_same_dtype_agreement": float(np.mean(predictions(enc_hf, xh) == p32)),
                         "task_acc_hf32": float(np.mean(p32 == labels)),
-                        "task_acc_et": float(np.mean(predictions(enc.encode_fn(), xe) == labels)),
+                        "task_acc_et": float(np.mean(pe == labels)),
                         "stsb_spearman_et": sts, "stsb_spearman_hf32": sts_hf,
                         "ok": bool(e_et <= 2 * e_hf and agree >= 0.995), "engine": enc.summary()["layer0.qkv"],
                         "seconds_dev_features": el}
         print(key, json.dumps(results[key]), flush=True)
-        with open(os.path.join(out_dir, "parity.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(os.path.join(out_dir, "parity.json"), results)
 
 
 def main(out_dir, extra):

@@ -61,10 +61,10 @@ def prune(args, console) -> dict:
                        epochs=args.epochs, lr=args.lr, lam=args.lam, rho=args.rho, batch_size=args.batch_size,
                        max_len=args.max_len,
                        max_steps=args.max_steps, train_limit=args.train_limit, seed=args.seed, device=device,
-                       glue_dir=args.glue_dir, distill_tasks=_task_list(getattr(args, "distill_tasks", None)),
-                       distill_limit=getattr(args, "distill_limit", None),
-                       distill_hidden=getattr(args, "distill_hidden", False), kd=getattr(args, "kd", 0.0))
-    head = getattr(args, "head", False)
+                       glue_dir=args.glue_dir, distill_tasks=_task_list(args.distill_tasks),
+                       distill_limit=args.distill_limit,
+                       distill_hidden=args.distill_hidden, kd=args.kd)
+    head = args.head
     spec = task_spec(cfg.task)
     if head and cfg.dense_epochs <= 0:
         raise EtformerError("--head adds an untrained task head: give it --dense-epochs to fine-tune it first")
@@ -254,15 +254,13 @@ def save_mask_png(model, plan, png: str) -> None:
 def demo(args, console) -> dict:
     import torch
 
-    from .pruning.recipe import RecipeConfig
-
     device = _device(args.device)
     on_gpu = device.startswith("cuda")
-    ns = argparse.Namespace(
-        model=None, task="stsb", pattern="tile", sparsity=0.5, tile=args.tile, out=args.out, overwrite=True,
-        method="rgl", dense_epochs=0.0, epochs=1.0, lr=RecipeConfig.lr, lam=args.lam, rho=RecipeConfig.rho, batch_size=32,
-        max_len=64, max_steps=None if on_gpu else args.cpu_steps, train_limit=None, seed=0, device=device,
-        glue_dir=args.glue_dir, eval_limit=None)
+    argv = ["prune", "--task", "stsb", "--pattern", "tile", "--sparsity", "0.5", "--tile", args.tile, "--out", args.out,
+            "--overwrite", "--lam", repr(args.lam), "--max-len", "64", "--device", device]
+    argv += ["--max-steps", str(args.cpu_steps)] if not on_gpu else []
+    argv += ["--glue-dir", args.glue_dir] if args.glue_dir else []
+    ns = build_parser().parse_args(argv)  # the prune command's own defaults for everything else
     if not on_gpu:
         console.print(f"[yellow]No GPU: the demo runs on the CPU ({torch.get_num_threads()} threads) with "
                       f"{args.cpu_steps} steps per training stage; on a GPU it trains a full epoch per stage.[/]")

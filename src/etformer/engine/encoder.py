@@ -425,11 +425,11 @@ class ETEncoder(torch.nn.Module):
 
     def summary(self) -> dict:
         out = {}
+        small = ("etformer kernels on the dense weight" if SMALL_PATH == "triton" else "cuBLAS") + \
+            f" under {SPARSE_MIN_TOKENS} tokens"
         for i, L in enumerate(self.layers):
             for kind in ("qkv", "o", "ffn_in", "ffn_out"):
                 lin = getattr(L, kind)
-                small = ("etformer kernels on the dense weight" if SMALL_PATH == "triton" else "cuBLAS") + \
-                    f" under {SPARSE_MIN_TOKENS} tokens"
                 if lin.sparse is None:
                     kernel = f"cuBLAS ({small})"
                 elif lin.dense_weight is None or (SMALL_PATH == "triton" and SMALL_SPARSE):

@@ -5,6 +5,6 @@ from .layernorm import add_layernorm, add_layernorm_reference
 from .pruned_v_attention import CompactV, pruned_v_attention, pruned_v_attention_reference
 from .tile_linear import tile_linear, tile_linear_partials, tile_linear_reference
 
-__all__ = ["attention", "attention_reference", "fused_ffn_partials", "fused_ffn_reference", "add_layernorm", "add_layernorm_reference", "CompactV",
-           "pruned_v_attention", "pruned_v_attention_reference", "tile_linear", "tile_linear_partials",
-           "tile_linear_reference"]
+__all__ = ["attention", "attention_reference", "fused_ffn_partials", "fused_ffn_reference", "add_layernorm",
+           "add_layernorm_reference", "CompactV", "pruned_v_attention", "pruned_v_attention_reference", "tile_linear",
+           "tile_linear_partials", "tile_linear_reference"]
