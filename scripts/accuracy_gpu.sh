@@ -56,5 +56,30 @@ case ${SET:-methods} in
       --batch-size 64 --lr 5e-4 &
     TASK=mrpc run mrpc_head_gmp50_lr5e-4 --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 --distill-hidden \
       --lr 5e-4 & ;;
+  bykind)  # SST-2 and MRPC: the best uniform recipe (GMP) longer, and half the weights pruned with attention at 34%
+           # and the FFN at 60% (the FFN holds two thirds of a layer's weights); MRPC at three seeds
+    TASK=sst2 run sst2_head_gmp50_e4 --method gmp --head --dense-epochs 1 --epochs 4 --kd 1 --distill-hidden \
+      --batch-size 64 &
+    TASK=sst2 run sst2_head_gmp_attn34_ffn60_e3 --method gmp --head --dense-epochs 1 --epochs 3 --kd 1 \
+      --distill-hidden --batch-size 64 --sparsity-by-kind attention=0.34,ffn=0.6 &
+    TASK=sst2 run sst2_head_gmp_attn34_ffn60_e4 --method gmp --head --dense-epochs 1 --epochs 4 --kd 1 \
+      --distill-hidden --batch-size 64 --sparsity-by-kind attention=0.34,ffn=0.6 &
+    for seed in 0 1 2; do
+      TASK=mrpc run mrpc_head_gmp50_e6_seed$seed --method gmp --head --dense-epochs 3 --epochs 6 --kd 1 \
+        --distill-hidden --seed $seed &
+    done
+    TASK=mrpc run mrpc_head_gmp_attn34_ffn60_e6 --method gmp --head --dense-epochs 3 --epochs 6 --kd 1 \
+      --distill-hidden --sparsity-by-kind attention=0.34,ffn=0.6 & ;;
+  repeat)  # the SST-2 by-kind recipe at a second seed; MRPC at 3 + 3 epochs (6 overfit) by kind and uniform, seeds 0-2
+    TASK=sst2 run sst2_head_gmp_attn34_ffn60_e3_seed1 --method gmp --head --dense-epochs 1 --epochs 3 --kd 1 \
+      --distill-hidden --batch-size 64 --sparsity-by-kind attention=0.34,ffn=0.6 --seed 1 &
+    for seed in 0 1 2; do
+      TASK=mrpc run mrpc_head_gmp_attn34_ffn60_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 \
+        --distill-hidden --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
+    done
+    for seed in 1 2; do
+      TASK=mrpc run mrpc_head_gmp50_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 --distill-hidden \
+        --seed $seed &
+    done ;;
 esac
 wait

@@ -25,13 +25,14 @@ def weighted_tile_sparsity(report: dict) -> float:
 
 def row(name, d) -> str:
     t = d["training"]
-    target = d["plan"]["matrices"]["q"]["sparsity"]
+    sp = {k: v["sparsity"] for k, v in d["plan"]["matrices"].items()}
+    target = f"{sp['q']:.0%}" if len(set(sp.values())) == 1 else f"attention {sp['q']:.0%}, FFN {sp['ffn_in']:.0%}"
     data = d["task"].upper().replace("STSB", "STS-B").replace("SST2", "SST-2")
     if t.get("distill_tasks"):
         data += f" + {', '.join(t['distill_tasks'])}" + (f" (≤ {t['distill_limit']} each)" if t.get("distill_limit") else "")
     dv, pv = d["metrics"]["dense"]["value"], d["metrics"]["pruned"]["value"]
     dense_ep = f"{t['dense_epochs']:g} + " if t.get("dense_epochs") else ""
-    return (f"| {name} | {d['method']} | {target:.0%} | {weighted_tile_sparsity(d['sparsity']):.1%} | {t['lr']:g} "
+    return (f"| {name} | {d['method']} | {target} | {weighted_tile_sparsity(d['sparsity']):.1%} | {t['lr']:g} "
             f"| {t.get('seed', 0)} | {data} | {'yes' if t.get('distill_hidden') else 'no'} | {t.get('kd', 0):g} "
             f"| {t['batch_size']} | {dense_ep}{t['epochs']:g} | {dv:.2f} | {pv:.2f} | {dv - pv:+.2f} | {d['seconds']:.0f} |")
 

@@ -10,7 +10,11 @@ EB="python3 -m etformer.cli bench"
 for part in "$@"; do
   case $part in
     tests)  # kernels and engine on the GPU (fp16, bf16, CUDA graphs)
-      python3 -m pytest -q -x tests/test_kernels.py tests/test_engine.py tests/test_torch_encoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -3 ;;
+      { echo "# $(git rev-parse --short HEAD 2>/dev/null) (working tree), $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): python3 -m pytest -q tests/test_kernels.py tests/test_engine.py tests/test_torch_encoder.py"
+        python3 -m pytest -q -x tests/test_kernels.py tests/test_engine.py tests/test_torch_encoder.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -3 ;;
+    small)  # BERT-base at the smallest batches (the small-batch path), against the dense peers
+      $EB --models bert-base --batches 1,2 --seqs 128,256 --peers hf_sdpa,hf_graph,cublas_sdpa_graph --variants dense,tile \
+          --sparsities 0.5 --out "$OUT/small" 2>&1 | grep -v "Loading weights" | tail -30 ;;
     bert128)  # BERT-base, S=128: every dense peer (torch.compile at 32x128), every etformer variant
       $EB --models bert-base --batches 1,8,32,128 --seqs 128 --peers hf_sdpa,hf_graph,compile,cublas_sdpa_graph \
           --compile-shapes 32x128 --out "$OUT/bert128" 2>&1 | grep -v "Loading weights" | tail -90 ;;

@@ -20,7 +20,13 @@ def comp(fn, sig, consts, name, warps=4, stages=3):
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=tgt,
                            options={"num_warps": warps, "num_stages": stages})
         asm = k.asm.get("ptx", "")
-        print(f"{name}: compiled, wgmma={'wgmma' in asm}, ptx {len(asm)} chars")
+        pdl, pre = consts.get("PDL", False), consts.get("PREFETCH", False)
+        has = {"griddepcontrol.wait": "griddepcontrol.wait" in asm, "prefetch.global.L2": "prefetch.global.L2" in asm}
+        if (pdl and not has["griddepcontrol.wait"]) or (pre and not has["prefetch.global.L2"]):
+            ok = False
+            print(f"{name}: PDL={pdl} PREFETCH={pre} but the PTX lacks {[k for k, v in has.items() if not v]}")
+        print(f"{name}: compiled, wgmma={'wgmma' in asm}, PDL={has['griddepcontrol.wait']}, "
+              f"prefetch={has['prefetch.global.L2']}, ptx {len(asm)} chars")
     except Exception as e:
         ok = False
         print(f"{name}: FAILED {type(e).__name__}: {str(e)[:600]}")
@@ -30,29 +36,32 @@ for tma in (False, True):
     xs = "tensordesc<fp16[128,64]>" if tma else p16
     ws = "tensordesc<fp16[128,64]>" if tma else p16
     comp(T._tile_linear_kernel,
-         {"x_src": xs, "w_src": ws, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
+         {"x_src": xs, "w_src": ws, "w_ptr": p16, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
           "y_ptr": p16, "y_desc": "tensordesc<fp16[128,128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32",
           "out_col": "i32", "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
-          "FP32_DOT": C, "TMA": C, "TMA_STORE": C, "DENSE_W": C},
+          "FP32_DOT": C, "TMA": C, "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C},
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True,
-          "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False},
+          "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
+          "PREFETCH": 1 if tma else 0, "LINE": 64},
          f"tile_linear tma={tma} tma_store={tma}", stages=4)
     xs = "tensordesc<fp16[64,64]>" if tma else p16
     comp(T._tile_linear_splitk_kernel,
-         {"x_src": xs, "w_src": ws, "row_ptr": i32, "col_idx": i32, "ws_ptr": "*fp32", "M": "i32", "N": "i32",
+         {"x_src": xs, "w_src": ws, "w_ptr": p16, "row_ptr": i32, "col_idx": i32, "ws_ptr": "*fp32", "M": "i32", "N": "i32",
           "K": "i32", "stride_xm": "i32", "SPLIT": "i32", "BN": C, "BK": C, "BLOCK_M": C, "FP32_DOT": C, "TMA": C,
-          "DENSE_W": C},
-         {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False, "TMA": tma, "DENSE_W": False},
+          "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C},
+         {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False, "TMA": tma, "DENSE_W": False, "PDL": tma,
+          "PREFETCH": 2 if tma else 0, "LINE": 64},
          f"tile_linear split-K tma={tma}")
 # the small-batch path: a dense W [N, K] read in place through a descriptor, 64x64 blocks
 comp(T._tile_linear_kernel,
-     {"x_src": "tensordesc<fp16[64,64]>", "w_src": "tensordesc<fp16[64,64]>", "row_ptr": p16, "col_idx": p16,
+     {"x_src": "tensordesc<fp16[64,64]>", "w_src": "tensordesc<fp16[64,64]>", "w_ptr": p16, "row_ptr": p16, "col_idx": p16,
       "order_ptr": p16, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "y_desc": p16, "M": "i32", "N": "i32",
       "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C,
       "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C, "TMA_STORE": C,
-      "DENSE_W": C},
+      "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C},
      {"BN": 64, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": False,
-      "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True}, "tile_linear dense W", stages=4)
+      "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True, "PDL": True, "PREFETCH": 1, "LINE": 64},
+     "tile_linear dense W", stages=4)
 comp(F._ffn_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w1_src": "tensordesc<fp16[128,64]>", "b1_ptr": p16,
       "w2_src": "tensordesc<fp16[128,128]>", "ws_ptr": "*fp32", "x_ptr": p16, "M": "i32", "D": "i32", "I": "i32",
@@ -61,38 +70,42 @@ comp(F._ffn_kernel,
      "fused FFN")
 comp(T._splitk_epilogue_kernel,
      {"ws_ptr": "*fp32", "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "M": "i32", "N": "i32", "SPLIT": "i32",
-      "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BLOCK_M": C, "BLOCK_N": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C},
-     {"BLOCK_M": 32, "BLOCK_N": 128, "HAS_BIAS": True, "ACT": 2, "HAS_RES": True}, "split-K epilogue")
+      "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BLOCK_M": C, "BLOCK_N": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
+      "PDL": C},
+     {"BLOCK_M": 32, "BLOCK_N": 128, "HAS_BIAS": True, "ACT": 2, "HAS_RES": True, "PDL": True}, "split-K epilogue")
 for one, bn in ((True, 128), (False, 64)):
     comp(A._attn_kernel,
          {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*fp32", "stride_t": "i32", "stride_o": "i32",
           "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C, "DV": C, "qk_scale": "fp32",
-          "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C},
+          "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C,
+          "PDL": C},
          {"D": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_DV": 64, "ONE_PASS": one, "CAUSAL": True, "HAS_BIAS": True,
-          "FP32_DOT": False}, f"attention one_pass={one}", stages=1 if one else 3)
+          "FP32_DOT": False, "PDL": one}, f"attention one_pass={one}", stages=1 if one else 3)
 comp(N._add_ln_kernel,
      {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
       "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "SPLIT": "i32", "stride_s": "i32",
-      "BLOCK": C, "HAS_RES": C, "HAS_XB": C}, {"BLOCK": 1024, "HAS_RES": True, "HAS_XB": False}, "add_layernorm")
+      "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C}, {"BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": False},
+     "add_layernorm")
 comp(N._add_ln_kernel,
      {"x_ptr": "*fp32", "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
       "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "SPLIT": "i32", "stride_s": "i32",
-      "BLOCK": C, "HAS_RES": C, "HAS_XB": C}, {"BLOCK": 1024, "HAS_RES": True, "HAS_XB": True},
-     "add_layernorm of partial sums")
+      "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C}, {"BLOCK": 1024, "HAS_RES": True, "HAS_XB": True, "PDL": True},
+     "add_layernorm of partial sums (PDL)")
 # Wide heads (E.T.'s Transformer: D = 200, padded to 256 on chip). D is a compile-time constant so that the head
 # offsets h*D are known multiples of 8 elements: the loads are then 16-byte vectors and K/V stream through cp.async.
 # With D a run-time integer (not a multiple of 16, so Triton could not assume alignment) every load was a 2-byte
 # scalar and nothing was pipelined (4-5x slower than SDPA flash at S=512 on the H200, tune_attention_wide.json).
 sig = {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*fp32", "stride_t": "i32", "stride_o": "i32",
        "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C, "DV": C, "qk_scale": "fp32",
-       "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C}
+       "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C,
+       "PDL": C}
 names = list(sig)
 aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("qkv_ptr", "out_ptr", "cu_ptr", "stride_t", "stride_o",
                                                                   "q_col", "k_col", "v_col")}
 try:
     k = triton.compile(ASTSource(fn=A._attn_kernel, signature=sig, attrs=aligned, constexprs={
         "D": 200, "DV": 200, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 256, "BLOCK_DV": 256, "ONE_PASS": False,
-        "CAUSAL": True, "HAS_BIAS": False, "FP32_DOT": False}), target=tgt, options={"num_warps": 8, "num_stages": 2})
+        "CAUSAL": True, "HAS_BIAS": False, "FP32_DOT": False, "PDL": False}), target=tgt, options={"num_warps": 8, "num_stages": 2})
     ptx = k.asm["ptx"]
     vec = "ld.global.v4" in ptx and "cp.async" in ptx
     print(f"attention D=200: compiled, 16-byte loads and cp.async pipelining: {vec}")

@@ -2,6 +2,7 @@
 
     python3 scripts/small_batch_ab.py OUT_DIR                       # the first A/B (small_batch_ab.json)
     python3 scripts/small_batch_ab.py OUT_DIR --ffn                 # the fused FFN block (fused_ffn_ab.json)
+    python3 scripts/small_batch_ab.py OUT_DIR --pdl                 # PDL and the weight prefetch (pdl_ab.json)
 
 Modes (etformer.engine.encoder): SMALL_PATH="cublas" (F.linear, separate GELU, add+LN after each GEMM), "triton"
 (etformer's kernels on the dense weights: GELU in the FFN-in epilogue, split-K partial sums reduced inside add+LN), and
@@ -29,7 +30,10 @@ from etformer.pruning import PruningPlan, apply_plan
 from etformer.sparse.tiles import atomic_write
 
 TL = importlib.import_module("etformer.kernels.tile_linear")
+KC = importlib.import_module("etformer.kernels._common")
 
+# mode: (SMALL_PATH, SMALL_SPARSE, FUSED_FFN_MAX_TOKENS[, USE_PDL, PREFETCH_MAX_ROWS]); the first two A/Bs predate
+# PDL and the prefetch, so their modes run with both off
 MODES = {"cublas": ("cublas", False, 0), "triton": ("triton", False, 0), "triton_sparse": ("triton", True, 0)}
 SHAPES = [(1, 128), (1, 512), (8, 128), (2, 384)]
 FFN_MODES = {"cublas": ("cublas", False, 0), "fused_ffn": ("cublas", False, 1 << 20),
@@ -39,11 +43,29 @@ FFN_CONFIGS = [(64, 128, 64, 128, 4, 3), (64, 64, 64, 128, 4, 3), (64, 128, 64, 
                (128, 128, 64, 128, 8, 3), (64, 256, 64, 128, 8, 2)]
 
 
-ALL_MODES = {**MODES, **FFN_MODES}
+# PDL (every etformer kernel launched with programmatic dependent launch) and the L2 weight prefetch of the GEMM
+# kernels, on both small-batch paths; 32 x 128 and 8 x 512 run the large path (tiles when sparse, cuBLAS when dense).
+ALL_ROWS = 1 << 30
+PDL_MODES = {"cublas": ("cublas", False, 0, False, 0), "cublas+pdl": ("cublas", False, 0, True, 0),
+             "triton": ("triton", False, 0, False, 0), "triton+prefetch": ("triton", False, 0, False, ALL_ROWS),
+             "triton+pdl": ("triton", False, 0, True, 0), "triton+pdl+prefetch": ("triton", False, 0, True, ALL_ROWS)}
+PDL_SHAPES = [(1, 128), (1, 512), (8, 128), (2, 384), (32, 128)]
+
+ALL_MODES = {**MODES, **FFN_MODES, **PDL_MODES}
 
 
 def set_mode(mode):
-    E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS = ALL_MODES[mode]
+    m = ALL_MODES[mode] + (False, 0) if len(ALL_MODES[mode]) == 3 else ALL_MODES[mode]
+    E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS, KC.USE_PDL, TL.PREFETCH_MAX_ROWS = m
+
+
+def reset_mode():
+    """The library's defaults (the modes above set module globals)."""
+    E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS = DEFAULTS[:3]
+    KC.USE_PDL, TL.PREFETCH_MAX_ROWS = DEFAULTS[3:]
+
+
+DEFAULTS = (E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS, KC.USE_PDL, TL.PREFETCH_MAX_ROWS)
 
 
 def rel(a, b, mask):
@@ -52,13 +74,18 @@ def rel(a, b, mask):
     return float((a - b).norm() / b.norm())
 
 
-def main(out_dir, ffn=False):
-    modes, shapes = (FFN_MODES, FFN_SHAPES) if ffn else (MODES, SHAPES)
+def main(out_dir, ffn=False, pdl=False):
+    modes, shapes = (FFN_MODES, FFN_SHAPES) if ffn else ((PDL_MODES, PDL_SHAPES) if pdl else (MODES, SHAPES))
     os.makedirs(out_dir, exist_ok=True)
-    name_json = "fused_ffn_ab.json" if ffn else "small_batch_ab.json"
+    name_json = "fused_ffn_ab.json" if ffn else ("pdl_ab.json" if pdl else "small_batch_ab.json")
+    flag = " --ffn" if ffn else (" --pdl" if pdl else "")
     base = model_shape("bert-base").cuda()
     plans = {"dense": None} if ffn else {"dense": None, "tile50": PruningPlan.uniform("tile", 0.5, (128, 64))}
     models = {name: apply_plan(copy.deepcopy(base), plan) for name, plan in plans.items()}
+    # one encoder per plan: the modes are module switches read at call time, so only the captured graphs (cleared
+    # before each mode) depend on them
+    encs = {name: optimize(models[name], plan, dtype=torch.float16, device="cuda") for name, plan in plans.items()}
+    rounds = 2 if pdl else 1  # the PDL A/B measures its modes twice, in forward then reverse order
     rows = []
     for B, S in shapes:
         ids, mask = make_inputs(B, S, False, base.config.vocab_size)
@@ -69,24 +96,25 @@ def main(out_dir, ffn=False):
                 hf16 = copy.deepcopy(m32).half()(input_ids=ids, attention_mask=mask).last_hidden_state
             peer = cublas_sdpa_graph(copy.deepcopy(m32).half(), masked=False)
             peer_us = time_cuda(lambda: peer(ids, mask), min_ms=100)["median_us"]
-            for mode in modes:
+            order = [(rnd, mode) for rnd in range(rounds) for mode in (modes if rnd % 2 == 0 else list(modes)[::-1])]
+            for rnd, mode in order:
                 if name == "dense" and mode == "triton_sparse":
                     continue
                 set_mode(mode)
-                enc = optimize(m32, plan, dtype=torch.float16, device="cuda")
+                enc = encs[name]
+                enc._graphs.clear()
                 y = enc(ids, mask).last_hidden_state
                 e2e = time_cuda(lambda: enc(ids, mask), min_ms=100)["median_us"]
                 gpu = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=100)["median_us"]
-                r = {"B": B, "S": S, "plan": name, "mode": mode, "e2e_us": e2e, "gpu_us": gpu,
+                r = {"B": B, "S": S, "plan": name, "mode": mode, "round": rnd, "e2e_us": e2e, "gpu_us": gpu,
                      "peer_cublas_sdpa_graph_us": peer_us, "speedup_vs_peer": peer_us / e2e,
                      "err": rel(y, ref, mask), "hf_fp16_err": rel(hf16, ref, mask)}
                 rows.append(r)
-                print(f"B={B:2d} S={S:3d} {name:6s} {mode:13s} e2e {e2e:7.1f} us  gpu {gpu:7.1f} us  "
+                print(f"B={B:2d} S={S:3d} {name:6s} {mode:20s} e2e {e2e:7.1f} us  gpu {gpu:7.1f} us  "
                       f"peer {peer_us:7.1f} ({peer_us / e2e:.2f}x)  err {r['err']:.2e} (HF fp16 {r['hf_fp16_err']:.2e})",
                       flush=True)
-    set_mode("cublas")
-    res = {"env": env_info(), "command": "python3 scripts/small_batch_ab.py OUT_DIR" + (" --ffn" if ffn else ""),
-           "rows": rows}
+    reset_mode()
+    res = {"env": env_info(), "command": "python3 scripts/small_batch_ab.py OUT_DIR" + flag, "rows": rows}
     save(res, out_dir, name_json)
     if ffn:
         from etformer.kernels.fused_ffn import fused_ffn_partials
@@ -110,7 +138,7 @@ def main(out_dir, ffn=False):
             print(f"ffn sweep M={M}: " + ", ".join(f"{r['config']} {r['us']:.1f}" for r in ok), flush=True)
         res["ffn_sweep"] = sweep
 
-    if not ffn:
+    if not ffn and not pdl:
         res["sweep"] = dense_weight_sweep()
     save(res, out_dir, name_json)
 
@@ -123,7 +151,8 @@ def main(out_dir, ffn=False):
             if name == "dense" and mode == "triton_sparse":
                 continue
             set_mode(mode)
-            enc = optimize(models[name], plan, dtype=torch.float16, device="cuda")
+            enc = encs[name]
+            enc._graphs.clear()
             replay = enc.graph_replay_fn(ids, mask)
             for _ in range(5):
                 replay()
@@ -139,7 +168,7 @@ def main(out_dir, ffn=False):
                     fam[e.key[:60]] = fam.get(e.key[:60], 0) + t / 5
             prof_out[f"{name}/{mode}"] = sorted(fam.items(), key=lambda kv: -kv[1])[:10]
             print(f"== {name}/{mode}: " + ", ".join(f"{k[:28]} {v:.0f}" for k, v in prof_out[f"{name}/{mode}"][:6]))
-    set_mode("cublas")
+    reset_mode()
 
     res["profile_b1_s128"] = prof_out
     save(res, out_dir, name_json)
@@ -189,4 +218,4 @@ def save(res, out_dir, name):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], ffn="--ffn" in sys.argv[2:])
+    main(sys.argv[1], ffn="--ffn" in sys.argv[2:], pdl="--pdl" in sys.argv[2:])

@@ -185,14 +185,18 @@ def test_graph_replay_with_new_mask_same_bucket():
 
 
 @needs_triton
-@pytest.mark.parametrize("small_path,small_sparse", [("triton", False), ("triton", True), ("cublas", False)])
+@pytest.mark.parametrize("small_path,small_sparse", [("triton", False), ("triton", True), ("cublas", False),
+                                                     ("auto", False)])
 def test_linear_routes(monkeypatch, small_path, small_sparse):
     """Which weight each call runs on: a sparse matrix keeps a dense copy for batches under SPARSE_MIN_TOKENS rows
     (the small-batch path: etformer's kernels on the dense weight or on the tiles, or cuBLAS), and its tiles above;
-    a dense matrix runs cuBLAS at scale. backend="triton" always takes the kernels. Every route gives the product."""
+    a dense matrix runs cuBLAS at scale. backend="triton" always takes the kernels. "auto" takes the kernels up to
+    SMALL_KERNEL_MAX_TOKENS rows where kernels launch with PDL (an sm_90 GPU), else cuBLAS. Every route gives the
+    product."""
     import torch.nn.functional as F
 
     from etformer.engine import encoder as E
+    from etformer.kernels._common import pdl_on
 
     monkeypatch.setattr(E, "SMALL_PATH", small_path)
     monkeypatch.setattr(E, "SMALL_SPARSE", small_sparse)
@@ -207,7 +211,9 @@ def test_linear_routes(monkeypatch, small_path, small_sparse):
     assert lin.sparse is not None and lin.dense_weight is not None and dense.sparse is None
     assert E.Linear(W, b, (64, 64), force="tile").dense_weight is None
     small, big = 64, E.SPARSE_MIN_TOKENS + 7
-    kernels_small = small_path == "triton"
+    probe = torch.zeros(small, 128, device=DEVICE, dtype=dt)
+    kernels_small = small_path == "triton" or (small_path == "auto" and pdl_on(probe))
+    assert E._small_on_kernels(probe) == kernels_small
     backends = ["triton", "reference"] + (["auto"] if DEVICE == "cuda" else [])
     for bk in backends:
         for M in (small, big):

@@ -373,3 +373,67 @@ def test_tile_linear_launch_table_choice():
     assert tl_mod._launch_params(4096, (128, 64), True, True, 3072, 0.25) == bucket
     assert tl_mod._launch_params(4096, (128, 64), True, True, 768, 1.0) == bucket  # short K
     assert tl_mod._launch_params(16384, (128, 64), True, True, 3072, 1.0) == tl_mod.TUNED_TMA[((128, 64), 16384)]
+
+
+def _layer_chain(x, ws, ln, H, D, cu, rounds):
+    """A post-LN layer's kernels on dense weights, `rounds` times: QKV, attention, O partials + add&LN, FFN-in with
+    GELU, FFN-out partials + add&LN (the small-batch path's launches, each consuming the one before)."""
+    wqkv, wo, w1, w2 = ws
+    for _ in range(rounds):
+        qkv = tile_linear(x, wqkv)
+        ctx = attention(qkv, cu, x.shape[0], H, D)
+        h = add_layernorm(tile_linear_partials(ctx, wo), x, ln[0], ln[1])
+        f = tile_linear(h, w1, activation="gelu")
+        x = add_layernorm(tile_linear_partials(f, w2), h, ln[0], ln[1])
+    return x
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("graphed", [False, True])
+def test_pdl_and_prefetch_change_nothing(graphed):
+    """Launching every kernel with programmatic dependent launch (each waits for its predecessor inside the kernel)
+    and prefetching weights to L2 must give bit-identical results to plain launches: a missing wait would read a
+    buffer before its producer finished, and the chain below reads every output right after it is written."""
+    import importlib
+    kc = importlib.import_module("etformer.kernels._common")
+    tl_mod = importlib.import_module("etformer.kernels.tile_linear")
+    torch.manual_seed(0)
+    d, H, D, M = 256, 4, 64, 128
+    mk = lambda n, k: (torch.randn(n, k, device="cuda") / math.sqrt(k)).half()  # noqa: E731
+    ws = (mk(3 * d, d), mk(d, d), mk(4 * d, d), mk(d, 4 * d))
+    ln = (torch.rand(d, device="cuda").half() + 0.5, torch.randn(d, device="cuda").half() * 0.1)
+    cu = torch.tensor([0, 50, M], device="cuda", dtype=torch.int32)
+    x0 = torch.randn(M, d, device="cuda").half()
+    saved = kc.USE_PDL, tl_mod.PREFETCH_MAX_ROWS
+    outs = []
+    try:
+        for pdl, pre in ((False, 0), (True, 1 << 20)):
+            kc.USE_PDL, tl_mod.PREFETCH_MAX_ROWS = pdl, pre
+            extras = tl_mod._extras(x0, tl_mod._plan(x0, ws[0], None, None))
+            assert extras["PDL"] == (pdl and kc.HAS_PDL) and (extras["PREFETCH"] > 0) == (pre > 0)
+            run = lambda: _layer_chain(x0, ws, ln, H, D, cu, 6)  # noqa: E731
+            if graphed:
+                run()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    y = run()
+                g.replay()
+            else:
+                y = run()
+            torch.cuda.synchronize()
+            outs.append(y.clone())
+    finally:
+        kc.USE_PDL, tl_mod.PREFETCH_MAX_ROWS = saved
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_pdl_off_without_a_gpu():
+    """On the CPU (the interpreter) nothing is launched with PDL and nothing is prefetched."""
+    import importlib
+    kc = importlib.import_module("etformer.kernels._common")
+    tl_mod = importlib.import_module("etformer.kernels.tile_linear")
+    x = torch.randn(8, 64)
+    extras = tl_mod._extras(x, tl_mod._plan(x, torch.randn(32, 64), None, None))
+    assert not kc.pdl_on(x) and extras["PDL"] is False and extras["PREFETCH"] == 0
+    assert "launch_pdl" not in extras

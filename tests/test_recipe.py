@@ -54,6 +54,25 @@ def test_plan_json_round_trip():
     assert back.pattern("v").name == "row" and back.pattern("q").tile == (64, 64)
 
 
+def test_plan_sparsity_by_kind():
+    """Per-kind overrides: groups expand to their kinds, the pattern stays, hard masks follow each kind's target,
+    and bad entries are refused with the reason."""
+    import pytest
+
+    from etformer.errors import EtformerError
+
+    plan = PruningPlan.uniform("tile", 0.5, (16, 16)).with_sparsities("attention=0.25, ffn=0.75,o=0")
+    assert [plan.sparsity(k) for k in ("q", "k", "v", "o", "ffn_in", "ffn_out")] == [0.25, 0.25, 0.25, 0, 0.75, 0.75]
+    assert plan.pattern("ffn_in").name == "tile" and plan.tile == (16, 16)
+    model = tiny_bert()
+    names = encoder_linears(model)
+    for name, (p, m) in hard_masks(model, plan).items():
+        assert float((~m).float().mean()) == plan.sparsity(names[name][0])
+    for bad, why in (("qq=0.5", "KIND=VALUE"), ("ffn", "KIND=VALUE"), ("q=half", "value"), ("q=1.5", "")):
+        with pytest.raises(EtformerError, match=why):
+            PruningPlan.uniform("tile", 0.5).with_sparsities(bad)
+
+
 def test_distillation_corpus_takes_other_tasks_sentences(glue_dir):
     import pytest
 

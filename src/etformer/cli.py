@@ -55,6 +55,8 @@ def prune(args, console) -> dict:
     from .sparse.tiles import parse_tile
 
     plan = make_plan(args.pattern, args.sparsity, parse_tile(args.tile))
+    if args.sparsity_by_kind:
+        plan = plan.with_sparsities(args.sparsity_by_kind)
     check_out_dir(args.out, args.overwrite)
     device = _device(args.device)
     cfg = RecipeConfig(plan=plan, task=args.task, method=args.method, dense_epochs=args.dense_epochs,
@@ -77,7 +79,7 @@ def prune(args, console) -> dict:
     model_path = resolve_model_path(args.model)
     label = args.model or "all-MiniLM-L6-v2"
     console.print(f"[bold]etformer prune[/]: {label} on {cfg.task}, "
-                  f"plan {plan.name} at {args.sparsity:.0%}, tile {plan.tile[0]}x{plan.tile[1]}, method {cfg.method}, "
+                  f"plan {plan.name} at {args.sparsity_by_kind or format(args.sparsity, '.0%')}, tile {plan.tile[0]}x{plan.tile[1]}, method {cfg.method}, "
                   f"on {machine_line(device)}")
     ev = dict(glue_dir=args.glue_dir, device=device, limit=args.eval_limit)
     scores = {}
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--task", required=True)
     pr.add_argument("--pattern", required=True, help=f"one of {', '.join(PATTERNS)}, or attention_aware")
     pr.add_argument("--sparsity", type=float, required=True)
+    pr.add_argument("--sparsity-by-kind", default=None, metavar="KIND=S,...",
+                    help="per-kind sparsity overriding --sparsity: q, k, v, o, ffn_in, ffn_out, or the groups attention "
+                         "and ffn, e.g. attention=0.3,ffn=0.6")
     pr.add_argument("--tile", default=_tile_str(DEFAULT_TILE), help="tile shape, e.g. 16x16, 32x32, 64x64, 128x64")
     pr.add_argument("--out", required=True)
     pr.add_argument("--overwrite", action="store_true")

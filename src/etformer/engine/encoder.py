@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EtformerError
+from ..kernels._common import pdl_on
 from ..kernels.attention import attention
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
@@ -43,8 +44,14 @@ SPARSE_MIN_TOKENS = 4096
 # following add+LayerNorm reduces (7 launches a layer instead of 9). "cublas" keeps F.linear there. Same-run A/B on
 # the H200, BERT-base, GPU time per forward (benchmarks/results/h200/small_batch_ab.json): 425 vs 438 us at B=1, S=128
 # (the kernels' summed time is equal, 396 us; the two launches saved are the gain), but 615 vs 570 at B=1, S=512,
-# 776 vs 649 at B=8, S=128 and 729 vs 652 at B=2, S=384. So cuBLAS stays the default; "triton" is the option.
-SMALL_PATH = "cublas"
+# 776 vs 649 at B=8, S=128 and 729 vs 652 at B=2, S=384.
+# With programmatic dependent launch (each kernel scheduled while its predecessor runs) and the GEMMs' L2 weight
+# prefetch issued before their wait (kernels/_common.py, tile_linear.PREFETCH_MAX_ROWS), the kernels pull ahead at the
+# smallest batches only: same-run A/B (benchmarks/results/h200/pdl_ab.json) 356 vs 442 us for cuBLAS at B=1, S=128, but
+# 661 vs 573 at B=1, S=512 and 845 vs 650 at B=8, S=128. "auto" (the default) therefore takes the kernels up to
+# SMALL_KERNEL_MAX_TOKENS rows where PDL is available, and cuBLAS above.
+SMALL_PATH = "auto"
+SMALL_KERNEL_MAX_TOKENS = 256
 # Whether that small-batch path runs a sparse matrix on its tiles (True) or on its dense copy (False). Tiles were
 # slower at every small shape in the same A/B (463 vs 426 us at B=1, S=128 for 50% tiles), hence False.
 SMALL_SPARSE = False
@@ -61,6 +68,13 @@ GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # traffic stops capturing new graphs. A bucket graph runs up to 1/8 extra ghost rows (measured: BERT-base, B=32,
 # S=512, 8786 tokens in a 9216-row graph: 4298 us GPU+host against 3977 in an earlier run with the exact graph).
 GRAPH_EXACT_PER_SHAPE = 4
+
+
+def _small_on_kernels(x: torch.Tensor) -> bool:
+    """Whether a batch under SPARSE_MIN_TOKENS rows runs etformer's kernels (on the dense weights), per SMALL_PATH."""
+    if SMALL_PATH == "auto":
+        return x.shape[0] <= SMALL_KERNEL_MAX_TOKENS and pdl_on(x)
+    return SMALL_PATH == "triton"
 
 
 def _on_kernels(x: torch.Tensor, backend: str) -> bool:
@@ -145,14 +159,14 @@ class Linear:
         small = x.shape[0] < SPARSE_MIN_TOKENS
         if self.sparse is not None and (backend == "triton" or self.dense_weight is None or not small):
             return self.sparse
-        if small and SMALL_PATH == "triton":
+        if small and _small_on_kernels(x):
             return self.sparse if (self.sparse is not None and SMALL_SPARSE) else self.dense_weight
         return None
 
     def partial_sums(self, x, backend="auto"):
         """fp32 split-K partial sums of x W^T (no bias) when this call would run the small-batch kernels, else None:
         the caller then hands them to add_layernorm with this layer's bias."""
-        if x.shape[0] >= SPARSE_MIN_TOKENS or SMALL_PATH != "triton" or not _on_kernels(x, backend):
+        if x.shape[0] >= SPARSE_MIN_TOKENS or not _small_on_kernels(x) or not _on_kernels(x, backend):
             return None
         w = self._operand(x, backend)
         return None if w is None else tile_linear_partials(x, w, backend=backend)
@@ -425,14 +439,15 @@ class ETEncoder(torch.nn.Module):
 
     def summary(self) -> dict:
         out = {}
-        small = ("etformer kernels on the dense weight" if SMALL_PATH == "triton" else "cuBLAS") + \
-            f" under {SPARSE_MIN_TOKENS} tokens"
+        small = {"triton": "etformer kernels on the dense weight",
+                 "auto": f"etformer kernels on the dense weight up to {SMALL_KERNEL_MAX_TOKENS} tokens with PDL, "
+                         "else cuBLAS"}.get(SMALL_PATH, "cuBLAS") + f" under {SPARSE_MIN_TOKENS} tokens"
         for i, L in enumerate(self.layers):
             for kind in ("qkv", "o", "ffn_in", "ffn_out"):
                 lin = getattr(L, kind)
                 if lin.sparse is None:
                     kernel = f"cuBLAS ({small})"
-                elif lin.dense_weight is None or (SMALL_PATH == "triton" and SMALL_SPARSE):
+                elif lin.dense_weight is None or (SMALL_PATH != "cublas" and SMALL_SPARSE):
                     kernel = "tile"
                 else:
                     kernel = f"tile ({small})"

@@ -6,6 +6,7 @@ how the tests check the kernels without a GPU). backend="reference" forces the P
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,7 +23,23 @@ except Exception:  # pragma: no cover - triton missing on this platform
     tl = None
     HAS_TRITON = False
 
+try:  # grid dependency control (programmatic dependent launch, sm_90+)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    HAS_PDL = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+except Exception:  # pragma: no cover - Triton without it
+    HAS_PDL = False
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Programmatic dependent launch (PDL): on sm_90+ the kernels of the encoder's chain are launched with launch_pdl, so
+# each one is scheduled while its predecessor still runs; its programs do what needs no earlier result (an L2 prefetch
+# of their weights), then wait (gdc_wait) for the predecessor's completion and memory, then let their own successor
+# launch. Every kernel launched this way waits before it reads anything an earlier kernel wrote and before it writes
+# anything, so the order of memory effects is the stream order. Module switch, for A/B runs.
+USE_PDL = True
 
 
 def interpreting() -> bool:
@@ -40,6 +57,37 @@ def use_triton(t: torch.Tensor, backend: str) -> bool:
     if not ok:
         raise EtformerError("the Triton backend needs a CUDA tensor, or TRITON_INTERPRET=1 on the CPU")
     return ok
+
+
+@functools.lru_cache(maxsize=None)
+def capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_on(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device are launched with programmatic dependent launch (see USE_PDL)."""
+    return USE_PDL and HAS_PDL and t.is_cuda and not interpreting() and capability(t.device.index)[0] >= 9
+
+
+def pdl_kwargs(pdl: bool) -> dict:
+    """Launch keyword arguments for a kernel with a PDL constexpr."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """Wait for the previous kernel of the stream (its writes visible), then let the next one launch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_l2(ptrs):
+        """Ask L2 to fetch the 128-byte lines at ptrs (a hint: nothing is loaded into registers)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 def check_tensor(name: str, t: torch.Tensor, dims: int | None = None, dtypes=KERNEL_DTYPES, device=None) -> None:

@@ -22,7 +22,10 @@ import math
 import torch
 
 from ..errors import EtformerError
-from ._common import HAS_TRITON, check_tensor, next_pow2, tl, triton, use_triton
+from ._common import HAS_TRITON, check_tensor, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
+
+if HAS_TRITON:
+    from ._common import pdl_enter
 
 # Longest sequence the one-pass kernel takes. Swept on the H200 (B=32, 12 heads of 64, fp16; tune.json): at S=128
 # the one-pass and online kernels are within 2% (13.6 vs 13.3 us), at S=192 and 256 one-pass is 1.4-1.6x slower
@@ -99,7 +102,9 @@ if HAS_TRITON:
         D: tl.constexpr, DV: tl.constexpr, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         ONE_PASS: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_enter(PDL)
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -206,13 +211,14 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
     bd, bdv = max(16, next_pow2(D)), max(16, next_pow2(DV))
     one, bm, bn, warps, stages = _config or _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda)
     grid = (triton.cdiv(max_seqlen, bm), H, B)
+    pdl = pdl_on(qkv)
     _attn_kernel[grid](
         qkv, out, cu_seqlens, key_bias if key_bias is not None else qkv,
         qkv.stride(0), out.stride(0), key_bias.stride(0) if key_bias is not None else 0, q_col, k_col, v_col,
         D, DV, scale * LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ONE_PASS=one, CAUSAL=causal,
         HAS_BIAS=key_bias is not None, FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, PDL=pdl, **pdl_kwargs(pdl),
     )
     return out
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import EtformerError
-from ._common import HAS_TRITON, check_tensor, next_pow2, tl, triton, use_triton
+from ._common import HAS_TRITON, check_tensor, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
+
+if HAS_TRITON:
+    from ._common import pdl_enter
 
 
 def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None, out_dtype=None):
@@ -27,7 +30,8 @@ if HAS_TRITON:
     @triton.jit
     def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, N, stride_x, stride_r, stride_y, eps,
                        SPLIT, stride_s,
-                       BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr):
+                       BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -82,9 +86,10 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     block = next_pow2(N)
     split, stride_s = (x.shape[0], x.stride(0)) if partial else (1, 0)
     stride_x = x.stride(1) if partial else x.stride(0)
+    pdl = pdl_on(x)
     _add_ln_kernel[(M,)](x, residual if residual is not None else x, weight, bias, out,
                          x_bias if x_bias is not None else weight, N, stride_x,
                          residual.stride(0) if residual is not None else 0, out.stride(0), eps, split, stride_s,
                          BLOCK=block, HAS_RES=residual is not None, HAS_XB=x_bias is not None,
-                         num_warps=4 if block <= 1024 else 8)
+                         num_warps=4 if block <= 1024 else 8, PDL=pdl, **pdl_kwargs(pdl))
     return out

@@ -15,14 +15,17 @@ epilogue (bias, residual).
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
 from ..errors import EtformerError
 from ..sparse.tiles import TileSparseWeight
-from ._common import HAS_TRITON, check_tensor, tl, triton, use_triton
+from ._common import (HAS_TRITON, capability, check_tensor, interpreting, pdl_kwargs, pdl_on, tl, triton,
+                      use_triton)
+
+if HAS_TRITON:
+    from ._common import pdl_enter, prefetch_l2
 
 
 # ----------------------------------------------------------------------------- reference
@@ -61,6 +64,22 @@ if HAS_TRITON:
         elif ACT == 2:  # ReLU
             acc = tl.maximum(acc, 0.0)
         return acc
+
+    @triton.jit
+    def _prefetch_w(w_ptr, lo, hi, w_row, N, K, BN: tl.constexpr, BK: tl.constexpr, DENSE_W: tl.constexpr,
+                    LINE: tl.constexpr):
+        """L2 prefetch of the weights one program reads: K blocks lo..hi of rows w_row..w_row+BN of a dense W [N, K],
+        or the (contiguous) tiles lo..hi. LINE elements apart, one hint per 128-byte line; nothing waits for them."""
+        if DENSE_W:
+            rows = tl.minimum(w_row + tl.arange(0, BN), N - 1).to(tl.int64)
+            offs = tl.arange(0, BK // LINE) * LINE
+            for t in range(lo, hi):
+                cols = tl.minimum(t * BK + offs, K - 1)
+                prefetch_l2(w_ptr + rows[:, None] * K + cols[None, :])
+        else:
+            offs = tl.arange(0, (BN * BK) // LINE).to(tl.int64) * LINE
+            for t in range(lo, hi):
+                prefetch_l2(w_ptr + t.to(tl.int64) * (BN * BK) + offs)
 
     @triton.jit
     def _tile_dot(x_src, w_src, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
@@ -108,12 +127,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_linear_kernel(
-        x_src, w_src, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
+        x_src, w_src, w_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
         M, N, K,
         stride_xm, stride_ym, stride_rm, out_col,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
         TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
+        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
     ):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -132,6 +152,10 @@ if HAS_TRITON:
             r = tl.load(order_ptr + (pid % width) // gsize)
             lo = tl.load(row_ptr + r)
             hi = tl.load(row_ptr + r + 1)
+        # the weights (and their index) are no earlier kernel's output: prefetched before waiting on it
+        if PREFETCH == 2 or (PREFETCH == 1 and pid_m == 0):
+            _prefetch_w(w_ptr, lo, hi, r * BN, N, K, BN, BK, DENSE_W, LINE)
+        pdl_enter(PDL)
 
         acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
                         BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W)
@@ -157,9 +181,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_linear_splitk_kernel(
-        x_src, w_src, row_ptr, col_idx, ws_ptr, M, N, K, stride_xm, SPLIT,
+        x_src, w_src, w_ptr, row_ptr, col_idx, ws_ptr, M, N, K, stride_xm, SPLIT,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
-        DENSE_W: tl.constexpr,
+        DENSE_W: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
     ):
         """Small-M path: each (row block, block-row) is split over SPLIT programs along its kept tiles; fp32
         partial sums go to a workspace [SPLIT, M, N] that _splitk_epilogue_kernel (or add_layernorm) reduces."""
@@ -177,6 +201,9 @@ if HAS_TRITON:
         chunk = tl.cdiv(end - start, SPLIT)
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
+        if PREFETCH == 2 or (PREFETCH == 1 and pid_m == 0):
+            _prefetch_w(w_ptr, lo, hi, r * BN, N, K, BN, BK, DENSE_W, LINE)
+        pdl_enter(PDL)
         acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
                         BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,8 +215,9 @@ if HAS_TRITON:
     def _splitk_epilogue_kernel(
         ws_ptr, bias_ptr, res_ptr, y_ptr, M, N, SPLIT, stride_ym, stride_rm, out_col,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-        HAS_RES: tl.constexpr,
+        HAS_RES: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        pdl_enter(PDL)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m[:, None] < M) & (cols[None, :] < N)
@@ -289,11 +317,6 @@ except Exception:  # pragma: no cover - older Triton: pointer loads only
 USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it per call
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index):
-    return torch.cuda.get_device_capability(index)
-
-
 # The small-batch path reads a dense W [N, K] in place, as (64 x 64) blocks, through the same kernels (DENSE_W), so a
 # dense matrix gets the fused epilogues (GELU) and split-K partial sums without a tile copy of its weights.
 DENSE_TILE = (64, 64)
@@ -307,6 +330,24 @@ SPLIT_TARGET_PROGRAMS = 128
 # ... with at least this many K blocks per split, and at most SPLIT_MAX splits.
 SPLIT_MIN_BLOCKS = 2
 SPLIT_MAX = 8
+
+
+# Up to this many rows a program prefetches its weight slab into L2 before the K loop (and, under PDL, while the
+# previous kernel still runs): a small-M GEMM is a weight stream, and a software pipeline a few stages deep keeps too
+# few bytes in flight to draw the bandwidth. 0 turns it off. PREFETCH_ALL_BLOCKS: every row block's programs issue
+# the hints (True) or only the first row block's, the others finding the lines in flight (False).
+# Same-run A/B on the H200, BERT-base GPU time per forward (benchmarks/results/h200/pdl_ab.json): with PDL at
+# B=1, S=128: 425 -> 356 us (PDL alone 370); without PDL the prefetch cost 10 us; at 512 rows it cost 40-120 us.
+PREFETCH_MAX_ROWS = 1024
+PREFETCH_ALL_BLOCKS = False
+
+
+def _extras(x: torch.Tensor, L) -> dict:
+    """The PDL / prefetch launch arguments of the tile kernels for this call."""
+    pdl = pdl_on(x)
+    pre = x.is_cuda and not interpreting() and x.shape[0] <= PREFETCH_MAX_ROWS
+    line = min(L.BK, 128 // x.element_size())
+    return dict(PDL=pdl, PREFETCH=(2 if PREFETCH_ALL_BLOCKS else 1) if pre else 0, LINE=line, **pdl_kwargs(pdl))
 
 
 def _dense_of(w) -> torch.Tensor:
@@ -333,7 +374,7 @@ def _tma_ok(x: torch.Tensor, w) -> bool:
     """Bulk tensor copies need sm_90+, 16-byte aligned bases and row strides, and at least one tile."""
     if TensorDescriptor is None:
         return False
-    if x.is_cuda and _capability(x.device.index)[0] < 9:
+    if x.is_cuda and capability(x.device.index)[0] < 9:
         return False
     e = x.element_size()
     if not (x.data_ptr() % 16 == 0 and (x.stride(0) * e) % 16 == 0):
@@ -348,9 +389,14 @@ def _aligned(t: torch.Tensor, col: int = 0) -> bool:
     return (t.data_ptr() + col * e) % 16 == 0 and (t.stride(0) * e) % 16 == 0 and t.stride(1) == 1
 
 
+def _values(w) -> torch.Tensor:
+    """The weight's raw values: the dense tensor, or the tile values (what the prefetch walks)."""
+    return w if isinstance(w, torch.Tensor) else w.values
+
+
 def _sources(x: torch.Tensor, w, block_m: int, tma: bool, BN: int, BK: int):
     """The kernel's X and W operands: tensor descriptors (TMA) or plain pointers."""
-    wt = w if isinstance(w, torch.Tensor) else w.values
+    wt = _values(w)
     if not tma:
         return x, wt
     xd = TensorDescriptor(x, [x.shape[0], x.shape[1]], [x.stride(0), 1], [block_m, BK])
@@ -412,9 +458,9 @@ def _partials(x, w, N, K, split, tma, config) -> torch.Tensor:
         return ws
     x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
     _tile_linear_splitk_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN), split)](
-        x_src, w_src, L.row_ptr, L.col_idx, ws, M, N, K, x.stride(0), split,
+        x_src, w_src, _values(L.w), L.row_ptr, L.col_idx, ws, M, N, K, x.stride(0), split,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages)
+        DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages, **_extras(x, L))
     return ws
 
 
@@ -472,10 +518,12 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     act = _act_code(activation)
     if split_k is not None and split_k > 1:
         ws = _partials(x, w, N, K, split_k, tma, _config)
+        pdl = pdl_on(x)
         _splitk_epilogue_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 128))](
             ws, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
             M, N, split_k, out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
-            BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4)
+            BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4,
+            PDL=pdl, **pdl_kwargs(pdl))
         return out
     L = _plan(x, w, tma, _config)
     x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
@@ -484,12 +532,13 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     tma_store = tma_store and L.tma and _aligned(out, out_col)
     y_desc = TensorDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [L.block_m, L.BN]) if tma_store else dummy
     _tile_linear_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN),)](
-        x_src, w_src, L.row_ptr, L.col_idx, dummy if L.dense else _row_order(L.w), bias if bias is not None else dummy,
+        x_src, w_src, _values(L.w), L.row_ptr, L.col_idx, dummy if L.dense else _row_order(L.w),
+        bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, y_desc,
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        TMA_STORE=tma_store, DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages,
+        TMA_STORE=tma_store, DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages, **_extras(x, L),
     )
     return out
 

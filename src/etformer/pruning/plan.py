@@ -54,6 +54,26 @@ class PruningPlan:
         m["v"] = MatrixPlan("row", float(sparsity if v_sparsity is None else v_sparsity))
         return cls(m, tile, name="attention_aware")
 
+    def with_sparsities(self, spec: str) -> "PruningPlan":
+        """This plan with some kinds' sparsity replaced, from "kind=value,...": kinds of MATRIX_KINDS, or
+        "attention" (q, k, v, o) and "ffn" (ffn_in, ffn_out). E.g. "attention=0.3,ffn=0.6" keeps half of a BERT
+        layer's weights (the FFN holds two thirds of them) while pruning attention less."""
+        groups = {"attention": ("q", "k", "v", "o"), "ffn": ("ffn_in", "ffn_out")}
+        m = dict(self.matrices)
+        for item in (p.strip() for p in spec.split(",") if p.strip()):
+            kind, sep, value = item.partition("=")
+            kind = kind.strip()
+            if not sep or (kind not in MATRIX_KINDS and kind not in groups):
+                raise EtformerError(f"bad sparsity entry {item!r}: expected KIND=VALUE with KIND one of "
+                                    f"{', '.join(MATRIX_KINDS)}, attention or ffn")
+            try:
+                v = float(value)
+            except ValueError:
+                raise EtformerError(f"bad sparsity value in {item!r}") from None
+            for k in groups.get(kind, (kind,)):
+                m[k] = MatrixPlan(m[k].pattern, v)
+        return PruningPlan(m, self.tile, self.nm, name=self.name)
+
     def to_json(self) -> dict:
         return {"name": self.name, "tile": list(self.tile), "nm": list(self.nm),
                 "matrices": {k: {"pattern": v.pattern, "sparsity": v.sparsity} for k, v in self.matrices.items()}}
