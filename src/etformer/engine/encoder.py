@@ -47,8 +47,10 @@ SPARSE_MIN_TOKENS = 4096
 # 776 vs 649 at B=8, S=128 and 729 vs 652 at B=2, S=384.
 # With programmatic dependent launch (each kernel scheduled while its predecessor runs) and the GEMMs' L2 weight
 # prefetch issued before their wait (kernels/_common.py, tile_linear.PREFETCH_MAX_ROWS), the kernels pull ahead at the
-# smallest batches only: same-run A/B (benchmarks/results/h200/pdl_ab.json) 356 vs 442 us for cuBLAS at B=1, S=128, but
-# 661 vs 573 at B=1, S=512 and 845 vs 650 at B=8, S=128. "auto" (the default) therefore takes the kernels up to
+# smallest batches: same-run A/B (benchmarks/results/h200/pdl_ab.json) 356 vs 442 us for cuBLAS at B=1, S=128, but
+# 661 vs 573 at B=1, S=512 and 845 vs 650 at B=8, S=128; with the prefetch from the first row block only
+# (small_batch_sweep.json) 334 vs 412 at B=1, S=128, 420 vs 468 at 1 x 256, 416 vs 460 at 2 x 128, and at 1 x 512
+# only even at its best split (581 vs 579). "auto" (the default) therefore takes the kernels up to
 # SMALL_KERNEL_MAX_TOKENS rows where PDL is available, and cuBLAS above.
 SMALL_PATH = "auto"
 SMALL_KERNEL_MAX_TOKENS = 256

@@ -336,9 +336,12 @@ SPLIT_MAX = 8
 # previous kernel still runs): a small-M GEMM is a weight stream, and a software pipeline a few stages deep keeps too
 # few bytes in flight to draw the bandwidth. 0 turns it off. PREFETCH_ALL_BLOCKS: every row block's programs issue
 # the hints (True) or only the first row block's, the others finding the lines in flight (False).
-# Same-run A/B on the H200, BERT-base GPU time per forward (benchmarks/results/h200/pdl_ab.json): with PDL at
-# B=1, S=128: 425 -> 356 us (PDL alone 370); without PDL the prefetch cost 10 us; at 512 rows it cost 40-120 us.
-PREFETCH_MAX_ROWS = 1024
+# Measured on the H200, BERT-base GPU time per forward on the small-batch kernel path: same-run A/B
+# (benchmarks/results/h200/pdl_ab.json, every program prefetching) at B=1, S=128: 425 us plain, 370 with PDL, 356 with
+# PDL and the prefetch, 435 with the prefetch alone; at 512 rows the prefetch cost 37 us with PDL and 120 without.
+# Sweep (small_batch_sweep.json): first row block only 334 us against 354 for every program at B=1, S=128, 420 vs 437
+# at 256 rows. Hence the first row block, up to 256 rows.
+PREFETCH_MAX_ROWS = 256
 PREFETCH_ALL_BLOCKS = False
 
 
