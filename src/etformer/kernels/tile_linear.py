@@ -82,16 +82,23 @@ if HAS_TRITON:
                 prefetch_l2(w_ptr + t.to(tl.int64) * (BN * BK) + offs)
 
     @triton.jit
-    def _tile_dot(x_src, w_src, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
+    def _tile_dot(x_src, w_src, w_ptr, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
-                  TMA: tl.constexpr, DENSE_W: tl.constexpr):
+                  TMA: tl.constexpr, DENSE_W: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                  LINE: tl.constexpr):
         """X[row0 : row0+BLOCK_M, tiles lo..hi) . W_tiles^T in fp32: the K loop over one block-row's kept tiles.
+
+        First the weights (no earlier kernel's output) are prefetched to L2 from w_ptr, the raw values: by every
+        program (PREFETCH 2) or the first row block's (1); then, under PDL, the wait for the previous kernel.
 
         TMA: x_src and w_src are tensor descriptors (X as [M, K], the tile values as [nnz*BN, BK]); each step is two
         bulk copies into shared memory, software-pipelined by the compiler. Otherwise they are the X and tile-value
         pointers, and the loads are pointer gathers.
         DENSE_W: w_src is a plain dense W [N, K] (descriptor or pointer) and lo..hi count K blocks of rows
         w_row .. w_row+BN: the small-batch path, which needs no tile copy of a dense matrix."""
+        if PREFETCH == 2 or (PREFETCH == 1 and row0 == 0):
+            _prefetch_w(w_ptr, lo, hi, w_row, N, K, BN, BK, DENSE_W, LINE)
+        pdl_enter(PDL)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BK)
         m_mask = offs_m < M
@@ -152,13 +159,8 @@ if HAS_TRITON:
             r = tl.load(order_ptr + (pid % width) // gsize)
             lo = tl.load(row_ptr + r)
             hi = tl.load(row_ptr + r + 1)
-        # the weights (and their index) are no earlier kernel's output: prefetched before waiting on it
-        if PREFETCH == 2 or (PREFETCH == 1 and pid_m == 0):
-            _prefetch_w(w_ptr, lo, hi, r * BN, N, K, BN, BK, DENSE_W, LINE)
-        pdl_enter(PDL)
-
-        acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W)
+        acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BN)
         m_mask = offs_m < M
@@ -201,11 +203,8 @@ if HAS_TRITON:
         chunk = tl.cdiv(end - start, SPLIT)
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
-        if PREFETCH == 2 or (PREFETCH == 1 and pid_m == 0):
-            _prefetch_w(w_ptr, lo, hi, r * BN, N, K, BN, BK, DENSE_W, LINE)
-        pdl_enter(PDL)
-        acc = _tile_dot(x_src, w_src, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W)
+        acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = r * BN + tl.arange(0, BN)
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
@@ -338,7 +337,7 @@ SPLIT_MAX = 8
 # the hints (True) or only the first row block's, the others finding the lines in flight (False).
 # Measured on the H200, BERT-base GPU time per forward on the small-batch kernel path: same-run A/B
 # (benchmarks/results/h200/pdl_ab.json, every program prefetching) at B=1, S=128: 425 us plain, 370 with PDL, 356 with
-# PDL and the prefetch, 435 with the prefetch alone; at 512 rows the prefetch cost 37 us with PDL and 120 without.
+# PDL and the prefetch, 435 with the prefetch alone; at 512 rows the prefetch cost 38-40 us with PDL, 121-123 without.
 # Sweep (small_batch_sweep.json): first row block only 334 us against 354 for every program at B=1, S=128, 420 vs 437
 # at 256 rows. Hence the first row block, up to 256 rows.
 PREFETCH_MAX_ROWS = 256
