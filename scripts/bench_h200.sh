@@ -10,8 +10,8 @@ EB="python3 -m etformer.cli bench"
 for part in "$@"; do
   case $part in
     tests)  # kernels and engine on the GPU (fp16, bf16, CUDA graphs)
-      { echo "# $(git rev-parse --short HEAD 2>/dev/null) (working tree), $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): python3 -m pytest -q tests/test_kernels.py tests/test_engine.py tests/test_torch_encoder.py"
-        python3 -m pytest -q -x tests/test_kernels.py tests/test_engine.py tests/test_torch_encoder.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -3 ;;
+      { echo "# $(git rev-parse --short HEAD 2>/dev/null) (working tree), $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): python3 -m pytest -q tests/test_kernels.py tests/test_encoder_layer.py tests/test_engine.py tests/test_torch_encoder.py"
+        timeout 400 python3 -m pytest -q -x tests/test_kernels.py tests/test_encoder_layer.py tests/test_engine.py tests/test_torch_encoder.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -3 ;;
     small)  # BERT-base at the smallest batches (the small-batch path), against the dense peers
       $EB --models bert-base --batches 1,2 --seqs 128,256 --peers hf_sdpa,hf_graph,cublas_sdpa_graph --variants dense,tile \
           --sparsities 0.5 --out "$OUT/small" 2>&1 | grep -v "Loading weights" | tail -30 ;;
@@ -39,6 +39,8 @@ for part in "$@"; do
       python3 scripts/small_batch_ab.py "$OUT/smallbatch" 2>&1 | grep -v -i warn | tail -45 ;;
     fusedffn)  # same-run A/B of the fused FFN block at small batch, and its launch sweep
       python3 scripts/small_batch_ab.py "$OUT/fusedffn" --ffn 2>&1 | grep -v -i warn | tail -45 ;;
+    layer)  # same-run A/B of one persistent launch a layer against the seven-launch kernel path and cuBLAS, sweep
+      python3 scripts/small_batch_ab.py "$OUT/layer" --layer 2>&1 | grep -v -i warn | tail -80 ;;
     parity)  # engine vs HF on GLUE dev, fp16 and bf16
       python3 scripts/gpu_parity.py "$OUT/parity" 2>&1 | grep -v "Loading weights" | tail -12 ;;
     tune)  # launch sweeps of the tile kernel (TUNED_TMA) and the wide-head attention

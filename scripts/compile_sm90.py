@@ -12,6 +12,7 @@ A = importlib.import_module("etformer.kernels.attention")
 T = importlib.import_module("etformer.kernels.tile_linear")
 N = importlib.import_module("etformer.kernels.layernorm")
 F = importlib.import_module("etformer.kernels.fused_ffn")
+E = importlib.import_module("etformer.kernels.encoder_layer")
 tgt = GPUTarget("cuda", 90, 32)
 ok = True
 def comp(fn, sig, consts, name, warps=4, stages=3):
@@ -27,6 +28,7 @@ def comp(fn, sig, consts, name, warps=4, stages=3):
             print(f"{name}: PDL={pdl} PREFETCH={pre} but the PTX lacks {[k for k, v in has.items() if not v]}")
         print(f"{name}: compiled, wgmma={'wgmma' in asm}, PDL={has['griddepcontrol.wait']}, "
               f"prefetch={has['prefetch.global.L2']}, ptx {len(asm)} chars")
+        return asm
     except Exception as e:
         ok = False
         print(f"{name}: FAILED {type(e).__name__}: {str(e)[:600]}")
@@ -73,6 +75,21 @@ comp(T._splitk_epilogue_kernel,
       "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BLOCK_M": C, "BLOCK_N": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
       "PDL": C},
      {"BLOCK_M": 32, "BLOCK_N": 128, "HAS_BIAS": True, "ACT": 2, "HAS_RES": True, "PDL": True}, "split-K epilogue")
+# the persistent layer kernel (BERT-base: 12 heads of 64, d = 768, FFN 3072); its grid barrier must use gpu-scope
+# release/acquire atomics
+el_sig = {n: p16 for n in ("x_ptr", "wqkv_ptr", "bqkv_ptr", "wo_ptr", "bo_ptr", "ln1w_ptr", "ln1b_ptr", "w1_ptr",
+                           "b1_ptr", "w2_ptr", "b2_ptr", "ln2w_ptr", "ln2b_ptr", "qkv_ptr", "h_ptr", "f_ptr", "y_ptr")}
+el_sig.update({"cu_ptr": i32, "ws_ptr": "*fp32", "cnt_ptr": i32, "T": "i32", "NSEQ": "i32", "MAX_LEN": "i32",
+               "qk_scale": "fp32", "eps": "fp32"})
+el_c = dict(H=12, D=64, DV=64, HID=768, INTER=3072, BM=64, BN=64, BK=64, BM_ATT=64, BN_ATT=64, BD=64, BDV=64, NCH=2,
+            BNO=64, BLOCK_HID=1024, SPLIT=4, ACT=1, FP32_DOT=False, PDL=True, PREFETCH=True, LINE=64)
+el_sig.update({k: C for k in el_c})
+order = list(E._encoder_layer_kernel.arg_names)
+el_ptx = comp(E._encoder_layer_kernel, {n: el_sig[n] for n in order}, el_c, "encoder layer (persistent)")
+if el_ptx is not None:  # the arrival is a release reduction, the spin an acquire load (an atomic add of 0 lowers to one)
+    sync = "red.global.gpu.release.add" in el_ptx and "ld.global.gpu.acquire" in el_ptx
+    print(f"encoder layer barrier: gpu-scope release arrival and acquire spin: {sync}")
+    ok = ok and sync
 for one, bn in ((True, 128), (False, 64)):
     comp(A._attn_kernel,
          {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*fp32", "stride_t": "i32", "stride_o": "i32",

@@ -3,6 +3,7 @@
     python3 scripts/small_batch_ab.py OUT_DIR                       # the first A/B (small_batch_ab.json)
     python3 scripts/small_batch_ab.py OUT_DIR --ffn                 # the fused FFN block (fused_ffn_ab.json)
     python3 scripts/small_batch_ab.py OUT_DIR --pdl                 # PDL and the weight prefetch (pdl_ab.json)
+    python3 scripts/small_batch_ab.py OUT_DIR --layer               # one persistent launch a layer (layer_ab.json)
 
 Modes (etformer.engine.encoder): SMALL_PATH="cublas" (F.linear, separate GELU, add+LN after each GEMM), "triton"
 (etformer's kernels on the dense weights: GELU in the FFN-in epilogue, split-K partial sums reduced inside add+LN), and
@@ -31,9 +32,11 @@ from etformer.sparse.tiles import atomic_write
 
 TL = importlib.import_module("etformer.kernels.tile_linear")
 KC = importlib.import_module("etformer.kernels._common")
+EL = importlib.import_module("etformer.kernels.encoder_layer")
 
-# mode: (SMALL_PATH, SMALL_SPARSE, FUSED_FFN_MAX_TOKENS[, USE_PDL, PREFETCH_MAX_ROWS]); the first two A/Bs predate
-# PDL and the prefetch, so their modes run with both off
+# mode: (SMALL_PATH, SMALL_SPARSE, FUSED_FFN_MAX_TOKENS[, USE_PDL, PREFETCH_MAX_ROWS[, FUSED_LAYER, layer PREFETCH]]);
+# the first two A/Bs predate PDL and the prefetch, so their modes run with both off, and all but the last predate the
+# one-launch layer, so theirs run without it
 MODES = {"cublas": ("cublas", False, 0), "triton": ("triton", False, 0), "triton_sparse": ("triton", True, 0)}
 SHAPES = [(1, 128), (1, 512), (8, 128), (2, 384)]
 FFN_MODES = {"cublas": ("cublas", False, 0), "fused_ffn": ("cublas", False, 1 << 20),
@@ -51,21 +54,64 @@ PDL_MODES = {"cublas": ("cublas", False, 0, False, 0), "cublas+pdl": ("cublas", 
              "triton+pdl": ("triton", False, 0, True, 0), "triton+pdl+prefetch": ("triton", False, 0, True, ALL_ROWS)}
 PDL_SHAPES = [(1, 128), (1, 512), (8, 128), (2, 384), (32, 128)]
 
-ALL_MODES = {**MODES, **FFN_MODES, **PDL_MODES}
+# The one-launch layer (kernels/encoder_layer.py) against the seven-launch kernel path and cuBLAS, all with PDL; the
+# kernel path forced ("triton") so that shapes past SMALL_KERNEL_MAX_TOKENS show where each stops winning.
+LAYER_MODES = {"cublas+pdl": ("cublas", False, 0, True, 0, False, False),
+               "triton+pdl+prefetch": ("triton", False, 0, True, 256, False, False),
+               "layer": ("triton", False, 0, True, 256, True, True),
+               "layer-noprefetch": ("triton", False, 0, True, 256, True, False)}
+LAYER_SHAPES = [(1, 128), (1, 256), (2, 128), (1, 512), (4, 128), (8, 128)]
+# Launch shapes of the layer kernel swept on a graphed chain of 12 BERT-base layers: CONFIG overrides and grid size.
+LAYER_SWEEP = [({}, None), ({}, 96), ({}, 64), ({"NCH": 1}, None), ({"NCH": 4}, None), ({"SPLIT": 2}, None),
+               ({"SPLIT": 8}, None), ({"BM": 32}, None), ({"BM_ATT": 32}, None), ({"num_warps": 8}, None),
+               ({"num_stages": 2}, None), ({"BN": 128}, None)]
+
+ALL_MODES = {**MODES, **FFN_MODES, **PDL_MODES, **LAYER_MODES}
 
 
 def set_mode(mode):
-    m = ALL_MODES[mode] + (False, 0) if len(ALL_MODES[mode]) == 3 else ALL_MODES[mode]
-    E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS, KC.USE_PDL, TL.PREFETCH_MAX_ROWS = m
+    m = ALL_MODES[mode]
+    m = m + (False, 0, False, True)[len(m) - 3:]
+    E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS, KC.USE_PDL, TL.PREFETCH_MAX_ROWS, E.FUSED_LAYER, \
+        EL.PREFETCH = m
 
 
 def reset_mode():
     """The library's defaults (the modes above set module globals)."""
     E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS = DEFAULTS[:3]
-    KC.USE_PDL, TL.PREFETCH_MAX_ROWS = DEFAULTS[3:]
+    KC.USE_PDL, TL.PREFETCH_MAX_ROWS, E.FUSED_LAYER, EL.PREFETCH = DEFAULTS[3:]
 
 
-DEFAULTS = (E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS, KC.USE_PDL, TL.PREFETCH_MAX_ROWS)
+DEFAULTS = (E.SMALL_PATH, E.SMALL_SPARSE, E.FUSED_FFN_MAX_TOKENS, KC.USE_PDL, TL.PREFETCH_MAX_ROWS, E.FUSED_LAYER,
+            EL.PREFETCH)
+
+
+def layer_sweep():
+    """GPU time of a CUDA graph of 12 BERT-base layers (B=1 and 2 x 128 tokens) per launch shape of the layer kernel."""
+    out = []
+    torch.manual_seed(0)
+    HID, I, H, D = 768, 3072, 12, 64
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.float16)  # noqa: E731
+    w = (r(3 * HID, HID) / 28, r(3 * HID) / 10, r(HID, HID) / 28, r(HID) / 10, (1 + r(HID) / 10, r(HID) / 10),
+         r(I, HID) / 28, r(I) / 10, r(HID, I) / 55, r(HID) / 10, (1 + r(HID) / 10, r(HID) / 10))
+    for lens in ([128], [128, 128]):
+        x = r(sum(lens), HID)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
+        for cfg, progs in LAYER_SWEEP:
+            def chain():
+                c = torch.zeros(12, dtype=torch.int32, device="cuda")
+                h = x
+                for i in range(12):
+                    h = EL.encoder_layer(h, cu, max(lens), H, D, *w, counter=c[i:i + 1], programs=progs, _config=cfg)
+                return h
+            try:
+                t = time_cuda(chain, graph=True, min_ms=50)["median_us"]
+            except Exception as e:
+                t = None
+                print(f"  layer sweep {lens} {cfg} programs={progs}: {type(e).__name__}: {str(e)[:100]}")
+            out.append({"lens": lens, "config": cfg, "programs": progs, "us_12_layers": t})
+            print(f"layer sweep tokens={sum(lens)} {cfg} programs={progs}: {t} us", flush=True)
+    return out
 
 
 def rel(a, b, mask):
@@ -74,18 +120,22 @@ def rel(a, b, mask):
     return float((a - b).norm() / b.norm())
 
 
-def main(out_dir, ffn=False, pdl=False):
-    modes, shapes = (FFN_MODES, FFN_SHAPES) if ffn else ((PDL_MODES, PDL_SHAPES) if pdl else (MODES, SHAPES))
+def main(out_dir, ffn=False, pdl=False, layer=False):
+    modes, shapes = ((FFN_MODES, FFN_SHAPES) if ffn else (PDL_MODES, PDL_SHAPES) if pdl else
+                     (LAYER_MODES, LAYER_SHAPES) if layer else (MODES, SHAPES))
     os.makedirs(out_dir, exist_ok=True)
-    name_json = "fused_ffn_ab.json" if ffn else ("pdl_ab.json" if pdl else "small_batch_ab.json")
-    flag = " --ffn" if ffn else (" --pdl" if pdl else "")
+    name_json = ("fused_ffn_ab.json" if ffn else "pdl_ab.json" if pdl else "layer_ab.json" if layer
+                 else "small_batch_ab.json")
+    flag = " --ffn" if ffn else " --pdl" if pdl else " --layer" if layer else ""
     base = model_shape("bert-base").cuda()
-    plans = {"dense": None} if ffn else {"dense": None, "tile50": PruningPlan.uniform("tile", 0.5, (128, 64))}
+    # the small-batch path runs a pruned matrix on its dense copy, so the layer A/B needs the dense plan only
+    plans = {"dense": None} if (ffn or layer) else {"dense": None,
+                                                    "tile50": PruningPlan.uniform("tile", 0.5, (128, 64))}
     models = {name: apply_plan(copy.deepcopy(base), plan) for name, plan in plans.items()}
     # one encoder per plan: the modes are module switches read at call time, so only the captured graphs (cleared
     # before each mode) depend on them
     encs = {name: optimize(models[name], plan, dtype=torch.float16, device="cuda") for name, plan in plans.items()}
-    rounds = 2 if pdl else 1  # the PDL A/B measures its modes twice, in forward then reverse order
+    rounds = 2 if (pdl or layer) else 1  # these A/Bs measure their modes twice, in forward then reverse order
     rows = []
     for B, S in shapes:
         ids, mask = make_inputs(B, S, False, base.config.vocab_size)
@@ -138,7 +188,9 @@ def main(out_dir, ffn=False, pdl=False):
             print(f"ffn sweep M={M}: " + ", ".join(f"{r['config']} {r['us']:.1f}" for r in ok), flush=True)
         res["ffn_sweep"] = sweep
 
-    if not ffn and not pdl:
+    if layer:
+        res["layer_sweep"] = layer_sweep()
+    if not ffn and not pdl and not layer:
         res["sweep"] = dense_weight_sweep()
     save(res, out_dir, name_json)
 
@@ -218,4 +270,4 @@ def save(res, out_dir, name):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], ffn="--ffn" in sys.argv[2:], pdl="--pdl" in sys.argv[2:])
+    main(sys.argv[1], ffn="--ffn" in sys.argv[2:], pdl="--pdl" in sys.argv[2:], layer="--layer" in sys.argv[2:])

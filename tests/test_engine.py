@@ -127,19 +127,22 @@ def test_cli_eval_engine_et(glue_dir, tmp_path):
 
 @needs_triton
 @pytest.mark.parametrize("plan", [PruningPlan.uniform("tile", 0.5, (16, 16)), PruningPlan.attention_aware(0.6, (16, 16))])
-@pytest.mark.parametrize("fused", [False, True], ids=["", "fused-ffn"])
+@pytest.mark.parametrize("fused", ["", "ffn", "layer"], ids=["", "fused-ffn", "fused-layer"])
 def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
-    """The whole engine on the Triton kernels (interpreter on the CPU, compiled on a GPU) against HF; fused-ffn: with
-    the optional one-launch FFN block and the small-batch kernels on dense weights switched on."""
+    """The whole engine on the Triton kernels (interpreter on the CPU, compiled on a GPU) against HF. fused-ffn: the
+    small-batch kernels on dense weights with the optional one-launch FFN block; fused-layer: the small-batch kernels
+    with each layer one persistent launch (FUSED_LAYER)."""
     from conftest import tiny_bert
     from etformer.engine import encoder as E
 
-    calls = []
+    calls = {"ffn": [], "layer": []}
+    monkeypatch.setattr(E, "FUSED_LAYER", fused == "layer")
     if fused:
-        monkeypatch.setattr(E, "FUSED_FFN_MAX_TOKENS", 1 << 20)
         monkeypatch.setattr(E, "SMALL_PATH", "triton")
-        real = E.fused_ffn_partials
-        monkeypatch.setattr(E, "fused_ffn_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(E, "FUSED_FFN_MAX_TOKENS", 1 << 20 if fused == "ffn" else 0)
+        for name, fn in (("ffn", "fused_ffn_partials"), ("layer", "encoder_layer")):
+            real = getattr(E, fn)
+            monkeypatch.setattr(E, fn, lambda *a, _r=real, _c=calls[name], **k: _c.append(1) or _r(*a, **k))
 
     model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
     with torch.no_grad():
@@ -159,15 +162,25 @@ def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
         for _ in range(2):  # the second call replays the captured graph
             y = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.cpu()
             assert _rel_on_tokens(y, ref, mask) < (1e-5 if DEVICE == "cpu" else 2e-3)
-    assert bool(calls) == fused  # the fused FFN ran exactly when switched on
+    # each fused operator ran exactly when switched on: the layer once a layer a call
+    assert bool(calls["ffn"]) == (fused == "ffn") and bool(calls["layer"]) == (fused == "layer")
+    if fused == "layer":
+        assert len(calls["layer"]) % 2 == 0 and calls["layer"]
 
 
 @needs_triton
-def test_graph_replay_with_new_mask_same_bucket():
+@pytest.mark.parametrize("fused_layer", [False, True], ids=["", "fused-layer"])
+def test_graph_replay_with_new_mask_same_bucket(fused_layer, monkeypatch):
     """Batches with the same (B, S, T, max_len), or whose bucket is a captured graph, share it; the varlen indices
     are rebuilt on the device from each batch's mask, so the second batch (rows permuted) must still match HF, a full
-    batch (no padding, no index work) must too, and so must one run in a graph with a ghost row."""
+    batch (no padding, no index work) must too, and so must one run in a graph with a ghost row. fused-layer: each
+    layer one persistent launch (on the small-batch kernel path)."""
     from conftest import tiny_bert
+    from etformer.engine import encoder as E
+
+    monkeypatch.setattr(E, "FUSED_LAYER", fused_layer)
+    if fused_layer:
+        monkeypatch.setattr(E, "SMALL_PATH", "triton")
 
     model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
     enc = optimize(model, None, dtype="float32", device=DEVICE, backend="triton")

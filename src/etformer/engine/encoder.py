@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from ..errors import EtformerError
 from ..kernels._common import pdl_on
 from ..kernels.attention import attention
+from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS
+from ..kernels.encoder_layer import encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
 from ..kernels.tile_linear import apply_activation, tile_linear, tile_linear_partials
@@ -63,6 +65,14 @@ SMALL_SPARSE = False
 # 501 vs 438 us at B=1, S=128 and worse at every larger shape. The fused launch takes 17 us against 15 us for the four
 # launches it replaces: 48 programs each stream 384 KB of weights one after another, too few to draw the bandwidth.
 FUSED_FFN_MAX_TOKENS = 0
+# On the small-batch kernel path, a post-LN layer whose four matrices have dense weights can run as one persistent
+# launch (kernels/encoder_layer.py: six phases behind grid barriers, the O projection folded into attention) instead
+# of seven. Off by default: same-run A/B on the H200, BERT-base GPU time per forward, both with PDL
+# (benchmarks/results/h200/layer_ab.json): 443 us (461 with its L2 weight prefetch) against 331 for the seven launches
+# at B=1, S=128, and 1.6-2.5x slower at every larger shape. Over 12 layers sharing one layer's weights (L2-resident)
+# the best launch shape of its sweep still takes 315 us: each phase's items run their K loops one after another
+# between barriers, where the separate kernels overlap one kernel's tail and the next one's weight fetch.
+FUSED_LAYER = False
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # Graphs for a (batch, length) shape are captured for the exact token count for the first GRAPH_EXACT_PER_SHAPE
@@ -334,6 +344,24 @@ class ETEncoder(torch.nn.Module):
         f = L.ffn_in(h, activation=self.cfg.activation, backend=bk)
         return self._linear_ln(L.ffn_out, f, h, L.ln2)
 
+    def _fused_layers(self, x, causal) -> bool:
+        """Whether this batch runs each layer as one persistent launch (FUSED_LAYER)."""
+        cfg = self.cfg
+        if not FUSED_LAYER or cfg.norm_first or causal or SMALL_SPARSE or cfg.activation not in ("gelu", "relu"):
+            return False
+        if not (_on_kernels(x, self.backend) and x.shape[0] < SPARSE_MIN_TOKENS and x.shape[0] <= LAYER_MAX_ROWS
+                and _small_on_kernels(x)):
+            return False
+        return all(lin.dense_weight is not None and lin.bias is not None
+                   for L in self.layers for lin in (L.qkv, L.o, L.ffn_in, L.ffn_out))
+
+    def _layer(self, L: Layer, x, cu, max_len, counter):
+        cfg = self.cfg
+        return encoder_layer(x, cu, max_len, cfg.heads, cfg.head_dim, L.qkv.dense_weight, L.qkv.bias,
+                             L.o.dense_weight, L.o.bias, L.ln1, L.ffn_in.dense_weight, L.ffn_in.bias,
+                             L.ffn_out.dense_weight, L.ffn_out.bias, L.ln2, eps=cfg.eps, v_head_dim=L.v_width,
+                             activation=cfg.activation, counter=counter, backend=self.backend)
+
     def _linear_ln(self, lin: Linear, a, r, wb):
         """LN(lin(a) + r): through split-K partial sums on the small-batch path, else one linear then add+LN."""
         ws = lin.partial_sums(a, self.backend)
@@ -359,6 +387,11 @@ class ETEncoder(torch.nn.Module):
         def attend(qkv, L):  # (T, 2*H*D + H*DV) -> (T, H*DV)
             return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=causal, backend=bk)
 
+        if self._fused_layers(x, causal):  # one zeroed barrier counter a layer, one memset for all
+            counters = torch.zeros(len(self.layers), dtype=torch.int32, device=x.device)
+            for i, L in enumerate(self.layers):
+                x = self._layer(L, x, cu, max_len, counters[i:i + 1])
+            return x if self.final_norm is None else ln(x, None, self.final_norm)
         for L in self.layers:
             if cfg.norm_first:
                 x = L.o(attend(L.qkv(ln(x, None, L.ln1), backend=bk), L), residual=x, backend=bk)

@@ -1,0 +1,92 @@
+"""Where the host time of one small-batch engine call goes, on a GPU: BERT-base shape (random weights, fp16).
+
+    python3 scripts/host_overhead.py OUT_DIR [--batches 1,2 --seq 128]
+
+For each batch (all-ones mask, as a served request of one length): the median of N calls of the whole forward (end to
+end, ending in its own finite-output check, which syncs), of the graph replay alone (GPU time), and of each host step
+of the forward timed with perf_counter: input checks, the lengths read (a device-to-host copy, so a sync), the graph
+lookup and input copies, the replay's submission, the output copy and the finite check (which waits for the GPU).
+Writes host_overhead.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from etformer.bench.run import make_inputs, model_shape
+from etformer.bench.timing import env_info, time_cuda
+from etformer.engine import encoder as E
+from etformer.engine import optimize
+from etformer.sparse.tiles import atomic_write
+
+
+def steps(enc, ids, mask):
+    """One forward, split into its host steps (the same calls ETEncoder.forward makes); returns {step: seconds}."""
+    t = [time.perf_counter()]
+    keep = enc._validate(ids, mask, None)
+    t.append(time.perf_counter())
+    B, S = ids.shape
+    T, max_len = enc._lengths(keep, B, S)
+    keep = None if T == B * S else keep
+    t.append(time.perf_counter())
+    key = E.choose_graph_key(enc._graphs, B, S, T, max_len, (False,))
+    graph, static, out = enc._graphs[key]
+    for dst, src in zip(static, (ids, None, keep)):
+        if dst is not None:
+            dst.copy_(src)
+    t.append(time.perf_counter())
+    graph.replay()
+    t.append(time.perf_counter())
+    y = out.clone()
+    ok = bool(torch.isfinite(y).all())
+    t.append(time.perf_counter())
+    assert ok
+    names = ["validate", "lengths (sync)", "graph lookup + input copies", "replay submit", "clone + finite (waits)"]
+    return {n: t[i + 1] - t[i] for i, n in enumerate(names)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--batches", default="1,2")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--n", type=int, default=300)
+    a = ap.parse_args()
+    base = model_shape("bert-base").cuda()
+    enc = optimize(base, None, dtype=torch.float16, device="cuda")
+    rows = []
+    for B in [int(b) for b in a.batches.split(",")]:
+        ids, mask = make_inputs(B, a.seq, False, base.config.vocab_size)
+        enc(ids, mask)  # capture
+        e2e = time_cuda(lambda: enc(ids, mask), min_ms=100)["median_us"]
+        gpu = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=100)["median_us"]
+        runs = []
+        for _ in range(a.n):
+            torch.cuda.synchronize()
+            runs.append(steps(enc, ids, mask))
+        med = {k: statistics.median(r[k] for r in runs) * 1e6 for k in runs[0]}
+        wall = []
+        for _ in range(a.n):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            enc(ids, mask)
+            wall.append(time.perf_counter() - t0)
+        row = {"B": B, "S": a.seq, "e2e_us": e2e, "gpu_us": gpu, "forward_wall_us": statistics.median(wall) * 1e6,
+               "steps_us": med}
+        rows.append(row)
+        print(f"B={B} S={a.seq}: e2e {e2e:.1f} us, GPU {gpu:.1f}, forward wall {row['forward_wall_us']:.1f}; "
+              + ", ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
+    res = {"env": env_info(), "command": "python3 scripts/host_overhead.py OUT_DIR", "rows": rows}
+    os.makedirs(a.out, exist_ok=True)
+
+    def wj(tmp):
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+    atomic_write(os.path.join(a.out, "host_overhead.json"), wj)
+
+
+if __name__ == "__main__":
+    main()
