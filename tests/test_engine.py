@@ -151,6 +151,7 @@ def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
         v = model.encoder.layer[0].attention.self.value.weight
         v[::2] = 0  # half of V's rows: compact V of width 16 < 32
     enc = optimize(model, plan, dtype="float32", device=DEVICE, backend="triton")
+    enc.sync_free_max_tokens = 0  # the packed (unpadded) path; test_sync_free_padded_path covers the padded one
     assert enc.layers[0].v_width == 16
     ids = torch.randint(1, 100, (3, 19))
     mask = torch.ones(3, 19, dtype=torch.long)
@@ -184,6 +185,7 @@ def test_graph_replay_with_new_mask_same_bucket(fused_layer, monkeypatch):
 
     model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
     enc = optimize(model, None, dtype="float32", device=DEVICE, backend="triton")
+    enc.sync_free_max_tokens = 0  # the packed path's graphs
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 100, (3, 13), generator=g)
     lens = [[13, 4, 9], [9, 13, 4], [13, 13, 13], [3, 13, 9]]  # 25 tokens: its bucket is the 26-row graph (one ghost)
@@ -324,3 +326,41 @@ def test_ghost_rows_change_nothing(backend):
     ghost = et._run(x, keep, T + 6, 16, False).cpu()
     assert float((exact - ghost).norm() / exact.norm()) < tol
     assert torch.all(ghost[~mask.bool()] == 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sync_free_padded_path(backend):
+    """Small batches run padded, the mask a key bias, with no host read before the replay: the same hidden states as
+    HF (right and left padding) and as the unpadded path, zeros at padded positions; one graph serves every mask of
+    a shape; an all-padding row and a NaN output are still reported (from the status read after the replay)."""
+    from conftest import tiny_bert
+
+    dev = DEVICE if backend == "triton" else "cpu"
+    tol = 1e-5 if dev == "cpu" else 2e-3
+    model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
+    enc = optimize(model, None, dtype="float32", device=dev, backend=backend)
+    assert enc.sync_free_max_tokens == (256 if dev == "cuda" else 0)
+    ids = torch.randint(1, 100, (3, 13))
+    tt = torch.randint(0, 2, (3, 13))
+    masks = [(torch.arange(13)[None, :] < torch.tensor([13, 3, 9])[:, None]).long(),
+             (torch.arange(13)[None, :] >= torch.tensor([0, 6, 11])[:, None]).long(),  # left padding
+             torch.ones(3, 13, dtype=torch.long)]
+    for mask in masks:
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        enc.sync_free_max_tokens = 0
+        unpadded = enc(ids.to(dev), mask.to(dev), tt.to(dev)).last_hidden_state.cpu()
+        enc.sync_free_max_tokens = 1 << 20
+        for _ in range(2):  # on a GPU the second call replays the graph
+            y = enc(ids.to(dev), mask.bool().to(dev), tt.to(dev)).last_hidden_state.cpu()
+            assert _rel_on_tokens(y, ref, mask) < tol
+            assert float((y - unpadded).norm() / unpadded.norm()) < tol
+            assert torch.all(y[~mask.bool()] == 0)
+    if dev == "cuda":
+        assert sum(1 for k in enc._graphs if k[0] == "padded") == 1
+    with pytest.raises(EtformerError, match="row 1 of the batch is all padding"):
+        enc(ids.to(dev), torch.tensor([[1] * 13, [0] * 13, [1] * 13], device=dev))
+    with torch.no_grad():
+        enc.layers[1].ln2[0][3] = float("nan")
+    with pytest.raises(EtformerError, match="NaN or inf"):
+        enc(ids.to(dev), masks[0].to(dev))

@@ -73,6 +73,11 @@ FUSED_FFN_MAX_TOKENS = 0
 # the best launch shape of its sweep still takes 315 us: each phase's items run their K loops one after another
 # between barriers, where the separate kernels overlap one kernel's tail and the next one's weight fetch.
 FUSED_LAYER = False
+# Batches of at most this many (B*S) tokens with an integer or boolean mask run padded, without the host read of their
+# lengths: the mask becomes an additive key bias inside the graph, padded rows are computed and zeroed, and the only
+# device-to-host read is one status pair after the replay (finite output, no all-padding row). The per-encoder knob
+# is ETEncoder.sync_free_max_tokens (this value on a GPU, 0 elsewhere).
+SYNC_FREE_MAX_TOKENS = 256
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # Graphs for a (batch, length) shape are captured for the exact token count for the first GRAPH_EXACT_PER_SHAPE
@@ -231,11 +236,17 @@ class ETEncoder(torch.nn.Module):
         self.use_graphs = self.device.type == "cuda"
         self.backend = "auto"  # "reference" forces the PyTorch references, "triton" the kernels
         self.check_finite = True
+        self.sync_free_max_tokens = SYNC_FREE_MAX_TOKENS if self.device.type == "cuda" else 0
         self._graphs: OrderedDict = OrderedDict()
         self._const_cache: dict = {}
 
     # ------------------------------------------------------------------ inputs
     def _validate(self, input_ids, attention_mask, token_type_ids):
+        """Check the inputs; the boolean keep mask (None without a mask)."""
+        self._check(input_ids, attention_mask, token_type_ids)
+        return None if attention_mask is None else attention_mask.ne(0)
+
+    def _check(self, input_ids, attention_mask, token_type_ids):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise EtformerError("input_ids must be a 2-D (batch, seq) tensor")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -248,7 +259,7 @@ class ETEncoder(torch.nn.Module):
         if S > self.cfg.max_positions:
             raise EtformerError(f"sequence length {S} exceeds the model's {self.cfg.max_positions} positions")
         if attention_mask is None:
-            return None
+            return
         if attention_mask.shape != input_ids.shape or attention_mask.device != self.device:
             raise EtformerError(f"attention_mask must be {(B, S)} on {self.device}, got {tuple(attention_mask.shape)} "
                                 f"on {attention_mask.device}")
@@ -256,7 +267,6 @@ class ETEncoder(torch.nn.Module):
             raise EtformerError("attention_mask holds NaN or inf")
         if token_type_ids is not None and (token_type_ids.shape != input_ids.shape or token_type_ids.device != self.device):
             raise EtformerError(f"token_type_ids must be {(B, S)} on {self.device}")
-        return attention_mask.ne(0)
 
     def _lengths(self, keep, B, S) -> tuple[int, int]:
         """(T, max_len) on the host: the only values the launch shapes need. One copy of B lengths, none without a mask."""
@@ -327,8 +337,8 @@ class ETEncoder(torch.nn.Module):
         return ids, pos, tt, cu, flat
 
     # ------------------------------------------------------------------ compute
-    def _layers(self, ids, pos, tt, cu, max_len):
-        return self._stack(self._embed(ids, pos, tt), cu, max_len)
+    def _layers(self, ids, pos, tt, cu, max_len, key_bias=None):
+        return self._stack(self._embed(ids, pos, tt), cu, max_len, key_bias=key_bias)
 
     def _ln(self, a, r, wb):
         return add_layernorm(a, r, wb[0], wb[1], self.cfg.eps, backend=self.backend)
@@ -376,8 +386,9 @@ class ETEncoder(torch.nn.Module):
             x = x + (F.embedding(tt, e["type"]) if tt is not None else e["type"][0])
         return self._ln(x.contiguous(), None, (e["ln_w"], e["ln_b"]))  # (T, d)
 
-    def _stack(self, x, cu, max_len, causal=None):
-        """The layer stack on packed tokens x (T, d)."""
+    def _stack(self, x, cu, max_len, causal=None, key_bias=None):
+        """The layer stack on packed tokens x (T, d); key_bias: an additive [B, max_len] fp32 bias on the keys (the
+        padded layout's mask)."""
         cfg = self.cfg
         causal = cfg.causal if causal is None else causal
         bk = self.backend
@@ -385,9 +396,10 @@ class ETEncoder(torch.nn.Module):
         H, D = cfg.heads, cfg.head_dim
 
         def attend(qkv, L):  # (T, 2*H*D + H*DV) -> (T, H*DV)
-            return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=causal, backend=bk)
+            return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=causal, key_bias=key_bias,
+                             backend=bk)
 
-        if self._fused_layers(x, causal):  # one zeroed barrier counter a layer, one memset for all
+        if key_bias is None and self._fused_layers(x, causal):  # one zeroed barrier counter a layer, one memset for all
             counters = torch.zeros(len(self.layers), dtype=torch.int32, device=x.device)
             for i, L in enumerate(self.layers):
                 x = self._layer(L, x, cu, max_len, counters[i:i + 1])
@@ -414,6 +426,9 @@ class ETEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_ignored):
+        if self._sync_free(input_ids, attention_mask):
+            self._check(input_ids, attention_mask, token_type_ids)
+            return EncoderOutput(self._padded(input_ids, attention_mask, token_type_ids))
         keep = self._validate(input_ids, attention_mask, token_type_ids)
         B, S = input_ids.shape
         T, max_len = self._lengths(keep, B, S)
@@ -426,6 +441,57 @@ class ETEncoder(torch.nn.Module):
         if self.check_finite and not bool(torch.isfinite(y).all()):
             raise EtformerError("the encoder produced NaN or inf; check the weights and the inputs")
         return EncoderOutput(y)
+
+    def _sync_free(self, input_ids, attention_mask) -> bool:
+        """Whether this batch runs padded, with no host read before its replay (sync_free_max_tokens)."""
+        return (attention_mask is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
+                and input_ids.numel() <= self.sync_free_max_tokens and isinstance(attention_mask, torch.Tensor)
+                and not attention_mask.is_floating_point() and self.cfg.position_offset == 0)
+
+    def _run_padded(self, input_ids, token_type_ids, mask):
+        """(last_hidden_state, status) of a batch run padded: every (b, s) row is computed, the mask enters attention
+        as a 0 / -inf key bias, padded rows come out as zeros. status: [finite output, no all-padding row], on the
+        device."""
+        B, S = input_ids.shape
+        keep = mask.ne(0)
+        pos, cu = self._consts(B, S, self.device)
+        bias = torch.where(keep, 0.0, float("-inf"))  # fp32 [B, S]
+        tt = None if token_type_ids is None else token_type_ids.reshape(-1)
+        y = self._layers(input_ids.reshape(-1), pos, tt, cu, S, key_bias=bias).view(B, S, -1)
+        y = torch.where(keep[..., None], y, 0.0)
+        status = torch.stack((torch.isfinite(y).all(), keep.any(1).all()))
+        return y, status
+
+    def _padded(self, input_ids, attention_mask, token_type_ids):
+        """Run a batch padded (eager, or its captured graph on a GPU); one read of the status pair, then the errors."""
+        B, S = input_ids.shape
+        if self.use_graphs:
+            key = ("padded", B, S, token_type_ids is not None)
+            g = self._graphs.get(key)
+            if g is None:
+                static = [input_ids.clone(), None if token_type_ids is None else token_type_ids.clone(),
+                          attention_mask.clone()]
+                graph, out = capture_graph(lambda: self._run_padded(*static))
+                g = self._graphs[key] = (graph, static, out)
+                if len(self._graphs) > GRAPH_CACHE:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(key)
+            graph, static, (out, status) = g
+            for dst, src in zip(static, (input_ids, token_type_ids, attention_mask)):
+                if dst is not None:
+                    dst.copy_(src)
+            graph.replay()
+            y = out.clone()
+        else:
+            y, status = self._run_padded(input_ids, token_type_ids, attention_mask)
+        finite, rows_ok = status.tolist()
+        if not rows_ok:
+            row = int(attention_mask.ne(0).any(1).logical_not().nonzero()[0, 0])
+            raise EtformerError(f"row {row} of the batch is all padding")
+        if self.check_finite and not finite:
+            raise EtformerError("the encoder produced NaN or inf; check the weights and the inputs")
+        return y
 
     def _run(self, input_ids, token_type_ids, keep, T, max_len, B, S):
         ids, pos, tt, cu, flat = self._prepare(input_ids, token_type_ids, keep, B, S, T)
@@ -458,6 +524,8 @@ class ETEncoder(torch.nn.Module):
     def graph_replay_fn(self, input_ids, attention_mask=None, token_type_ids=None):
         """The captured graph for these inputs' shape, as a no-argument callable: times the GPU work alone."""
         self(input_ids, attention_mask, token_type_ids)
+        if self._sync_free(input_ids, attention_mask):
+            return self._graphs[("padded", *input_ids.shape, token_type_ids is not None)][0].replay
         keep = self._validate(input_ids, attention_mask, token_type_ids)
         T, max_len = self._lengths(keep, *input_ids.shape)
         return self._graphs[choose_graph_key(self._graphs, *input_ids.shape, T, max_len,
