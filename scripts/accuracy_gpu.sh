@@ -81,5 +81,12 @@ case ${SET:-methods} in
       TASK=mrpc run mrpc_head_gmp50_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 --distill-hidden \
         --seed $seed &
     done ;;
+  mrpcshape)  # MRPC at 3 + 3 epochs, seeds 0-2: 32x32 tiles instead of 128x64, and 128-token inputs instead of 64
+    for seed in 0 1 2; do
+      TASK=mrpc run mrpc_head_gmp50_t32_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 \
+        --distill-hidden --tile 32x32 --seed $seed &
+      TASK=mrpc run mrpc_head_gmp50_len128_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 \
+        --distill-hidden --max-len 128 --seed $seed &
+    done ;;
 esac
 wait

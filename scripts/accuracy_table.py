@@ -32,7 +32,9 @@ def row(name, d) -> str:
         data += f" + {', '.join(t['distill_tasks'])}" + (f" (≤ {t['distill_limit']} each)" if t.get("distill_limit") else "")
     dv, pv = d["metrics"]["dense"]["value"], d["metrics"]["pruned"]["value"]
     dense_ep = f"{t['dense_epochs']:g} + " if t.get("dense_epochs") else ""
-    return (f"| {name} | {d['method']} | {target} | {weighted_tile_sparsity(d['sparsity']):.1%} | {t['lr']:g} "
+    tile = "x".join(str(v) for v in d["plan"]["tile"])
+    return (f"| {name} | {d['method']} | {target} | {tile} | {t['max_len']} "
+            f"| {weighted_tile_sparsity(d['sparsity']):.1%} | {t['lr']:g} "
             f"| {t.get('seed', 0)} | {data} | {'yes' if t.get('distill_hidden') else 'no'} | {t.get('kd', 0):g} "
             f"| {t['batch_size']} | {dense_ep}{t['epochs']:g} | {dv:.2f} | {pv:.2f} | {dv - pv:+.2f} | {d['seconds']:.0f} |")
 
@@ -41,9 +43,9 @@ def main(paths):
     runs = [(os.path.splitext(os.path.basename(p))[0], json.load(open(p))) for p in paths]
     d0 = runs[0][1]
     print("# Accuracy of tile-pruned MiniLM-L6 on GLUE dev (GPU recipes)\n")
-    print(f"Machine: {d0['machine']}. Model all-MiniLM-L6-v2; every encoder matrix pruned in "
-          f"{d0['plan']['tile'][0]}x{d0['plan']['tile'][1]} tiles (unless the target is 0%: the same training, "
-          "nothing pruned); sequences up to 64 tokens. Runs of one set shared the GPU. Command: "
+    print(f"Machine: {d0['machine']}. Model all-MiniLM-L6-v2; every encoder matrix pruned in tiles of the shape "
+          "given (unless the target is 0%: the same training, nothing pruned); inputs cut to the length given. Runs "
+          "of one set shared the GPU. Command: "
           "`SET=... bash scripts/bench_h200.sh accuracy` (scripts/accuracy_gpu.sh), then "
           "`python3 scripts/accuracy_table.py *.json`. Epochs: dense fine-tune + each sparse stage (gradual prune or "
           "regularize, then retrain with the masks fixed). Gap = dense − pruned.\n")
@@ -54,9 +56,9 @@ def main(paths):
         metric = sel[0][1]["metrics"]["pruned"]["metric"]
         print(f"## {task.upper().replace('STSB', 'STS-B').replace('SST2', 'SST-2')} ({metric})\n")
         print(TASK_NOTE.get(task, "") + ".\n")
-        print("| run | method | target | zero tiles | lr | seed | data | every layer | kd | batch | epochs | dense "
-              "| pruned | gap | seconds |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| run | method | target | tile | length | zero tiles | lr | seed | data | every layer | kd | batch "
+              "| epochs | dense | pruned | gap | seconds |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, d in sel:
             print(row(name, d))
         print()

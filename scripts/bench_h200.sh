@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The H200 benchmark, split into parts that each fit one device call (merge them afterwards with
 # `etformer bench --merge */bench.json --out benchmarks/results/h200`). Run from the repo root on the device with the
-# model and data in .carry (../shared/tools/pack-for-device .carry). Results land in $OUT/<part>.
+# model and data in .carry (../shared/tools/pack-for-device .carry). Results land in $OUT/<part>. TREE names the
+# commit in the test log's header where the copy's git metadata is stale.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export GLUE_DIR=$PWD/.carry/glue ETFORMER_DEFAULT_MODEL=$PWD/.carry/minilm-l6-fp16
@@ -10,7 +11,7 @@ EB="python3 -m etformer.cli bench"
 for part in "$@"; do
   case $part in
     tests)  # kernels and engine on the GPU (fp16, bf16, CUDA graphs)
-      { echo "# $(git rev-parse --short HEAD 2>/dev/null) (working tree), $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): python3 -m pytest -q tests/test_kernels.py tests/test_encoder_layer.py tests/test_engine.py tests/test_torch_encoder.py"
+      { echo "# ${TREE:-$(git rev-parse --short HEAD 2>/dev/null)} (working tree), $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): python3 -m pytest -q tests/test_kernels.py tests/test_encoder_layer.py tests/test_engine.py tests/test_torch_encoder.py"
         timeout 400 python3 -m pytest -q -x tests/test_kernels.py tests/test_encoder_layer.py tests/test_engine.py tests/test_torch_encoder.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -3 ;;
     small)  # BERT-base at the smallest batches (the small-batch path), against the dense peers
       $EB --models bert-base --batches 1,2 --seqs 128,256 --peers hf_sdpa,hf_graph,cublas_sdpa_graph --variants dense,tile \

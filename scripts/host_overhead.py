@@ -5,9 +5,10 @@
 For each batch (all-ones mask, as a served request of one length), on the packed path (sync_free_max_tokens = 0): the
 median of N calls of each host step of the forward timed with perf_counter: input checks, the lengths read (a
 device-to-host copy, so a sync), the graph lookup and input copies, the replay's submission, the output copy and the
-finite check (which waits for the GPU). Then a same-run A/B of the packed path against the padded, sync-free one
-(sync_free_max_tokens = 256), each with the finite check on and off: end to end (time_cuda of the call), the
-forward's wall time, and the graph replay alone (GPU time). Writes host_overhead.json.
+finite check (which waits for the GPU). Then a same-run A/B, in two rounds (forward, then reverse order): the packed
+path and the padded, sync-free one (sync_free_max_tokens = 256) with the finite check on, and the packed path with
+it off (the padded path is only taken with the check on): end to end (time_cuda of the call), the forward's wall
+time, and the graph replay alone (GPU time). Writes host_overhead.json.
 """
 import argparse
 import json
@@ -71,25 +72,25 @@ def main():
         rows.append({"B": B, "S": a.seq, "steps_us": med})
         print(f"B={B} S={a.seq} packed path, host steps: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()),
               flush=True)
-        for rnd, order in enumerate(((0, E.SYNC_FREE_MAX_TOKENS), (E.SYNC_FREE_MAX_TOKENS, 0))):
-            for knob in order:
-                for check in (True, False):
-                    enc.sync_free_max_tokens, enc.check_finite = knob, check
-                    enc(ids, mask)  # capture
-                    e2e = time_cuda(lambda: enc(ids, mask), min_ms=100)["median_us"]
-                    gpu = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=100)["median_us"]
-                    wall = []
-                    for _ in range(a.n):
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        enc(ids, mask)
-                        wall.append(time.perf_counter() - t0)
-                    r = {"B": B, "S": a.seq, "round": rnd, "path": "padded, sync-free" if knob else "packed",
-                         "check_finite": check, "e2e_us": e2e, "gpu_us": gpu,
-                         "forward_wall_us": statistics.median(wall) * 1e6}
-                    ab.append(r)
-                    print(f"B={B} S={a.seq} {r['path']:17s} check_finite={check!s:5s}: e2e {e2e:6.1f} us, "
-                          f"GPU {gpu:6.1f}, forward wall {r['forward_wall_us']:6.1f}", flush=True)
+        configs = [(0, True), (E.SYNC_FREE_MAX_TOKENS, True), (0, False)]
+        for rnd, order in enumerate((configs, configs[::-1])):
+            for knob, check in order:
+                enc.sync_free_max_tokens, enc.check_finite = knob, check
+                enc(ids, mask)  # capture
+                e2e = time_cuda(lambda: enc(ids, mask), min_ms=100)["median_us"]
+                gpu = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=100)["median_us"]
+                wall = []
+                for _ in range(a.n):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    enc(ids, mask)
+                    wall.append(time.perf_counter() - t0)
+                r = {"B": B, "S": a.seq, "round": rnd, "path": "padded, sync-free" if knob else "packed",
+                     "check_finite": check, "e2e_us": e2e, "gpu_us": gpu,
+                     "forward_wall_us": statistics.median(wall) * 1e6}
+                ab.append(r)
+                print(f"B={B} S={a.seq} {r['path']:17s} check_finite={check!s:5s}: e2e {e2e:6.1f} us, "
+                      f"GPU {gpu:6.1f}, forward wall {r['forward_wall_us']:6.1f}", flush=True)
     enc.sync_free_max_tokens, enc.check_finite = E.SYNC_FREE_MAX_TOKENS, True
     res = {"env": env_info(), "command": "python3 scripts/host_overhead.py OUT_DIR", "rows": rows, "ab": ab}
     os.makedirs(a.out, exist_ok=True)

@@ -358,6 +358,10 @@ def test_sync_free_padded_path(backend):
             assert torch.all(y[~mask.bool()] == 0)
     if dev == "cuda":
         assert sum(1 for k in enc._graphs if k[0] == "padded") == 1
+    enc.check_finite = False  # without the check the packed path reads nothing after its replay: it is taken
+    assert not enc._sync_free(ids, masks[0])
+    enc.check_finite = True
+    assert enc._sync_free(ids, masks[0]) and not enc._sync_free(ids, masks[0].float())  # float masks: checked first
     with pytest.raises(EtformerError, match="row 1 of the batch is all padding"):
         enc(ids.to(dev), torch.tensor([[1] * 13, [0] * 13, [1] * 13], device=dev))
     with torch.no_grad():

@@ -73,10 +73,15 @@ FUSED_FFN_MAX_TOKENS = 0
 # the best launch shape of its sweep still takes 315 us: each phase's items run their K loops one after another
 # between barriers, where the separate kernels overlap one kernel's tail and the next one's weight fetch.
 FUSED_LAYER = False
-# Batches of at most this many (B*S) tokens with an integer or boolean mask run padded, without the host read of their
-# lengths: the mask becomes an additive key bias inside the graph, padded rows are computed and zeroed, and the only
-# device-to-host read is one status pair after the replay (finite output, no all-padding row). The per-encoder knob
-# is ETEncoder.sync_free_max_tokens (this value on a GPU, 0 elsewhere).
+# With the finite-output check on (ETEncoder.check_finite, the default), batches of at most this many (B*S) tokens with
+# an integer or boolean mask run padded, without the host read of their lengths: the mask becomes an additive key bias
+# inside the graph, padded rows are computed and zeroed, and the one device-to-host read is a status pair after the
+# replay (finite output, no all-padding row) instead of the lengths before it and the finite flag after it. The
+# per-encoder knob is ETEncoder.sync_free_max_tokens (this value on a GPU, 0 elsewhere). Same-run A/B on the H200,
+# BERT-base, full masks (benchmarks/results/h200/host_overhead.json), end to end: 420-452 vs 446-453 us at B=1, S=128
+# and 497-498 vs 529-530 at B=2, S=128 with the check; the padded graph's GPU time is 35 us longer (mask, zeroing and
+# status ops, key bias in attention: 366 vs 331 us), so without the check, where the packed path reads nothing after
+# its replay, the packed path wins (369-372 vs 420-425) and is taken.
 SYNC_FREE_MAX_TOKENS = 256
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
@@ -443,10 +448,11 @@ class ETEncoder(torch.nn.Module):
         return EncoderOutput(y)
 
     def _sync_free(self, input_ids, attention_mask) -> bool:
-        """Whether this batch runs padded, with no host read before its replay (sync_free_max_tokens)."""
-        return (attention_mask is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
-                and input_ids.numel() <= self.sync_free_max_tokens and isinstance(attention_mask, torch.Tensor)
-                and not attention_mask.is_floating_point() and self.cfg.position_offset == 0)
+        """Whether this batch runs padded, with no host read before its replay: under sync_free_max_tokens tokens, with
+        the finite check on (SYNC_FREE_MAX_TOKENS)."""
+        return (self.check_finite and self.cfg.position_offset == 0 and isinstance(input_ids, torch.Tensor)
+                and input_ids.dim() == 2 and input_ids.numel() <= self.sync_free_max_tokens
+                and isinstance(attention_mask, torch.Tensor) and not attention_mask.is_floating_point())
 
     def _run_padded(self, input_ids, token_type_ids, mask):
         """(last_hidden_state, status) of a batch run padded: every (b, s) row is computed, the mask enters attention
