@@ -13,6 +13,7 @@ T = importlib.import_module("etformer.kernels.tile_linear")
 N = importlib.import_module("etformer.kernels.layernorm")
 F = importlib.import_module("etformer.kernels.fused_ffn")
 E = importlib.import_module("etformer.kernels.encoder_layer")
+P = importlib.import_module("etformer.kernels.padded")
 tgt = GPUTarget("cuda", 90, 32)
 ok = True
 def comp(fn, sig, consts, name, warps=4, stages=3):
@@ -90,14 +91,17 @@ if el_ptx is not None:  # the arrival is a release reduction, the spin an acquir
     sync = "red.global.gpu.release.add" in el_ptx and "ld.global.gpu.acquire" in el_ptx
     print(f"encoder layer barrier: gpu-scope release arrival and acquire spin: {sync}")
     ok = ok and sync
-for one, bn in ((True, 128), (False, 64)):
+for one, bn, km in ((True, 128, False), (False, 64, False), (True, 128, True)):
     comp(A._attn_kernel,
-         {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*fp32", "stride_t": "i32", "stride_o": "i32",
-          "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C, "DV": C, "qk_scale": "fp32",
-          "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C,
-          "PDL": C},
-         {"D": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_DV": 64, "ONE_PASS": one, "CAUSAL": True, "HAS_BIAS": True,
-          "FP32_DOT": False, "PDL": one}, f"attention one_pass={one}", stages=1 if one else 3)
+         {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*i64" if km else "*fp32", "stride_t": "i32",
+          "stride_o": "i32", "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C, "DV": C,
+          "qk_scale": "fp32", "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C,
+          "HAS_BIAS": C, "FP32_DOT": C, "PDL": C, "KEY_MASK": C},
+         {"D": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_DV": 64, "ONE_PASS": one,
+          "CAUSAL": not km, "HAS_BIAS": True, "FP32_DOT": False, "PDL": one, "KEY_MASK": km},
+         f"attention one_pass={one}" + (" key_mask" if km else ""), stages=1 if one else 3)
+comp(P._finish_kernel, {"x_ptr": p16, "m_ptr": "*i64", "y_ptr": p16, "st_ptr": i32, "N": "i32", "S": "i32",
+                        "BLOCK": C, "PDL": C}, {"BLOCK": 1024, "PDL": True}, "finish padded")
 comp(N._add_ln_kernel,
      {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
       "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "SPLIT": "i32", "stride_s": "i32",
@@ -115,14 +119,14 @@ comp(N._add_ln_kernel,
 sig = {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*fp32", "stride_t": "i32", "stride_o": "i32",
        "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C, "DV": C, "qk_scale": "fp32",
        "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C,
-       "PDL": C}
+       "PDL": C, "KEY_MASK": C}
 names = list(sig)
 aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("qkv_ptr", "out_ptr", "cu_ptr", "stride_t", "stride_o",
                                                                   "q_col", "k_col", "v_col")}
 try:
     k = triton.compile(ASTSource(fn=A._attn_kernel, signature=sig, attrs=aligned, constexprs={
         "D": 200, "DV": 200, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 256, "BLOCK_DV": 256, "ONE_PASS": False,
-        "CAUSAL": True, "HAS_BIAS": False, "FP32_DOT": False, "PDL": False}), target=tgt, options={"num_warps": 8, "num_stages": 2})
+        "CAUSAL": True, "HAS_BIAS": False, "FP32_DOT": False, "PDL": False, "KEY_MASK": False}), target=tgt, options={"num_warps": 8, "num_stages": 2})
     ptx = k.asm["ptx"]
     vec = "ld.global.v4" in ptx and "cp.async" in ptx
     print(f"attention D=200: compiled, 16-byte loads and cp.async pipelining: {vec}")

@@ -175,6 +175,66 @@ def test_attention(dtype, lens, H, D, causal, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,S,D,causal,mdtype", [
+    ([13, 13, 13], 13, 32, False, torch.int64),   # a padded batch: every sequence S long, the mask does the rest
+    ([1, 1], 1, 64, False, torch.bool),
+    ([128, 128], 128, 64, False, torch.int32),    # one-pass kernel
+    ([200], 200, 64, True, torch.bool),           # online kernel, causal
+])
+def test_attention_key_mask(dtype, lens, S, D, causal, mdtype):
+    """key_mask (zeros not attended) equals the additive 0 / -inf bias; a row whose keys are all masked gives 0."""
+    H = 2
+    qkv, cu = _qkv(lens, H, D, dtype)
+    g = torch.Generator().manual_seed(5)
+    mask = (torch.rand(len(lens), S, generator=g) < 0.7).to(DEVICE)
+    mask[:, 0] = True
+    if len(lens) > 1:
+        mask[1] = False  # a sequence with nothing to attend to
+    bias = torch.zeros(len(lens), S, device=DEVICE).masked_fill(~mask, float("-inf"))
+    out = torch.full((qkv.shape[0], H * D), float("nan"), device=DEVICE, dtype=dtype)
+    attention(qkv, cu, S, H, D, causal=causal, key_mask=mask.to(mdtype), out=out, backend="triton")
+    ref = attention_reference(qkv.double(), cu, H, D, causal=causal, key_mask=mask)
+    assert torch.equal(ref, attention_reference(qkv.double(), cu, H, D, causal=causal, key_bias=bias.double())
+                       .nan_to_num(0.0))
+    live = torch.ones(qkv.shape[0], dtype=torch.bool, device=DEVICE)
+    if len(lens) > 1:
+        assert torch.all(out[lens[0]:lens[0] + lens[1]] == 0)
+        live[lens[0]:lens[0] + lens[1]] = False
+    peer = _sdpa_peer(qkv, cu, H, D, D, causal, bias)
+    assert_close(out[live], peer[live], ref[live], f"attention key_mask lens={lens}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,S,N", [(1, 1, 64), (3, 13, 100), (2, 128, 768)])
+def test_finish_padded(dtype, B, S, N):
+    """Padded rows zeroed, the real tokens of each sequence counted, non-finite values of real rows counted (not those
+    of padded rows, which are dropped)."""
+    from etformer.kernels.padded import finish_padded, finish_padded_reference
+
+    x = torch.randn(B * S, N, device=DEVICE, dtype=dtype)
+    mask = (torch.arange(S, device=DEVICE)[None, :] < torch.randint(1, S + 1, (B,), device=DEVICE)[:, None]).long()
+    if B > 2:
+        mask[2] = 0
+    for poison in (False, True):
+        if poison:
+            x[0, 0] = float("nan")
+            x[0, 1] = float("inf")
+            if S > 1:
+                x[S - 1, 2] = float("nan")  # row S-1 of sequence 0: counted only if real
+        y, st = finish_padded(x, mask, backend="triton")
+        y_ref, st_ref = finish_padded_reference(x, mask)
+        assert st.dtype == torch.int32 and torch.equal(st.cpu(), st_ref.cpu()), (st, st_ref)
+        keep = mask.reshape(-1).bool()
+        assert torch.all(y[~keep] == 0) and torch.equal(y[keep].nan_to_num(7.0), x[keep].nan_to_num(7.0))
+        assert int(st[0]) == (0 if not poison else 2 + int(S > 1 and bool(mask[0, S - 1])))
+        assert st[1:].tolist() == mask.sum(1).tolist()
+    with pytest.raises(EtformerError, match="rows"):
+        finish_padded(x[:-1], mask, backend="triton")
+    with pytest.raises(EtformerError, match="mask must be one of"):
+        finish_padded(x, mask.float(), backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_bad_inputs(dtype):
     qkv, cu = _qkv([4], 2, 32, dtype)
     with pytest.raises(EtformerError, match="int32"):
@@ -183,6 +243,13 @@ def test_attention_bad_inputs(dtype):
         attention(qkv, cu, 4, 4, 32)
     with pytest.raises(EtformerError, match="key_bias"):
         attention(qkv, cu, 4, 2, 32, key_bias=torch.zeros(3, 4, device=DEVICE))
+    with pytest.raises(EtformerError, match="not both"):
+        attention(qkv, cu, 4, 2, 32, key_bias=torch.zeros(1, 4, device=DEVICE),
+                  key_mask=torch.ones(1, 4, device=DEVICE, dtype=torch.bool))
+    with pytest.raises(EtformerError, match="key_mask must be one of"):
+        attention(qkv, cu, 4, 2, 32, key_mask=torch.ones(1, 4, device=DEVICE))
+    with pytest.raises(EtformerError, match="key_mask must be"):
+        attention(qkv, cu, 4, 2, 32, key_mask=torch.ones(1, 3, device=DEVICE, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -30,6 +30,7 @@ from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS
 from ..kernels.encoder_layer import encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
+from ..kernels.padded import finish_padded
 from ..kernels.tile_linear import apply_activation, tile_linear, tile_linear_partials
 from ..sparse.tiles import TileSparseWeight
 
@@ -342,8 +343,8 @@ class ETEncoder(torch.nn.Module):
         return ids, pos, tt, cu, flat
 
     # ------------------------------------------------------------------ compute
-    def _layers(self, ids, pos, tt, cu, max_len, key_bias=None):
-        return self._stack(self._embed(ids, pos, tt), cu, max_len, key_bias=key_bias)
+    def _layers(self, ids, pos, tt, cu, max_len, key_mask=None):
+        return self._stack(self._embed(ids, pos, tt), cu, max_len, key_mask=key_mask)
 
     def _ln(self, a, r, wb):
         return add_layernorm(a, r, wb[0], wb[1], self.cfg.eps, backend=self.backend)
@@ -391,9 +392,9 @@ class ETEncoder(torch.nn.Module):
             x = x + (F.embedding(tt, e["type"]) if tt is not None else e["type"][0])
         return self._ln(x.contiguous(), None, (e["ln_w"], e["ln_b"]))  # (T, d)
 
-    def _stack(self, x, cu, max_len, causal=None, key_bias=None):
-        """The layer stack on packed tokens x (T, d); key_bias: an additive [B, max_len] fp32 bias on the keys (the
-        padded layout's mask)."""
+    def _stack(self, x, cu, max_len, causal=None, key_mask=None):
+        """The layer stack on packed tokens x (T, d); key_mask: [B, max_len], zeros not attended (the padded
+        layout's attention_mask)."""
         cfg = self.cfg
         causal = cfg.causal if causal is None else causal
         bk = self.backend
@@ -401,10 +402,10 @@ class ETEncoder(torch.nn.Module):
         H, D = cfg.heads, cfg.head_dim
 
         def attend(qkv, L):  # (T, 2*H*D + H*DV) -> (T, H*DV)
-            return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=causal, key_bias=key_bias,
+            return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=causal, key_mask=key_mask,
                              backend=bk)
 
-        if key_bias is None and self._fused_layers(x, causal):  # one zeroed barrier counter a layer, one memset for all
+        if key_mask is None and self._fused_layers(x, causal):  # one zeroed barrier counter a layer, one memset for all
             counters = torch.zeros(len(self.layers), dtype=torch.int32, device=x.device)
             for i, L in enumerate(self.layers):
                 x = self._layer(L, x, cu, max_len, counters[i:i + 1])
@@ -455,18 +456,15 @@ class ETEncoder(torch.nn.Module):
                 and isinstance(attention_mask, torch.Tensor) and not attention_mask.is_floating_point())
 
     def _run_padded(self, input_ids, token_type_ids, mask):
-        """(last_hidden_state, status) of a batch run padded: every (b, s) row is computed, the mask enters attention
-        as a 0 / -inf key bias, padded rows come out as zeros. status: [finite output, no all-padding row], on the
-        device."""
+        """(last_hidden_state, status) of a batch run padded: every (b, s) row is computed, attention reads the mask
+        as a key mask, padded rows come out as zeros. status (on the device, kernels/padded.py): [non-finite values
+        in real rows, real tokens of each sequence...]."""
         B, S = input_ids.shape
-        keep = mask.ne(0)
         pos, cu = self._consts(B, S, self.device)
-        bias = torch.where(keep, 0.0, float("-inf"))  # fp32 [B, S]
         tt = None if token_type_ids is None else token_type_ids.reshape(-1)
-        y = self._layers(input_ids.reshape(-1), pos, tt, cu, S, key_bias=bias).view(B, S, -1)
-        y = torch.where(keep[..., None], y, 0.0)
-        status = torch.stack((torch.isfinite(y).all(), keep.any(1).all()))
-        return y, status
+        x = self._layers(input_ids.reshape(-1), pos, tt, cu, S, key_mask=mask)
+        y, status = finish_padded(x, mask, backend=self.backend)
+        return y.view(B, S, -1), status
 
     def _padded(self, input_ids, attention_mask, token_type_ids):
         """Run a batch padded (eager, or its captured graph on a GPU); one read of the status pair, then the errors."""
@@ -491,11 +489,10 @@ class ETEncoder(torch.nn.Module):
             y = out.clone()
         else:
             y, status = self._run_padded(input_ids, token_type_ids, attention_mask)
-        finite, rows_ok = status.tolist()
-        if not rows_ok:
-            row = int(attention_mask.ne(0).any(1).logical_not().nonzero()[0, 0])
-            raise EtformerError(f"row {row} of the batch is all padding")
-        if self.check_finite and not finite:
+        bad, *lens = status.tolist()
+        if 0 in lens:
+            raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
+        if self.check_finite and bad:
             raise EtformerError("the encoder produced NaN or inf; check the weights and the inputs")
         return y
 

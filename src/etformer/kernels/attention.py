@@ -11,7 +11,8 @@ Two kernels, picked by the longest sequence of the batch:
   * long: FlashAttention's online softmax over key blocks.
 The switch point is measured on the H200 (benchmarks/results/h200/kernels.md).
 
-Options: causal masking; an additive key bias [B, max_seqlen] (e.g. 0 / -inf for a key-padding mask); a V head dim
+Options: causal masking; an additive key bias [B, max_seqlen] (e.g. 0 / -inf for a key-padding mask), or a key mask
+[B, max_seqlen] of booleans or integers read as is (nonzero: attend; what a padded batch's attention_mask is); a V head dim
 DV different from D (the pruned-V operator uses DV = the kept V columns per head); head dims that are not powers
 of two (padded to the next power of two inside the kernel, masked on load and store).
 """
@@ -31,12 +32,13 @@ if HAS_TRITON:
 # the one-pass and online kernels are within 2% (13.6 vs 13.3 us), at S=192 and 256 one-pass is 1.4-1.6x slower
 # (a 256-wide score block spills), so the switch sits at 128.
 SHORT_MAX = 128
+MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
 LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------- reference
 def attention_reference(qkv, cu_seqlens, num_heads, head_dim, *, q_col=0, k_col=None, v_col=None, v_head_dim=None,
-                        causal=False, key_bias=None, sm_scale=None):
+                        causal=False, key_bias=None, sm_scale=None, key_mask=None):
     D, H = head_dim, num_heads
     DV = v_head_dim or D
     k_col = H * D if k_col is None else k_col
@@ -55,6 +57,8 @@ def attention_reference(qkv, cu_seqlens, num_heads, head_dim, *, q_col=0, k_col=
         sc = q @ k.transpose(1, 2) * scale  # (H, L, L)
         if key_bias is not None:
             sc = sc + key_bias[b, :L].float()
+        if key_mask is not None:
+            sc = sc.masked_fill(key_mask[b, :L] == 0, float("-inf"))
         if causal:
             sc = sc.masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool, device=qkv.device), 1), float("-inf"))
         p = torch.softmax(sc, -1).nan_to_num(0.0)
@@ -67,8 +71,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _scores(q, k_base, v_base, start, cols, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row, qk_scale,
-                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr):
-        """Scores (base 2, masked to -inf) of a q block against key columns `cols`, and the matching V block."""
+                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr):
+        """Scores (base 2, masked to -inf) of a q block against key columns `cols`, and the matching V block.
+        HAS_BIAS: bias_row is an additive key bias, or (KEY_MASK) a key mask whose zeros are not attended."""
         n_ok = cols < L
         krows = (start + cols).to(tl.int64)
         k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
@@ -77,9 +82,12 @@ if HAS_TRITON:
             s = tl.dot(q, k, input_precision="ieee") * qk_scale
         else:
             s = tl.dot(q, k) * qk_scale
-        if HAS_BIAS:
-            s += tl.load(bias_row + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
         keep = n_ok[None, :]
+        if HAS_BIAS:
+            if KEY_MASK:
+                keep = keep & (tl.load(bias_row + cols, mask=n_ok, other=0) != 0)[None, :]
+            else:
+                s += tl.load(bias_row + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -102,7 +110,7 @@ if HAS_TRITON:
         D: tl.constexpr, DV: tl.constexpr, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         ONE_PASS: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, KEY_MASK: tl.constexpr = False,
     ):
         pdl_enter(PDL)
         pid_m = tl.program_id(0)
@@ -126,7 +134,7 @@ if HAS_TRITON:
         bias_row = bias_ptr + b * stride_bb
         if ONE_PASS:  # the whole sequence in one block of keys: one exact softmax
             s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row,
-                           qk_scale, CAUSAL, HAS_BIAS, FP32_DOT)
+                           qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
             m = tl.maximum(tl.max(s, 1), -1e30)
             p = tl.exp2(s - m[:, None])
             l = tl.sum(p, 1)
@@ -140,7 +148,7 @@ if HAS_TRITON:
                 hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
             for n0 in range(0, hi, BLOCK_N):
                 s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
-                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT)
+                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
                 m_new = tl.maximum(m, tl.max(s, 1))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(s - m_new[:, None])
@@ -176,8 +184,10 @@ def _blocks(max_seqlen: int, bd: int, on_gpu: bool) -> tuple[bool, int, int, int
 def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, head_dim: int, *,
               q_col: int = 0, k_col: int | None = None, v_col: int | None = None, v_head_dim: int | None = None,
               causal: bool = False, key_bias: torch.Tensor | None = None, sm_scale: float | None = None,
-              out: torch.Tensor | None = None, backend: str = "auto", _config: tuple | None = None) -> torch.Tensor:
-    """Varlen multi-head attention out of a fused QKV buffer; returns [T, H*DV]."""
+              out: torch.Tensor | None = None, backend: str = "auto", _config: tuple | None = None,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Varlen multi-head attention out of a fused QKV buffer; returns [T, H*DV]. key_bias (float, added) or key_mask
+    (bool or integer, zeros not attended): [B, >= max_seqlen], row-major, indexed by position within each sequence."""
     check_tensor("qkv", qkv, dims=2)
     check_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32,), device=qkv.device)
     H, D = int(num_heads), int(head_dim)
@@ -191,14 +201,18 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
     B = cu_seqlens.numel() - 1
     if B < 1:
         raise EtformerError("cu_seqlens needs at least two entries (one sequence)")
-    if key_bias is not None:
-        check_tensor("key_bias", key_bias, dims=2, device=qkv.device)
-        if key_bias.shape[0] != B or key_bias.shape[1] < max_seqlen or key_bias.stride(1) != 1:
-            raise EtformerError(f"key_bias must be [B={B}, >= {max_seqlen}] row-major, got {tuple(key_bias.shape)}")
+    if key_bias is not None and key_mask is not None:
+        raise EtformerError("give key_bias or key_mask, not both")
+    for name, t, dtypes in (("key_bias", key_bias, None), ("key_mask", key_mask, MASK_DTYPES)):
+        if t is None:
+            continue
+        check_tensor(name, t, dims=2, device=qkv.device, **({"dtypes": dtypes} if dtypes else {}))
+        if t.shape[0] != B or t.shape[1] < max_seqlen or t.stride(1) != 1:
+            raise EtformerError(f"{name} must be [B={B}, >= {max_seqlen}] row-major, got {tuple(t.shape)}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     if not use_triton(qkv, backend):
         y = attention_reference(qkv, cu_seqlens, H, D, q_col=q_col, k_col=k_col, v_col=v_col, v_head_dim=DV,
-                                causal=causal, key_bias=key_bias, sm_scale=scale)
+                                causal=causal, key_bias=key_bias, sm_scale=scale, key_mask=key_mask)
         if out is not None:
             out.copy_(y)
             return out
@@ -212,13 +226,14 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
     one, bm, bn, warps, stages = _config or _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda)
     grid = (triton.cdiv(max_seqlen, bm), H, B)
     pdl = pdl_on(qkv)
+    kb = key_bias if key_bias is not None else key_mask
     _attn_kernel[grid](
-        qkv, out, cu_seqlens, key_bias if key_bias is not None else qkv,
-        qkv.stride(0), out.stride(0), key_bias.stride(0) if key_bias is not None else 0, q_col, k_col, v_col,
+        qkv, out, cu_seqlens, kb if kb is not None else qkv,
+        qkv.stride(0), out.stride(0), kb.stride(0) if kb is not None else 0, q_col, k_col, v_col,
         D, DV, scale * LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ONE_PASS=one, CAUSAL=causal,
-        HAS_BIAS=key_bias is not None, FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda,
-        num_warps=warps, num_stages=stages, PDL=pdl, **pdl_kwargs(pdl),
+        HAS_BIAS=kb is not None, FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda,
+        num_warps=warps, num_stages=stages, PDL=pdl, KEY_MASK=key_mask is not None, **pdl_kwargs(pdl),
     )
     return out
 
