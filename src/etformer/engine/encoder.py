@@ -75,14 +75,14 @@ FUSED_FFN_MAX_TOKENS = 0
 # between barriers, where the separate kernels overlap one kernel's tail and the next one's weight fetch.
 FUSED_LAYER = False
 # With the finite-output check on (ETEncoder.check_finite, the default), batches of at most this many (B*S) tokens with
-# an integer or boolean mask run padded, without the host read of their lengths: the mask becomes an additive key bias
-# inside the graph, padded rows are computed and zeroed, and the one device-to-host read is a status pair after the
-# replay (finite output, no all-padding row) instead of the lengths before it and the finite flag after it. The
-# per-encoder knob is ETEncoder.sync_free_max_tokens (this value on a GPU, 0 elsewhere). Same-run A/B on the H200,
-# BERT-base, full masks (benchmarks/results/h200/host_overhead.json), end to end: 420-452 vs 446-453 us at B=1, S=128
-# and 497-498 vs 529-530 at B=2, S=128 with the check; the padded graph's GPU time is 35 us longer (mask, zeroing and
-# status ops, key bias in attention: 366 vs 331 us), so without the check, where the packed path reads nothing after
-# its replay, the packed path wins (369-372 vs 420-425) and is taken.
+# an integer or boolean mask run padded, without the host read of their lengths: attention reads the mask as a key
+# mask, padded rows are computed, then zeroed by one kernel that also counts non-finite values and each sequence's
+# tokens (kernels/padded.py), and the one device-to-host read is that status after the replay, instead of the lengths
+# before it and the finite flag after it. The per-encoder knob is ETEncoder.sync_free_max_tokens (this value on a GPU,
+# 0 elsewhere). Same-run A/B on the H200, BERT-base, full masks (benchmarks/results/h200/host_overhead.json), end to
+# end with the check: 423-441 vs 541-546 us at B=1, S=128 and 488-499 vs 563-575 at B=2, S=128 (GPU time 339 vs 332
+# and 420 vs 415). Without the check the packed path reads nothing after its replay and stays ahead (390 and 465 us),
+# so it is taken there.
 SYNC_FREE_MAX_TOKENS = 256
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
