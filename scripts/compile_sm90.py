@@ -80,10 +80,10 @@ comp(T._splitk_epilogue_kernel,
 # release/acquire atomics
 el_sig = {n: p16 for n in ("x_ptr", "wqkv_ptr", "bqkv_ptr", "wo_ptr", "bo_ptr", "ln1w_ptr", "ln1b_ptr", "w1_ptr",
                            "b1_ptr", "w2_ptr", "b2_ptr", "ln2w_ptr", "ln2b_ptr", "qkv_ptr", "h_ptr", "f_ptr", "y_ptr")}
-el_sig.update({"cu_ptr": i32, "ws_ptr": "*fp32", "cnt_ptr": i32, "T": "i32", "NSEQ": "i32", "MAX_LEN": "i32",
-               "qk_scale": "fp32", "eps": "fp32"})
+el_sig.update({"cu_ptr": i32, "ws_ptr": "*fp32", "cnt_ptr": i32, "t_ptr": "*i64", "T": "i32", "NSEQ": "i32",
+               "MAX_LEN": "i32", "qk_scale": "fp32", "eps": "fp32"})
 el_c = dict(H=12, D=64, DV=64, HID=768, INTER=3072, BM=64, BN=64, BK=64, BM_ATT=64, BN_ATT=64, BD=64, BDV=64, NCH=2,
-            BNO=64, BLOCK_HID=1024, SPLIT=4, ACT=1, FP32_DOT=False, PDL=True, PREFETCH=True, LINE=64)
+            BNO=64, BLOCK_HID=1024, SPLIT=4, ACT=1, FP32_DOT=False, PDL=True, PREFETCH=True, LINE=64, TIMING=True)
 el_sig.update({k: C for k in el_c})
 order = list(E._encoder_layer_kernel.arg_names)
 el_ptx = comp(E._encoder_layer_kernel, {n: el_sig[n] for n in order}, el_c, "encoder layer (persistent)")

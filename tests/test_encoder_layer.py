@@ -65,6 +65,8 @@ def test_encoder_layer_bad_inputs():
     if DEVICE == "cpu":
         with pytest.raises(EtformerError, match="programs=1"):
             encoder_layer(x, cu, 5, 2, 32, *w, programs=4, backend="triton")
+        with pytest.raises(EtformerError, match="_timings needs"):
+            encoder_layer(x, cu, 5, 2, 32, *w, backend="triton", _timings=torch.zeros(8, dtype=torch.int64))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="grids of many resident programs and CUDA graphs need a GPU")
@@ -98,3 +100,18 @@ def test_encoder_layer_grid_sizes_and_graph_replays():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the phase timer is the GPU's %globaltimer")
+def test_encoder_layer_barriers_order_the_phases():
+    """Every program stamps the time at the end of each phase, before it arrives at the barrier: no program may end
+    phase k+1 before every program has ended phase k (what the grid barrier guarantees)."""
+    x, cu, w = _layer([100, 28], 12, 64, 768, 3072, torch.float16)
+    P = torch.cuda.get_device_properties(0).multi_processor_count
+    t = torch.zeros(P * 8, dtype=torch.int64, device="cuda")
+    y = encoder_layer(x, cu, 100, 12, 64, *w, _timings=t)
+    assert torch.equal(y, encoder_layer(x, cu, 100, 12, 64, *w))  # the timer changes nothing
+    t = t.view(P, 8)[:, :7].cpu()
+    assert torch.all(t > 0)
+    for k in range(1, 6):
+        assert int(t[:, k + 1].min()) >= int(t[:, k].max()), k

@@ -74,6 +74,12 @@ if HAS_TRITON:
         tl.debug_barrier()
 
     @triton.jit
+    def _stamp(t_ptr, pid, k: tl.constexpr):
+        """Diagnostic: this program's %globaltimer (ns) into slot k of its row of t_ptr [programs, 8]."""
+        c = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+        tl.store(t_ptr + pid * 8 + k, c)
+
+    @triton.jit
     def _prefetch_share(ptr, n_elem, pid, P, LINE: tl.constexpr, CH: tl.constexpr):
         """L2 prefetch of every P-th chunk of CH lines of a flat array of n_elem elements, from chunk pid."""
         n_lines = tl.cdiv(n_elem, LINE)
@@ -190,13 +196,14 @@ if HAS_TRITON:
     @triton.jit
     def _encoder_layer_kernel(
         x_ptr, cu_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, bo_ptr, ln1w_ptr, ln1b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-        ln2w_ptr, ln2b_ptr, qkv_ptr, h_ptr, f_ptr, ws_ptr, y_ptr, cnt_ptr,
+        ln2w_ptr, ln2b_ptr, qkv_ptr, h_ptr, f_ptr, ws_ptr, y_ptr, cnt_ptr, t_ptr,
         T, NSEQ, MAX_LEN, qk_scale, eps,
         H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         BM_ATT: tl.constexpr, BN_ATT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, NCH: tl.constexpr,
         BNO: tl.constexpr, BLOCK_HID: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr,
         FP32_DOT: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
+        TIMING: tl.constexpr = False,
     ):
         QKV_W: tl.constexpr = 2 * H * D + H * DV
         pid = tl.program_id(0)
@@ -207,6 +214,8 @@ if HAS_TRITON:
             _prefetch_share(w1_ptr, INTER * HID, pid, P, LINE, 256)
             _prefetch_share(w2_ptr, HID * INTER, pid, P, LINE, 256)
         pdl_enter(PDL)
+        if TIMING:
+            _stamp(t_ptr, pid, 0)
         n_mb = tl.cdiv(T, BM)
 
         # A: qkv = X W_qkv^T + b
@@ -218,6 +227,8 @@ if HAS_TRITON:
             cols = c0 + tl.arange(0, BN)
             acc += tl.load(bqkv_ptr + cols, mask=cols < QKV_W, other=0.0).to(tl.float32)[None, :]
             _store_block(qkv_ptr, QKV_W, acc, r0, c0, T, QKV_W, BM, BN)
+        if TIMING:
+            _stamp(t_ptr, pid, 1)
         _grid_sync(cnt_ptr, P)
 
         # B: attention and the output projection's per-head partial sums
@@ -230,11 +241,15 @@ if HAS_TRITON:
             t = t // H
             _attend_project(qkv_ptr, cu_ptr, wo_ptr, ws_ptr, T, t // n_mba, t % n_mba, hh, nc, qk_scale,
                             H, D, DV, HID, QKV_W, BM_ATT, BN_ATT, BD, BDV, CW, BNO, FP32_DOT)
+        if TIMING:
+            _stamp(t_ptr, pid, 2)
         _grid_sync(cnt_ptr, 2 * P)
 
         # C: h = LN(sum_h ws[h] + b_O + X)
         for r in range(pid, T, P):
             _reduce_ln(ws_ptr, H, T, r, bo_ptr, x_ptr, ln1w_ptr, ln1b_ptr, h_ptr, eps, HID, BLOCK_HID)
+        if TIMING:
+            _stamp(t_ptr, pid, 3)
         _grid_sync(cnt_ptr, 3 * P)
 
         # D: f = act(h W_1^T + b_1)
@@ -246,6 +261,8 @@ if HAS_TRITON:
             cols = c0 + tl.arange(0, BN)
             acc += tl.load(b1_ptr + cols, mask=cols < INTER, other=0.0).to(tl.float32)[None, :]
             _store_block(f_ptr, INTER, _activate(acc, ACT), r0, c0, T, INTER, BM, BN)
+        if TIMING:
+            _stamp(t_ptr, pid, 4)
         _grid_sync(cnt_ptr, 4 * P)
 
         # E: ws[s] = f[:, chunk s] W_2[:, chunk s]^T
@@ -260,11 +277,15 @@ if HAS_TRITON:
             acc = _gemm(f_ptr, INTER, w2_ptr, INTER, r0, c0, k_lo, tl.minimum(k_lo + CHUNK, INTER), T, HID,
                         BM, BN, BK, FP32_DOT)
             _store_block(ws_ptr + s * T * HID, HID, acc, r0, c0, T, HID, BM, BN)
+        if TIMING:
+            _stamp(t_ptr, pid, 5)
         _grid_sync(cnt_ptr, 5 * P)
 
         # F: Y = LN(sum_s ws[s] + b_2 + h)
         for r in range(pid, T, P):
             _reduce_ln(ws_ptr, SPLIT, T, r, b2_ptr, h_ptr, ln2w_ptr, ln2b_ptr, y_ptr, eps, HID, BLOCK_HID)
+        if TIMING:
+            _stamp(t_ptr, pid, 6)
 
 
 # Launch shape. BM x BN blocks with BK-deep steps for the three GEMM phases; BM_ATT query rows and BN_ATT keys a step
@@ -289,12 +310,14 @@ def encoder_layer(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, nu
                   w_1: torch.Tensor, b_1: torch.Tensor, w_2: torch.Tensor, b_2: torch.Tensor, ln2: tuple, *,
                   eps: float = 1e-12, v_head_dim: int | None = None, activation: str = "gelu",
                   counter: torch.Tensor | None = None, programs: int | None = None, backend: str = "auto",
-                  _config: dict | None = None) -> torch.Tensor:
+                  _config: dict | None = None, _timings: torch.Tensor | None = None) -> torch.Tensor:
     """One post-LN layer, Y = LN2(FFN(h) + h), h = LN1(Attn(X) W_O^T + b_O + X), on packed tokens x [T, d].
 
     Weights are dense [out, in]; qkv holds Q, K (H*D rows each) and V (H*DV rows). counter: a zeroed int32 tensor of
     at least one element that this call consumes (the grid barrier; None allocates one). programs: grid size, at
-    most the SM count (default: the SM count; 1 under the interpreter)."""
+    most the SM count (default: the SM count; 1 under the interpreter). _timings (a diagnostic, compiled GPU kernel
+    only): an int64 tensor of at least programs * 8 elements that receives, per program, the %globaltimer (ns) after
+    its wait (slot 0) and at the end of each of the six phases (slots 1-6)."""
     check_tensor("x", x, dims=2)
     check_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32,), device=x.device)
     T, HID = x.shape
@@ -332,6 +355,9 @@ def encoder_layer(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, nu
         counter = torch.zeros(1, device=x.device, dtype=torch.int32)
     elif counter.dtype != torch.int32 or counter.numel() < 1 or counter.device != x.device:
         raise EtformerError("counter must be a zeroed int32 tensor on x's device")
+    if _timings is not None and (interpreting() or not x.is_cuda or _timings.dtype != torch.int64
+                                 or _timings.numel() < 8 * P or _timings.device != x.device):
+        raise EtformerError(f"_timings needs the compiled GPU kernel and an int64 tensor of {8 * P} elements there")
     cfg = dict(CONFIG, **(_config or {}))
     split = max(1, min(cfg["SPLIT"], triton.cdiv(INTER, cfg["BK"])))
     QKV_W = 2 * H * D + H * DV
@@ -347,12 +373,12 @@ def encoder_layer(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, nu
     fp32_dot = x.dtype == torch.float32 and not x.is_cuda
     _encoder_layer_kernel[(P,)](
         x, cu_seqlens, wts[0], b_qkv, wts[1], b_o, ln1[0], ln1[1], wts[2], b_1, wts[3], b_2, ln2[0], ln2[1],
-        qkv, h, f, ws, y, counter,
+        qkv, h, f, ws, y, counter, _timings if _timings is not None else counter,
         T, cu_seqlens.numel() - 1, max(1, int(max_seqlen)), LOG2E / math.sqrt(D), eps,
         H=H, D=D, DV=DV, HID=HID, INTER=INTER, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
         BM_ATT=cfg["BM_ATT"], BN_ATT=cfg["BN_ATT"], BD=max(16, next_pow2(D)), BDV=max(16, next_pow2(DV)),
         NCH=cfg["NCH"], BNO=cfg["BNO"], BLOCK_HID=next_pow2(HID), SPLIT=split, ACT=act, FP32_DOT=fp32_dot,
-        PDL=pdl, PREFETCH=prefetch, LINE=128 // x.element_size(),
+        PDL=pdl, PREFETCH=prefetch, LINE=128 // x.element_size(), TIMING=_timings is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(pdl),
     )
     return y
