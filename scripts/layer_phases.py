@@ -1,6 +1,7 @@
 """Where the time of the persistent layer kernel goes, phase by phase, on a GPU (BERT-base shapes, fp16).
 
-    python3 scripts/layer_phases.py OUT_DIR
+    python3 scripts/layer_phases.py OUT_DIR            # phase timer at the default launch shape
+    python3 scripts/layer_phases.py OUT_DIR --sweep    # GPU time of the HBM chain per launch shape (layer_sweep.json)
 
 Runs a chain of 12 layers (distinct random weights, so they stream from HBM as in a real model; then one layer's
 weights for all 12, L2-resident) at 128 and 256 tokens, each layer with the kernel's %globaltimer stamps
@@ -85,5 +86,40 @@ def main(out_dir):
     atomic_write(os.path.join(out_dir, "layer_phases.json"), wj)
 
 
+# Launch shapes for --sweep: deeper pipelines and longer K steps for the GEMM phases (a step costs ~0.45 us at the
+# default), and the two best shapes of the L2 sweep in layer_ab.json (4 column chunks per attention item, 8 warps).
+SWEEP = [{}, {"num_stages": 4}, {"num_stages": 5}, {"BK": 128}, {"BK": 128, "num_stages": 4},
+         {"NCH": 4, "num_warps": 8}, {"NCH": 4, "num_warps": 8, "num_stages": 4},
+         {"NCH": 4, "num_warps": 8, "BK": 128, "num_stages": 4}]
+
+
+def sweep(out_dir):
+    distinct = [weights(i) for i in range(LAYERS)]
+    res = {"env": env_info(), "command": "python3 scripts/layer_phases.py OUT_DIR --sweep", "rows": []}
+    for tokens in (128, 256):
+        x = torch.randn(tokens, HID, device="cuda").half()
+        cu = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
+        for cfg in SWEEP:
+            def chain():
+                c = torch.zeros(LAYERS, dtype=torch.int32, device="cuda")
+                h = x
+                for i, w in enumerate(distinct):
+                    h = EL.encoder_layer(h, cu, tokens, H, D, *w, counter=c[i:i + 1], _config=cfg)
+                return h
+            try:
+                us = time_cuda(chain, graph=True, min_ms=50)["median_us"]
+            except Exception as e:  # a shape that does not fit (shared memory, registers)
+                us = None
+                print(f"{tokens} tokens {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            res["rows"].append({"tokens": tokens, "config": cfg, "us_12_layers": us})
+            print(f"{tokens} tokens {cfg}: {us} us", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+
+    def wj(tmp):
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+    atomic_write(os.path.join(out_dir, "layer_sweep.json"), wj)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sweep(sys.argv[1]) if "--sweep" in sys.argv[2:] else main(sys.argv[1])

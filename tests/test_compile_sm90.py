@@ -23,5 +23,5 @@ def test_kernels_compile_for_sm90():
         assert any(l.startswith(name) and "wgmma=True" in l for l in lines), (name, r.stdout)
     assert any(l.startswith("attention D=200:") and l.endswith("pipelining: True") for l in lines), r.stdout
     assert any(l.startswith("finish padded:") and "PDL=True" in l for l in lines), r.stdout
-    assert any(l.startswith("encoder layer barrier:") and l.endswith("spin: True") for l in r.stdout.splitlines()), \
+    assert any(l.startswith("encoder layer barrier:") and l.endswith("spin: True, pipelined loads (cp.async): True") for l in r.stdout.splitlines()), \
         r.stdout
