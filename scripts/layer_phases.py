@@ -2,6 +2,7 @@
 
     python3 scripts/layer_phases.py OUT_DIR            # phase timer at the default launch shape
     python3 scripts/layer_phases.py OUT_DIR --sweep    # GPU time of the HBM chain per launch shape (layer_sweep.json)
+    python3 scripts/layer_phases.py OUT_DIR --sweep2   # a second round around the best of the first (layer_sweep2.json)
 
 Runs a chain of 12 layers (distinct random weights, so they stream from HBM as in a real model; then one layer's
 weights for all 12, L2-resident) at 128 and 256 tokens, each layer with the kernel's %globaltimer stamps
@@ -91,15 +92,20 @@ def main(out_dir):
 SWEEP = [{}, {"num_stages": 4}, {"num_stages": 5}, {"BK": 128}, {"BK": 128, "num_stages": 4},
          {"NCH": 4, "num_warps": 8}, {"NCH": 4, "num_warps": 8, "num_stages": 4},
          {"NCH": 4, "num_warps": 8, "BK": 128, "num_stages": 4}]
+# second round, around the best of the first (NCH 4, 8 warps, 4 stages): --sweep2
+SWEEP2 = [{"NCH": 4, "num_warps": 8, "num_stages": 4}, {"NCH": 4, "num_warps": 8, "num_stages": 5},
+          {"NCH": 4, "num_warps": 8, "num_stages": 6}, {"NCH": 4, "num_warps": 8, "num_stages": 5, "BM_ATT": 32},
+          {"NCH": 4, "num_warps": 8, "num_stages": 5, "SPLIT": 8}, {"NCH": 6, "num_warps": 8, "num_stages": 5}]
 
 
-def sweep(out_dir):
+def sweep(out_dir, configs=SWEEP, name="layer_sweep.json"):
     distinct = [weights(i) for i in range(LAYERS)]
-    res = {"env": env_info(), "command": "python3 scripts/layer_phases.py OUT_DIR --sweep", "rows": []}
+    flag = "--sweep2" if configs is SWEEP2 else "--sweep"
+    res = {"env": env_info(), "command": f"python3 scripts/layer_phases.py OUT_DIR {flag}", "rows": []}
     for tokens in (128, 256):
         x = torch.randn(tokens, HID, device="cuda").half()
         cu = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
-        for cfg in SWEEP:
+        for cfg in configs:
             def chain():
                 c = torch.zeros(LAYERS, dtype=torch.int32, device="cuda")
                 h = x
@@ -118,8 +124,13 @@ def sweep(out_dir):
     def wj(tmp):
         with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
-    atomic_write(os.path.join(out_dir, "layer_sweep.json"), wj)
+    atomic_write(os.path.join(out_dir, name), wj)
 
 
 if __name__ == "__main__":
-    sweep(sys.argv[1]) if "--sweep" in sys.argv[2:] else main(sys.argv[1])
+    if "--sweep2" in sys.argv[2:]:
+        sweep(sys.argv[1], SWEEP2, "layer_sweep2.json")
+    elif "--sweep" in sys.argv[2:]:
+        sweep(sys.argv[1])
+    else:
+        main(sys.argv[1])

@@ -4,6 +4,7 @@
     python3 scripts/small_batch_ab.py OUT_DIR --ffn                 # the fused FFN block (fused_ffn_ab.json)
     python3 scripts/small_batch_ab.py OUT_DIR --pdl                 # PDL and the weight prefetch (pdl_ab.json)
     python3 scripts/small_batch_ab.py OUT_DIR --layer               # one persistent launch a layer (layer_ab.json)
+        [--layer-config '{"NCH": 4}'] [--shapes 1x128,2x128] [--no-sweep]   # its launch shape, the shapes, no sweep
 
 Modes (etformer.engine.encoder): SMALL_PATH="cublas" (F.linear, separate GELU, add+LN after each GEMM), "triton"
 (etformer's kernels on the dense weights: GELU in the FFN-in epilogue, split-K partial sums reduced inside add+LN), and
@@ -165,6 +166,10 @@ def main(out_dir, ffn=False, pdl=False, layer=False):
                       flush=True)
     reset_mode()
     res = {"env": env_info(), "command": "python3 scripts/small_batch_ab.py OUT_DIR" + flag, "rows": rows}
+    if layer:
+        res["layer_config"] = dict(EL.CONFIG)
+        res["command"] = "python3 " + " ".join(["scripts/small_batch_ab.py", "OUT_DIR"] + [
+            f"'{a}'" if a.startswith("{") else a for a in sys.argv[2:]])
     save(res, out_dir, name_json)
     if ffn:
         from etformer.kernels.fused_ffn import fused_ffn_partials
@@ -269,5 +274,15 @@ def save(res, out_dir, name):
     atomic_write(os.path.join(out_dir, name), wj)
 
 
+def _opt(name):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
+
 if __name__ == "__main__":
+    if _opt("--layer-config"):
+        EL.CONFIG.update(json.loads(_opt("--layer-config")))
+    if _opt("--shapes"):
+        LAYER_SHAPES[:] = [tuple(int(v) for v in sh.split("x")) for sh in _opt("--shapes").split(",")]
+    if "--no-sweep" in sys.argv:
+        LAYER_SWEEP[:] = []
     main(sys.argv[1], ffn="--ffn" in sys.argv[2:], pdl="--pdl" in sys.argv[2:], layer="--layer" in sys.argv[2:])
