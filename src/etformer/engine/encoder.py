@@ -68,11 +68,11 @@ SMALL_SPARSE = False
 FUSED_FFN_MAX_TOKENS = 0
 # On the small-batch kernel path, a post-LN layer whose four matrices have dense weights can run as one persistent
 # launch (kernels/encoder_layer.py: six phases behind grid barriers, the O projection folded into attention) instead
-# of seven. Off by default: same-run A/B on the H200, BERT-base GPU time per forward, both with PDL
-# (benchmarks/results/h200/layer_ab.json): 443 us (461 with its L2 weight prefetch) against 331 for the seven launches
-# at B=1, S=128, and 1.6-2.5x slower at every larger shape. Over 12 layers sharing one layer's weights (L2-resident)
-# the best launch shape of its sweep still takes 315 us: each phase's items run their K loops one after another
-# between barriers, where the separate kernels overlap one kernel's tail and the next one's weight fetch.
+# of seven. Off by default: same-run A/B on the H200, BERT-base GPU time per forward, both with PDL: 443 us against
+# 331 for the seven launches at B=1, S=128 at its first launch shape (benchmarks/results/h200/layer_ab.json; 1.6-2.5x
+# slower at every larger shape), and 362-366 against 333 at B=1, S=128 and 578-616 against 415 at 2 x 128 with the
+# swept one (layer_ab_tuned.json). Its GEMM items run their K loops at ~0.45 us a step between barriers
+# (layer_phases.json), where the separate kernels overlap one kernel's tail with the next one's weight fetch.
 FUSED_LAYER = False
 # With the finite-output check on (ETEncoder.check_finite, the default), batches of at most this many (B*S) tokens with
 # an integer or boolean mask run padded, without the host read of their lengths: attention reads the mask as a key

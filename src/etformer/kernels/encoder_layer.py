@@ -21,7 +21,7 @@ the row-wise phases like any row, but phase B writes no partial sums for them, s
 real row ever reads them.
 
 The engine keeps this off by default (etformer.engine.encoder.FUSED_LAYER): on the H200 it measured slower than the
-seven separate PDL launches at every small shape (benchmarks/results/h200/layer_ab.json).
+seven separate PDL launches at every small shape (benchmarks/results/h200/layer_ab.json, layer_ab_tuned.json).
 
 Every program of the grid must be resident at once (they wait on each other): the launcher caps the grid at the SM
 count, and the Triton interpreter, which runs programs one after another, gets a grid of one.
@@ -290,7 +290,11 @@ if HAS_TRITON:
 
 # Launch shape. BM x BN blocks with BK-deep steps for the three GEMM phases; BM_ATT query rows and BN_ATT keys a step
 # for attention, each item projecting HID / NCH output columns in BNO-wide steps; FFN-out split SPLIT ways.
-CONFIG = dict(BM=64, BN=64, BK=64, BM_ATT=64, BN_ATT=64, NCH=2, BNO=64, SPLIT=4, num_warps=4, num_stages=3)
+# Swept on the H200 over a graphed chain of 12 BERT-base layers with distinct weights (layer_sweep.json,
+# layer_sweep2.json): 4 column chunks, 8 warps and 4 stages take 347 us at 128 tokens and 608 at 256, against 449 and
+# 721 for (NCH 2, 4 warps, 3 stages); 5 or 6 stages, 128-deep steps, 32-row attention blocks, 8 FFN-out splits and
+# 6 column chunks were slower.
+CONFIG = dict(BM=64, BN=64, BK=64, BM_ATT=64, BN_ATT=64, NCH=4, BNO=64, SPLIT=4, num_warps=8, num_stages=4)
 
 
 def _programs(x: torch.Tensor, programs: int | None) -> int:
