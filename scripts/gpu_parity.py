@@ -27,7 +27,7 @@ from etformer.data import load_split
 from etformer.evaluate import batches, evaluate, fit_probe, mean_pool, predict_with_head
 from etformer.models import base_model, has_task_head, load_model
 from etformer.pruning import PruningPlan, apply_plan
-from etformer.sparse.tiles import atomic_write
+from etformer.sparse.tiles import atomic_write_json
 
 DEVICE = os.environ.get("PARITY_DEVICE", "cuda")
 DTYPES = [getattr(torch, d) for d in os.environ.get("PARITY_DTYPES", "float16,bfloat16").split(",")]
@@ -55,13 +55,6 @@ def probe_predictor(encode32, tok, train):
 
     return predict
 
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-
-    atomic_write(path, write)
 
 
 def check(name, m32, tok, plan, dev, task, glue, predict_probe, results, out_dir):
@@ -110,7 +103,7 @@ def check(name, m32, tok, plan, dev, task, glue, predict_probe, results, out_dir
                         "ok": bool(e_et <= 2 * e_hf and agree >= 0.995), "engine": enc.summary()["layer0.qkv"],
                         "seconds_dev_features": el}
         print(key, json.dumps(results[key]), flush=True)
-        write_json(os.path.join(out_dir, "parity.json"), results)
+        atomic_write_json(os.path.join(out_dir, "parity.json"), results)
 
 
 def main(out_dir, extra):

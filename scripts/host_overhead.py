@@ -11,7 +11,6 @@ it off (the padded path is only taken with the check on): end to end (time_cuda 
 time, and the graph replay alone (GPU time). Writes host_overhead.json.
 """
 import argparse
-import json
 import os
 import statistics
 import time
@@ -22,7 +21,7 @@ from etformer.bench.run import make_inputs, model_shape
 from etformer.bench.timing import env_info, time_cuda
 from etformer.engine import encoder as E
 from etformer.engine import optimize
-from etformer.sparse.tiles import atomic_write
+from etformer.sparse.tiles import atomic_write_json
 
 
 def steps(enc, ids, mask):
@@ -95,10 +94,7 @@ def main():
     res = {"env": env_info(), "command": "python3 scripts/host_overhead.py OUT_DIR", "rows": rows, "ab": ab}
     os.makedirs(a.out, exist_ok=True)
 
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-    atomic_write(os.path.join(a.out, "host_overhead.json"), wj)
+    atomic_write_json(os.path.join(a.out, "host_overhead.json"), res)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ For each phase: the time from the previous barrier's release (the last program's
 last program's end of this one, and the spread between the first and the last program to end it. Medians over
 layers and repeats. Also the GPU time of the whole chain in a CUDA graph beside it. Writes layer_phases.json.
 """
-import json
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ import torch
 
 from etformer.bench.timing import env_info, time_cuda
 from etformer.kernels import encoder_layer as EL
-from etformer.sparse.tiles import atomic_write
+from etformer.sparse.tiles import atomic_write_json
 
 PHASES = ["qkv", "attention + O partials", "add+LN 1", "FFN-in + GELU", "FFN-out partials", "add+LN 2"]
 HID, I, H, D, LAYERS = 768, 3072, 12, 64, 12
@@ -81,10 +80,7 @@ def main(out_dir):
                                       for p, v in row["phase_us_median"].items()), flush=True)
     os.makedirs(out_dir, exist_ok=True)
 
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-    atomic_write(os.path.join(out_dir, "layer_phases.json"), wj)
+    atomic_write_json(os.path.join(out_dir, "layer_phases.json"), res)
 
 
 # Launch shapes for --sweep: deeper pipelines and longer K steps for the GEMM phases (a step costs ~0.45 us at the
@@ -121,10 +117,7 @@ def sweep(out_dir, configs=SWEEP, name="layer_sweep.json"):
             print(f"{tokens} tokens {cfg}: {us} us", flush=True)
     os.makedirs(out_dir, exist_ok=True)
 
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-    atomic_write(os.path.join(out_dir, name), wj)
+    atomic_write_json(os.path.join(out_dir, name), res)
 
 
 if __name__ == "__main__":

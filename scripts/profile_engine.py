@@ -4,7 +4,6 @@
 Prints, per plan, the GPU time of each kernel family summed over one forward (torch.profiler), and times each
 layer-0 matrix on its own (as the engine holds it) against cuBLAS on the same dense weight.
 """
-import json
 import sys
 
 import torch
@@ -15,6 +14,7 @@ from etformer.bench.timing import time_cuda
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
 from etformer.kernels.tile_linear import tile_linear
+from etformer.sparse.tiles import atomic_write_json
 
 out_dir = sys.argv[1]
 B, S = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (32, 128)
@@ -63,5 +63,4 @@ for name, plan in (("dense", None), ("tile50", PruningPlan.uniform("tile", 0.5, 
         mats[kind] = info
         print(f"  layer0 {kind}: {info}")
     res[name] = {"kernels": top, "layer0": mats}
-with open(out_dir + "/profile.json", "w") as fh:
-    json.dump(res, fh, indent=1)
+atomic_write_json(out_dir + "/profile.json", res)

@@ -29,7 +29,7 @@ from etformer.bench.timing import env_info, time_cuda
 from etformer.engine import encoder as E
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
-from etformer.sparse.tiles import atomic_write
+from etformer.sparse.tiles import atomic_write_json
 
 TL = importlib.import_module("etformer.kernels.tile_linear")
 KC = importlib.import_module("etformer.kernels._common")
@@ -270,10 +270,7 @@ def dense_weight_sweep():
 
 
 def save(res, out_dir, name):
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-    atomic_write(os.path.join(out_dir, name), wj)
+    atomic_write_json(os.path.join(out_dir, name), res)
 
 
 def _opt(name):

@@ -10,7 +10,6 @@ beside cuBLAS (SMALL_PATH="cublas") in the same process. Writes small_batch_swee
 """
 import importlib
 import itertools
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ from etformer.bench.run import make_inputs, model_shape
 from etformer.bench.timing import env_info, time_cuda
 from etformer.engine import encoder as E
 from etformer.engine import optimize
-from etformer.sparse.tiles import atomic_write
+from etformer.sparse.tiles import atomic_write_json
 
 TL = importlib.import_module("etformer.kernels.tile_linear")
 KC = importlib.import_module("etformer.kernels._common")
@@ -66,10 +65,7 @@ def main(out_dir):
         TL.DENSE_LAUNCH.update(launch)
     res = {"env": env_info(), "command": "python3 scripts/small_batch_sweep.py OUT_DIR", "rows": rows}
 
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-    atomic_write(os.path.join(out_dir, "small_batch_sweep.json"), wj)
+    atomic_write_json(os.path.join(out_dir, "small_batch_sweep.json"), res)
 
 
 if __name__ == "__main__":

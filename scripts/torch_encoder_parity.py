@@ -14,7 +14,6 @@ Writes torch_encoder_parity.{json,md} to the folder given.
 """
 import copy
 import itertools
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from torch import nn
 from etformer import optimize
 from etformer.bench.timing import env_info
 from etformer.bench.torch_encoders import prune_tiles, torch_encoder
-from etformer.sparse.tiles import atomic_write
+from etformer.sparse.tiles import atomic_write_json
 
 D, HEADS, FFN, LAYERS, TILE = 800, 4, 3200, 2, (128, 64)
 LENGTHS = [128, 64, 97, 128, 5, 128, 77, 1]
@@ -90,10 +89,7 @@ def main(out_dir):
            "shape": {"d": D, "heads": HEADS, "layers": LAYERS, "tile": list(TILE), "lengths": LENGTHS},
            "all_ok": ok, "rows": rows}
 
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-    atomic_write(os.path.join(out_dir, "torch_encoder_parity.json"), wj)
+    atomic_write_json(os.path.join(out_dir, "torch_encoder_parity.json"), res)
     e = res["env"]
     lines = ["# nn.TransformerEncoder through etformer, against PyTorch's own module", "",
              f"Machine: {e.get('gpu')}, torch {e.get('torch')}, Triton {e.get('triton')}. "

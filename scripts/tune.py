@@ -4,7 +4,6 @@
 The winners go into the TUNED table of etformer/kernels/tile_linear.py and _blocks() of attention.py by hand,
 with the sweep's JSON committed beside the benchmark results.
 """
-import json
 import sys
 
 import torch
@@ -15,6 +14,7 @@ from etformer.bench.timing import time_cuda
 from etformer.kernels.attention import attention
 from etformer.kernels.tile_linear import tile_linear
 from etformer.sparse import TileSparseWeight
+from etformer.sparse.tiles import atomic_write_json
 
 def _opt(name, default):
     return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
@@ -29,8 +29,7 @@ out = {"linear": [], "attention": [], "splitk": []}
 
 
 def save():
-    with open(sys.argv[1] + "/tune.json", "w") as f:
-        json.dump(out, f, indent=1)
+    atomic_write_json(sys.argv[1] + "/tune.json", out)
 
 
 def sweep(x, w, M, tma):

@@ -118,3 +118,19 @@ def test_bad_inputs():
         TileSparseWeight.from_dense(torch.randn(64, 64), (8, 8))
     with pytest.raises(EtformerError, match="fp16"):
         TileSparseWeight.from_dense(torch.ones(64, 64, dtype=torch.int64), (16, 16))
+
+
+def test_atomic_write_json_keeps_the_old_file_on_failure(tmp_path):
+    """A failed write leaves the previous file whole and no temporary file behind; a good one replaces it."""
+    import json
+
+    from etformer.sparse.tiles import atomic_write_json
+
+    p = tmp_path / "r.json"
+    atomic_write_json(str(p), {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(str(p), {"a": object()})  # not serialisable: fails mid-write
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
+    atomic_write_json(str(p), {"b": [2, 3]}, indent=2)
+    assert json.loads(p.read_text()) == {"b": [2, 3]}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -184,13 +183,9 @@ def eval_cmd(args, console) -> dict:
                   + "  ".join(f"{k} {v:.2f}" for k, v in res["metrics"].items() if k != res["metric"])
                   + f"  (n={res['n']}, {res['method']}, engine {args.engine})")
     if args.json:
-        from .sparse.tiles import atomic_write
+        from .sparse.tiles import atomic_write_json
 
-        def w(tmp):
-            with open(tmp, "w") as f:
-                json.dump(res, f, indent=2)
-
-        atomic_write(args.json, w)
+        atomic_write_json(args.json, res, indent=2)
     return res
 
 

@@ -9,7 +9,6 @@ length. Writes kernels.json and kernels.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from ..kernels.attention import attention, attention_flops
 from ..kernels.tile_linear import flops as tl_flops
 from ..kernels.tile_linear import min_bytes, tile_linear
-from ..sparse.tiles import TileSparseWeight, atomic_write
+from ..sparse.tiles import TileSparseWeight, atomic_write, atomic_write_json
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 
 SHAPES = {"qkv": (768, 2304), "ffn_in": (768, 3072), "ffn_out": (3072, 768)}
@@ -165,11 +164,7 @@ def main(argv=None):
     res["attention"] = [] if a.skip_attention else bench_attention(peaks, cases)
     os.makedirs(a.out, exist_ok=True)
 
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-
-    atomic_write(os.path.join(a.out, "kernels.json"), wj)
+    atomic_write_json(os.path.join(a.out, "kernels.json"), res)
     md = to_markdown(res)
 
     def wm(tmp):

@@ -18,7 +18,7 @@ import torch
 from ..errors import EtformerError
 from ..pruning import PruningPlan, apply_plan
 from ..pruning.plan import DEFAULT_TILE
-from ..sparse.tiles import atomic_write
+from ..sparse.tiles import atomic_write, atomic_write_json
 from . import peers as P
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 
@@ -217,11 +217,7 @@ def write_reports(res: dict, out: str, command: str) -> None:
     os.makedirs(out, exist_ok=True)
     res["command"] = command
 
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-
-    atomic_write(os.path.join(out, "bench.json"), wj)
+    atomic_write_json(os.path.join(out, "bench.json"), res)
     md = to_markdown(res)
 
     def wm(tmp):

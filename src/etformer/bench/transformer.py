@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 
 import torch
 from torch import nn
 
 from ..engine.torch_encoder import optimize_torch_encoder
-from ..sparse.tiles import atomic_write
+from ..sparse.tiles import atomic_write, atomic_write_json
 from .peers import GraphCache, TorchLayerStack
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 from .torch_encoders import prune_tiles, torch_encoder
@@ -115,11 +114,7 @@ def main(argv=None):
            "command": "python -m etformer.bench.transformer --out " + a.out}
     os.makedirs(a.out, exist_ok=True)
 
-    def wj(tmp):
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-
-    atomic_write(os.path.join(a.out, "transformer800.json"), wj)
+    atomic_write_json(os.path.join(a.out, "transformer800.json"), res)
     lines = [f"# Transformer-800 (E.T.'s plain Transformer) on {res['env']['gpu']}", "",
              f"torch {res['env']['torch']}, Triton {res['env']['triton']}, {res['env']['date']}; fp16, causal, 2 layers, "
              f"d=800, 4 heads of 200, tiles {TILE[0]}x{TILE[1]}. Command: `{res['command']}`", "",

@@ -230,6 +230,16 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def atomic_write_json(path: str, obj, indent: int = 1) -> None:
+    """json.dump obj to path through atomic_write."""
+    import json
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+    atomic_write(path, write)
+
+
 def save_tiles(path: str, weights: dict[str, TileSparseWeight], extra_meta: dict | None = None) -> None:
     """Save named TileSparseWeights into one safetensors file (written to a temporary name, then renamed)."""
     from safetensors.torch import save_file
