@@ -152,6 +152,27 @@ def capture_graph(run):
     return graph, out
 
 
+def replay_graph(cache: OrderedDict, key, inputs, run):
+    """Copy inputs into the static inputs of the graph kept in cache under key and replay it; on first use capture
+    run(*static copies of inputs) (None stays None). Returns the graph's output (overwritten by the next replay).
+    At most GRAPH_CACHE graphs are kept, the least recently used dropped."""
+    g = cache.get(key)
+    if g is None:
+        static = [None if t is None else t.clone() for t in inputs]
+        graph, out = capture_graph(lambda: run(*static))
+        g = cache[key] = (graph, static, out)
+        if len(cache) > GRAPH_CACHE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    graph, static, out = g
+    for dst, src in zip(static, inputs):
+        if dst is not None:
+            dst.copy_(src)
+    graph.replay()
+    return out
+
+
 class Linear:
     """One matrix: the tile-sparse kernel when sparse enough, cuBLAS when dense. Knows its own bias.
 
@@ -470,7 +491,7 @@ class ETEncoder(torch.nn.Module):
         """Run a batch padded (eager, or its captured graph on a GPU); one read of the status, then the errors."""
         B, S = input_ids.shape
         if self.use_graphs:
-            out, status = self._replay(("padded", B, S, token_type_ids is not None),
+            out, status = replay_graph(self._graphs, ("padded", B, S, token_type_ids is not None),
                                        (input_ids, token_type_ids, attention_mask), self._run_padded)
             y = out.clone()
         else:
@@ -492,28 +513,8 @@ class ETEncoder(torch.nn.Module):
         runs inside the graph, so a bucket graph serves every token count up to its rows."""
         key = choose_graph_key(self._graphs, B, S, T, max_len, (token_type_ids is not None,))
         T, max_len = key[2], key[3]
-        return self._replay(key, (input_ids, token_type_ids, keep),
+        return replay_graph(self._graphs, key, (input_ids, token_type_ids, keep),
                             lambda ids, tt, kp: self._run(ids, tt, kp, T, max_len, B, S)).clone()
-
-    def _replay(self, key, inputs, run):
-        """Copy inputs into the static inputs of the graph kept under key and replay it; on first use capture
-        run(*static copies of inputs) (None stays None). Returns the graph's output (overwritten by the next replay).
-        At most GRAPH_CACHE graphs are kept, the least recently used dropped."""
-        g = self._graphs.get(key)
-        if g is None:
-            static = [None if t is None else t.clone() for t in inputs]
-            graph, out = capture_graph(lambda: run(*static))
-            g = self._graphs[key] = (graph, static, out)
-            if len(self._graphs) > GRAPH_CACHE:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        graph, static, out = g
-        for dst, src in zip(static, inputs):
-            if dst is not None:
-                dst.copy_(src)
-        graph.replay()
-        return out
 
     def graph_replay_fn(self, input_ids, attention_mask=None, token_type_ids=None):
         """The captured graph for these inputs' shape, as a no-argument callable: times the GPU work alone."""

@@ -7,6 +7,8 @@ is_causal / a causal mask. Padding is removed once at entry and restored (as zer
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ from ..errors import EtformerError
 from ..models import matrices
 from ..pruning.plan import DEFAULT_TILE
 from .convert import _dtype, build_layer
-from .encoder import GRAPH_CACHE, GRAPH_MAX_TOKENS, EncoderConfig, ETEncoder, capture_graph, choose_graph_key
+from .encoder import GRAPH_MAX_TOKENS, EncoderConfig, ETEncoder, choose_graph_key, replay_graph
 
 
 def torch_encoder_linears(enc: nn.TransformerEncoder) -> dict:
@@ -38,7 +40,7 @@ class ETTorchEncoder(nn.Module):
     def __init__(self, core: ETEncoder, batch_first: bool):
         super().__init__()
         self.core, self.batch_first = core, batch_first
-        self._graphs: dict = {}
+        self._graphs: OrderedDict = OrderedDict()
 
     @torch.no_grad()
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
@@ -93,19 +95,8 @@ class ETTorchEncoder(nn.Module):
     def _graphed(self, x, keep, T, max_len, causal):
         key = choose_graph_key(self._graphs, x.shape[0], x.shape[1], T, max_len, (x.shape[2], x.dtype, causal))
         T, max_len = key[2], key[3]
-        g = self._graphs.get(key)
-        if g is None:
-            static_x, static_keep = x.clone(), None if keep is None else keep.clone()
-            graph, out = capture_graph(lambda: self._run(static_x, static_keep, T, max_len, causal))
-            g = self._graphs[key] = (graph, static_x, static_keep, out)
-            if len(self._graphs) > GRAPH_CACHE:
-                self._graphs.pop(next(iter(self._graphs)))
-        graph, static_x, static_keep, out = g
-        static_x.copy_(x)
-        if static_keep is not None:
-            static_keep.copy_(keep)
-        graph.replay()
-        return out.clone()
+        return replay_graph(self._graphs, key, (x, keep),
+                            lambda xx, kk: self._run(xx, kk, T, max_len, causal)).clone()
 
 
 def optimize_torch_encoder(enc: nn.TransformerEncoder, *, dtype="auto", device=None, tile=DEFAULT_TILE,
