@@ -42,11 +42,12 @@ if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
     from .tile_linear import _activate
 
-# Longest sequence and most rows the launcher takes: the attention phase keeps one row block's online softmax per
-# item, which is fine at any length, but past a few hundred rows the separate kernels fill the GPU better.
+# Most rows the launcher takes: the attention phase keeps one row block's online softmax per item, which is fine at
+# any length, but the layer kernel already loses to the separate kernels at 256 rows (layer_ab.json).
 MAX_ROWS = 1024
 # Whether each program prefetches its share of the layer's weights into L2 before its first wait. Module switch, for
-# A/B runs.
+# A/B runs. Same-run A/B in the engine (layer_ab_tuned.json, GPU time): 362-363 us with it against 366-367 without at
+# B=1, S=128, 578 against 616 at 2 x 128 (at the first launch shape it cost: 461 against 443 at B=1, layer_ab.json).
 PREFETCH = True
 
 
