@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from ..errors import EtformerError
 from ..kernels._common import pdl_on
 from ..kernels.attention import attention
-from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS
-from ..kernels.encoder_layer import encoder_layer
+from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS, encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
 from ..kernels.padded import finish_padded

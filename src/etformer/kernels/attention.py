@@ -71,13 +71,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _scores(q, k_base, v_base, start, cols, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row, qk_scale,
-                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr,
+                CACHE: tl.constexpr = ""):
         """Scores (base 2, masked to -inf) of a q block against key columns `cols`, and the matching V block.
-        HAS_BIAS: bias_row is an additive key bias, or (KEY_MASK) a key mask whose zeros are not attended."""
+        HAS_BIAS: bias_row is an additive key bias, or (KEY_MASK) a key mask whose zeros are not attended.
+        CACHE: the loads' cache modifier (".cg" where K and V were written by the same launch)."""
         n_ok = cols < L
         krows = (start + cols).to(tl.int64)
         k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
-                    mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+                    mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0, cache_modifier=CACHE)
         if FP32_DOT:
             s = tl.dot(q, k, input_precision="ieee") * qk_scale
         else:
@@ -92,7 +94,7 @@ if HAS_TRITON:
             keep = keep & (cols[None, :] <= offs_m[:, None])
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(v_base + krows[:, None] * stride_t + offs_dv[None, :],
-                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0, cache_modifier=CACHE)
         return s, v
 
     @triton.jit

@@ -40,7 +40,8 @@ from .tile_linear import _act_code, tile_linear_reference
 
 if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
-    from .tile_linear import _activate
+    from .attention import _pv, _scores
+    from .tile_linear import _activate, _tile_dot
 
 # Most rows the launcher takes: the attention phase keeps one row block's online softmax per item, which is fine at
 # any length, but the layer kernel already loses to the separate kernels at 256 rows (layer_ab.json).
@@ -89,27 +90,25 @@ if HAS_TRITON:
             prefetch_l2(ptr + idx)
 
     @triton.jit
-    def _gemm(a_ptr, stride_a, w_ptr, stride_w, row0, col0, k_lo, k_hi, M, N,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr):
-        """A[row0:+BM, k_lo:k_hi] . W[col0:+BN, k_lo:k_hi]^T in fp32 (A written by this launch: read past L1)."""
-        offs_m = row0 + tl.arange(0, BM)
-        offs_n = col0 + tl.arange(0, BN)
-        offs_k = tl.arange(0, BK)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + offs_k
-            k_ok = kk < k_hi
-            a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_a + kk[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
-            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_w + kk[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if FP32_DOT:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(w))
-        return acc
+    def _gemm(a_ptr, w_ptr, row0, col0, lo, hi, M, N, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BK: tl.constexpr, FP32_DOT: tl.constexpr):
+        """A[row0:+BM, K blocks lo..hi) . W[col0:+BN, same]^T in fp32, A [M, K] and W [N, K] row-major: the tile
+        kernels' dense-weight K loop, with A (written by this launch) read past L1."""
+        return _tile_dot(a_ptr, w_ptr, w_ptr, row0, M, K, w_ptr, lo, hi, K, col0, N, BM, BN, BK, FP32_DOT,
+                         False, True, False, 0, 64, ".cg")
+
+    @triton.jit
+    def _linear_phase(a_ptr, w_ptr, b_ptr, y_ptr, T, N, K: tl.constexpr, pid, P, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr):
+        """y = act(a W^T + b) over T rows, [BM, BN] blocks shared out over the P programs from pid."""
+        n_mb = tl.cdiv(T, BM)
+        for it in range(pid, n_mb * tl.cdiv(N, BN), P):
+            r0 = (it % n_mb) * BM
+            c0 = (it // n_mb) * BN
+            acc = _gemm(a_ptr, w_ptr, r0, c0, 0, tl.cdiv(K, BK), T, N, K, BM, BN, BK, FP32_DOT)
+            cols = c0 + tl.arange(0, BN)
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            _store_block(y_ptr, N, _activate(acc, ACT), r0, c0, T, N, BM, BN)
 
     @triton.jit
     def _store_block(y_ptr, stride_y, acc, row0, col0, M, N, BM: tl.constexpr, BN: tl.constexpr):
@@ -158,28 +157,16 @@ if HAS_TRITON:
             m_i = tl.full((BM,), -1e30, dtype=tl.float32)
             l_i = tl.zeros((BM,), dtype=tl.float32)
             acc = tl.zeros((BM, BDV), dtype=tl.float32)
-            for n0 in range(0, L, BN):
-                cols = n0 + offs_n
-                n_ok = cols < L
-                krows = (start + cols).to(tl.int64)
-                k = tl.load(qkv_ptr + krows[None, :] * QKV_W + H * D + h * D + offs_d[:, None],
-                            mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0, cache_modifier=".cg")
-                v = tl.load(qkv_ptr + krows[:, None] * QKV_W + 2 * H * D + h * DV + offs_dv[None, :],
-                            mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0, cache_modifier=".cg")
-                if FP32_DOT:
-                    s = tl.dot(q, k, input_precision="ieee") * qk_scale
-                else:
-                    s = tl.dot(q, k) * qk_scale
-                s = tl.where(n_ok[None, :], s, float("-inf"))
+            k_base = qkv_ptr + H * D + h * D
+            v_base = qkv_ptr + 2 * H * D + h * DV
+            for n0 in range(0, L, BN):  # the attention kernel's online softmax, on its score helpers
+                s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, QKV_W,
+                               qkv_ptr, qk_scale, False, False, FP32_DOT, False, ".cg")
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                if FP32_DOT:
-                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(v.dtype), v)
-                acc = acc * alpha[:, None] + pv
+                acc = acc * alpha[:, None] + _pv(p, v, FP32_DOT)
                 m_i = m_new
             o = (acc / l_i[:, None]).to(qkv_ptr.dtype.element_ty)  # rounded as the attention kernel stores it
             offs_o = tl.arange(0, BNO)
@@ -217,17 +204,9 @@ if HAS_TRITON:
         pdl_enter(PDL)
         if TIMING:
             _stamp(t_ptr, pid, 0)
-        n_mb = tl.cdiv(T, BM)
 
         # A: qkv = X W_qkv^T + b
-        nb = tl.cdiv(QKV_W, BN)
-        for it in range(pid, n_mb * nb, P):
-            r0 = (it % n_mb) * BM
-            c0 = (it // n_mb) * BN
-            acc = _gemm(x_ptr, HID, wqkv_ptr, HID, r0, c0, 0, HID, T, QKV_W, BM, BN, BK, FP32_DOT)
-            cols = c0 + tl.arange(0, BN)
-            acc += tl.load(bqkv_ptr + cols, mask=cols < QKV_W, other=0.0).to(tl.float32)[None, :]
-            _store_block(qkv_ptr, QKV_W, acc, r0, c0, T, QKV_W, BM, BN)
+        _linear_phase(x_ptr, wqkv_ptr, bqkv_ptr, qkv_ptr, T, QKV_W, HID, pid, P, BM, BN, BK, 0, FP32_DOT)
         if TIMING:
             _stamp(t_ptr, pid, 1)
         _grid_sync(cnt_ptr, P)
@@ -254,19 +233,13 @@ if HAS_TRITON:
         _grid_sync(cnt_ptr, 3 * P)
 
         # D: f = act(h W_1^T + b_1)
-        nb = tl.cdiv(INTER, BN)
-        for it in range(pid, n_mb * nb, P):
-            r0 = (it % n_mb) * BM
-            c0 = (it // n_mb) * BN
-            acc = _gemm(h_ptr, HID, w1_ptr, HID, r0, c0, 0, HID, T, INTER, BM, BN, BK, FP32_DOT)
-            cols = c0 + tl.arange(0, BN)
-            acc += tl.load(b1_ptr + cols, mask=cols < INTER, other=0.0).to(tl.float32)[None, :]
-            _store_block(f_ptr, INTER, _activate(acc, ACT), r0, c0, T, INTER, BM, BN)
+        _linear_phase(h_ptr, w1_ptr, b1_ptr, f_ptr, T, INTER, HID, pid, P, BM, BN, BK, ACT, FP32_DOT)
         if TIMING:
             _stamp(t_ptr, pid, 4)
         _grid_sync(cnt_ptr, 4 * P)
 
         # E: ws[s] = f[:, chunk s] W_2[:, chunk s]^T
+        n_mb = tl.cdiv(T, BM)
         nb = tl.cdiv(HID, BN)
         CHUNK: tl.constexpr = ((INTER + SPLIT * BK - 1) // (SPLIT * BK)) * BK
         for it in range(pid, n_mb * nb * SPLIT, P):
@@ -274,8 +247,8 @@ if HAS_TRITON:
             t = it // SPLIT
             r0 = (t % n_mb) * BM
             c0 = (t // n_mb) * BN
-            k_lo = s * CHUNK
-            acc = _gemm(f_ptr, INTER, w2_ptr, INTER, r0, c0, k_lo, tl.minimum(k_lo + CHUNK, INTER), T, HID,
+            lo = s * (CHUNK // BK)
+            acc = _gemm(f_ptr, w2_ptr, r0, c0, lo, tl.minimum(lo + CHUNK // BK, tl.cdiv(INTER, BK)), T, HID, INTER,
                         BM, BN, BK, FP32_DOT)
             _store_block(ws_ptr + s * T * HID, HID, acc, r0, c0, T, HID, BM, BN)
         if TIMING:

@@ -85,7 +85,7 @@ if HAS_TRITON:
     def _tile_dot(x_src, w_src, w_ptr, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
                   TMA: tl.constexpr, DENSE_W: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr):
+                  LINE: tl.constexpr, X_CACHE: tl.constexpr = ""):
         """X[row0 : row0+BLOCK_M, tiles lo..hi) . W_tiles^T in fp32: the K loop over one block-row's kept tiles.
 
         First the weights (no earlier kernel's output) are prefetched to L2 from w_ptr, the raw values: by every
@@ -95,7 +95,8 @@ if HAS_TRITON:
         bulk copies into shared memory, software-pipelined by the compiler. Otherwise they are the X and tile-value
         pointers, and the loads are pointer gathers.
         DENSE_W: w_src is a plain dense W [N, K] (descriptor or pointer) and lo..hi count K blocks of rows
-        w_row .. w_row+BN: the small-batch path, which needs no tile copy of a dense matrix."""
+        w_row .. w_row+BN: the small-batch path, which needs no tile copy of a dense matrix.
+        X_CACHE: the pointer loads' cache modifier for X (".cg" where X was written by the same launch)."""
         if PREFETCH == 2 or (PREFETCH == 1 and row0 == 0):
             _prefetch_w(w_ptr, lo, hi, w_row, N, K, BN, BK, DENSE_W, LINE)
         pdl_enter(PDL)
@@ -120,7 +121,7 @@ if HAS_TRITON:
             else:
                 kk = kc * BK + offs_k
                 xa = tl.load(x_src + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                             mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+                             mask=m_mask[:, None] & (kk[None, :] < K), other=0.0, cache_modifier=X_CACHE)
                 if DENSE_W:
                     wt = tl.load(w_src + rows_w[:, None].to(tl.int64) * K + kk[None, :],
                                  mask=(rows_w[:, None] < N) & (kk[None, :] < K), other=0.0)
