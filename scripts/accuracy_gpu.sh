@@ -88,5 +88,14 @@ case ${SET:-methods} in
       TASK=mrpc run mrpc_head_gmp50_len128_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 \
         --distill-hidden --max-len 128 --seed $seed &
     done ;;
+  mrpcsparsity)  # MRPC with 32x32 tiles at 30% and 40% (seeds 0-2): where the gap to dense closes; SST-2 by kind, seed 2
+    for seed in 0 1 2; do
+      for sp in 30 40; do
+        TASK=mrpc SPARSITY=0.$sp run mrpc_head_gmp${sp}_t32_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 \
+          --kd 1 --distill-hidden --tile 32x32 --seed $seed &
+      done
+    done
+    TASK=sst2 run sst2_head_gmp_attn34_ffn60_e3_seed2 --method gmp --head --dense-epochs 1 --epochs 3 --kd 1 \
+      --distill-hidden --batch-size 64 --sparsity-by-kind attention=0.34,ffn=0.6 --seed 2 & ;;
 esac
 wait

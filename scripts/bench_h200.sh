@@ -40,6 +40,8 @@ for part in "$@"; do
       python3 scripts/small_batch_ab.py "$OUT/smallbatch" 2>&1 | grep -v -i warn | tail -45 ;;
     fusedffn)  # same-run A/B of the fused FFN block at small batch, and its launch sweep
       python3 scripts/small_batch_ab.py "$OUT/fusedffn" --ffn 2>&1 | grep -v -i warn | tail -45 ;;
+    deep)  # the small-batch path's dense-weight block and launch over deeper pipelines, 12-layer chain
+      python3 scripts/small_batch_sweep.py "$OUT/deep" --deep 2>&1 | grep -v -i warn | tail -60 ;;
     layer)  # same-run A/B of one persistent launch a layer against the seven-launch kernel path and cuBLAS, sweep
       python3 scripts/small_batch_ab.py "$OUT/layer" --layer 2>&1 | grep -v -i warn | tail -80 ;;
     parity)  # engine vs HF on GLUE dev, fp16 and bf16

@@ -1,12 +1,17 @@
 """Launch sweep of the small-batch kernel path with PDL and the L2 weight prefetch, on a GPU.
 
-    python3 scripts/small_batch_sweep.py OUT_DIR
+    python3 scripts/small_batch_sweep.py OUT_DIR [--deep]
 
 BERT-base-shaped encoder (random weights, fp16), GPU time of one graphed forward (median of CUDA-graph replays), at
 B x S in {1x128, 1x256, 2x128, 1x512}. For every combination of: which programs issue the prefetch (the first row
 block's or all), the split-K program target of the partial sums (tile_linear.SPLIT_TARGET_PROGRAMS) and the
 dense-weight launch at up to 128 rows (tile_linear.DENSE_LAUNCH[128]), the kernels (SMALL_PATH="triton") are timed
 beside cuBLAS (SMALL_PATH="cublas") in the same process. Writes small_batch_sweep.json.
+
+--deep: with the prefetch from the first row block and the tabled split target, sweep the dense-weight block
+(tile_linear.DENSE_TILE: BN x BK) and the launch at up to 128 rows over deeper pipelines (more bytes in flight per
+program), at B x S = 1x128; the five best are re-timed at 2x128 and 1x256 beside the current defaults. Writes
+small_batch_deep.json.
 """
 import importlib
 import itertools
@@ -28,6 +33,8 @@ SHAPES = [(1, 128), (1, 256), (2, 128), (1, 512)]
 ALL_BLOCKS = (False, True)
 SPLIT_TARGETS = (32, 64, 128)
 LAUNCH_128 = ((64, 4, 4), (128, 4, 4), (64, 4, 3))
+DEEP_TILES = ((64, 64), (64, 128), (32, 128), (128, 64))
+DEEP_LAUNCH = ((64, 4, 4), (64, 4, 5), (64, 4, 6), (64, 4, 8), (64, 8, 6), (128, 8, 5))
 
 
 def gpu_us(enc, ids, mask):
@@ -68,5 +75,64 @@ def main(out_dir):
     atomic_write_json(os.path.join(out_dir, "small_batch_sweep.json"), res)
 
 
+def deep(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    saved = (E.SMALL_PATH, KC.USE_PDL, TL.DENSE_TILE, dict(TL.DENSE_LAUNCH))
+    enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
+    enc.sync_free_max_tokens = 0  # the packed path, as in the bench's B=1 figure
+    rows = []
+    default = (TL.DENSE_TILE, TL.DENSE_LAUNCH[128])
+    ref = {}
+
+    def timed(B, S, tile, launch, cub):
+        """GPU time of one configuration, and its output's largest difference from the default configuration's."""
+        TL.DENSE_TILE, TL.DENSE_LAUNCH[128] = tile, launch
+        ids, mask = make_inputs(B, S, False, 30522)
+        err = t = None
+        try:
+            enc._graphs.clear()
+            out = enc(ids, mask).last_hidden_state.float()
+            if (B, S) not in ref:
+                assert (tile, launch) == default, "the default configuration runs first at every shape"
+                ref[(B, S)] = out
+            err = (out - ref[(B, S)]).abs().max().item()
+            t = gpu_us(enc, ids, mask)
+        except Exception as e:  # a launch that does not fit (shared memory) is recorded, not fatal
+            print(f"B={B} S={S} tile={tile} launch={launch}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        rows.append({"B": B, "S": S, "dense_tile": tile, "launch_128": launch, "gpu_us": t, "cublas_gpu_us": cub,
+                     "max_abs_diff_vs_default": err, "default": (tile, launch) == default})
+        if t:
+            print(f"B={B} S={S} tile={tile} launch={launch}: {t:6.1f} us (cuBLAS {cub:6.1f}, x{cub / t:.2f}) "
+                  f"max|diff| vs default {err:.2e}", flush=True)
+        return t
+
+    def cublas(B, S):
+        E.SMALL_PATH = "cublas"
+        c = gpu_us(enc, *make_inputs(B, S, False, 30522))
+        E.SMALL_PATH = "triton"
+        return c
+
+    try:
+        KC.USE_PDL = True
+        cub = cublas(1, 128)
+        timed(1, 128, *default, cub)
+        for tile, launch in itertools.product(DEEP_TILES, DEEP_LAUNCH):
+            if (tile, launch) != default:
+                timed(1, 128, tile, launch, cub)
+        best = sorted((r for r in rows if r["gpu_us"]), key=lambda r: r["gpu_us"])[:5]
+        for B, S in ((2, 128), (1, 256), (1, 128)):
+            cub = cublas(B, S)
+            for cand in [default] + [(r["dense_tile"], r["launch_128"]) for r in best if
+                                     (r["dense_tile"], r["launch_128"]) != default]:
+                timed(B, S, *cand, cub)
+    finally:
+        E.SMALL_PATH, KC.USE_PDL, TL.DENSE_TILE, launch = saved
+        TL.DENSE_LAUNCH.clear()
+        TL.DENSE_LAUNCH.update(launch)
+    res = {"env": env_info(), "command": "python3 scripts/small_batch_sweep.py OUT_DIR --deep",
+           "default": {"dense_tile": default[0], "launch_128": default[1]}, "rows": rows}
+    atomic_write_json(os.path.join(out_dir, "small_batch_deep.json"), res)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (deep if "--deep" in sys.argv else main)(sys.argv[1])
