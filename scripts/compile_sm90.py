@@ -89,8 +89,10 @@ order = list(E._encoder_layer_kernel.arg_names)
 # pointers 16-byte aligned, as the launcher's specialization finds them: the K loops then stream through cp.async
 el_ptx = comp(E._encoder_layer_kernel, {n: el_sig[n] for n in order}, el_c, "encoder layer (persistent)",
               attrs={(order.index(n),): [["tt.divisibility", 16]] for n in order if el_sig[n].startswith("*")})
-if el_ptx is not None:  # the arrival is a release reduction, the spin an acquire load (an atomic add of 0 lowers to one)
-    sync = "red.global.gpu.release.add" in el_ptx and "ld.global.gpu.acquire" in el_ptx
+if el_ptx is not None:  # the arrival is a release atomic add (Triton 3.9 lowers it to red, 3.6 to atom with its result
+    # unused), the spin an acquire load (an atomic add of 0 lowers to one)
+    arrive = "red.global.gpu.release.add" in el_ptx or "atom.global.gpu.release.add" in el_ptx
+    sync = arrive and "ld.global.gpu.acquire" in el_ptx
     print(f"encoder layer barrier: gpu-scope release arrival and acquire spin: {sync}, "
           f"pipelined loads (cp.async): {'cp.async.cg' in el_ptx}")
     ok = ok and sync and "cp.async.cg" in el_ptx

@@ -1,4 +1,8 @@
-"""Every Triton kernel compiles for sm_90 (H100/H200) here, without a GPU, and the matrix kernels use wgmma."""
+"""Every Triton kernel compiles for sm_90 (H100/H200) here, without a GPU, and the matrix kernels use wgmma.
+
+Twice: with the venv's Triton, and with the GPU machines' Triton 3.6 (installed by scripts/setup.sh into
+.venv/triton36), since a kernel can compile under one and not the other (3.6 rejects a string default of a
+constexpr parameter in a called @triton.jit function, which 3.9 accepts)."""
 import os
 import subprocess
 import sys
@@ -8,9 +12,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+OLD_TRITON = os.path.join(ROOT, ".venv", "triton36")
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's CUDA toolchain ships for Linux")
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("toolchain", ["venv", "triton36"])
+def test_kernels_compile_for_sm90(toolchain):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if toolchain == "triton36":
+        assert os.path.isfile(os.path.join(OLD_TRITON, "triton", "__init__.py")), "run scripts/setup.sh"
+        env["PYTHONPATH"] = os.pathsep.join([OLD_TRITON, os.path.join(ROOT, "src")] + env.get("PYTHONPATH", "").split(os.pathsep))
+        v = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert v.stdout.strip() == "3.6.0", v.stdout + v.stderr
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compile_sm90.py")], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -72,7 +72,7 @@ if HAS_TRITON:
     @triton.jit
     def _scores(q, k_base, v_base, start, cols, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row, qk_scale,
                 CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr,
-                CACHE: tl.constexpr = ""):
+                CACHE: tl.constexpr):
         """Scores (base 2, masked to -inf) of a q block against key columns `cols`, and the matching V block.
         HAS_BIAS: bias_row is an additive key bias, or (KEY_MASK) a key mask whose zeros are not attended.
         CACHE: the loads' cache modifier (".cg" where K and V were written by the same launch)."""
@@ -136,7 +136,7 @@ if HAS_TRITON:
         bias_row = bias_ptr + b * stride_bb
         if ONE_PASS:  # the whole sequence in one block of keys: one exact softmax
             s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row,
-                           qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
+                           qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
             m = tl.maximum(tl.max(s, 1), -1e30)
             p = tl.exp2(s - m[:, None])
             l = tl.sum(p, 1)
@@ -150,7 +150,7 @@ if HAS_TRITON:
                 hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
             for n0 in range(0, hi, BLOCK_N):
                 s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
-                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
+                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
                 m_new = tl.maximum(m, tl.max(s, 1))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(s - m_new[:, None])

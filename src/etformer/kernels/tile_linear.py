@@ -85,7 +85,7 @@ if HAS_TRITON:
     def _tile_dot(x_src, w_src, w_ptr, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
                   TMA: tl.constexpr, DENSE_W: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, X_CACHE: tl.constexpr = ""):
+                  LINE: tl.constexpr, X_CACHE: tl.constexpr):
         """X[row0 : row0+BLOCK_M, tiles lo..hi) . W_tiles^T in fp32: the K loop over one block-row's kept tiles.
 
         First the weights (no earlier kernel's output) are prefetched to L2 from w_ptr, the raw values: by every
@@ -161,7 +161,7 @@ if HAS_TRITON:
             lo = tl.load(row_ptr + r)
             hi = tl.load(row_ptr + r + 1)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE)
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BN)
         m_mask = offs_m < M
@@ -205,7 +205,7 @@ if HAS_TRITON:
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE)
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = r * BN + tl.arange(0, BN)
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
