@@ -236,6 +236,7 @@ def main(out_dir, ffn=False, pdl=False, layer=False):
 def dense_weight_sweep():
     """Launch sweep of the dense-weight kernel at M=128 (direct with GELU, and partial sums) for BERT-base's matrices."""
     sweep = []
+    saved_tiles = dict(TL.DENSE_TILE)
     torch.manual_seed(0)
     for kind, (N, K) in {"qkv": (2304, 768), "o": (768, 768), "ffn_in": (3072, 768), "ffn_out": (768, 3072)}.items():
         W = torch.randn(N, K, device="cuda", dtype=torch.float16) / 30
@@ -243,7 +244,7 @@ def dense_weight_sweep():
         x = torch.randn(128, K, device="cuda", dtype=torch.float16)
         cub = time_cuda(lambda: torch.nn.functional.linear(x, W, b), graph=True, min_ms=50)["median_us"]
         for bn in (32, 64, 128):
-            TL.DENSE_TILE = (bn, 64)
+            TL.DENSE_TILE[128] = (bn, 64)
             for cfg in ((64, 4, 3), (64, 4, 4), (128, 4, 4)):
                 for split in (None, 1, 2, 4, 8):
                     if split is None:
@@ -264,7 +265,7 @@ def dense_weight_sweep():
         print(f"sweep {kind}: cuBLAS {cub:.1f} us; best direct (+GELU) {best_d['us']:.1f} BN={best_d['BN']} "
               f"{best_d['config']}; best partials {best_p['us']:.1f} BN={best_p['BN']} {best_p['config']} "
               f"split={best_p['split']}", flush=True)
-    TL.DENSE_TILE = (64, 64)
+    TL.DENSE_TILE.update(saved_tiles)
 
     return sweep
 

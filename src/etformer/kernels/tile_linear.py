@@ -317,14 +317,26 @@ except Exception:  # pragma: no cover - older Triton: pointer loads only
 USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it per call
 
 
-# The small-batch path reads a dense W [N, K] in place, as (64 x 64) blocks, through the same kernels (DENSE_W), so a
+# The small-batch path reads a dense W [N, K] in place, as (BN x BK) blocks, through the same kernels (DENSE_W), so a
 # dense matrix gets the fused epilogues (GELU) and split-K partial sums without a tile copy of its weights.
-DENSE_TILE = (64, 64)
-# (BLOCK_M, num_warps, num_stages) by M bucket for the dense path; 64-row blocks up to 128 rows for more programs.
-# At 128 rows the launch sweep in benchmarks/results/h200/small_batch_ab.json ("sweep") put (64, 4, 3) and (64, 4, 4)
-# with 64-wide blocks within 0.5 us of the best of 45 launches for every BERT-base matrix (isolated CUDA-graph
-# replays, where a ~9 us launch floor dominates); the larger buckets are not swept.
-DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 4096: (128, 4, 4), 16384: (128, 4, 4)}
+# Block and launch (BLOCK_M, num_warps, num_stages) by row bucket (_dense_bucket).
+# Up to 128 rows: 32 x 128 blocks with (64, 4, 4). Swept in the 12-layer BERT-base chain on the H200 (GPU time of a
+# graphed forward with PDL, every output checked against the previous default; small_batch_deep*.json): 308.6-308.8
+# us against 333.0 for 64 x 64 blocks at B=1, S=128, 268.0 against 299.2 at S=64, 279.2 against 291.9 at S=32. Narrow
+# blocks give a 128-row GEMM ~2x more programs to spread its weight stream over the SMs, and 128-deep K steps halve
+# the loop's trips. Deeper pipelines (5, 6, 8 stages), 8 warps, 32- or 128-row blocks, 16- or 256-deep blocks and
+# 128 x 64 blocks were slower there; the isolated per-matrix sweep in small_batch_ab.json ("sweep") could not see
+# the difference (a ~9 us launch floor per replay dominates).
+DENSE_TILE: dict[int, tuple[int, int]] = {128: (32, 128), 256: (64, 64), 4096: (64, 64), 16384: (64, 64)}
+DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (128, 4, 4), 4096: (128, 4, 4),
+                                                 16384: (128, 4, 4)}
+
+
+def _dense_bucket(M: int) -> int:
+    """The row bucket of the dense-weight tables: the small-batch path's 128 and 256 rows, then _m_bucket's."""
+    return 128 if M <= 128 else (256 if M <= 256 else _m_bucket(M))
+
+
 # Split-K for partial sums aims at this many programs (about one per SM of an H100/H200) ...
 SPLIT_TARGET_PROGRAMS = 128
 # ... with at least this many K blocks per split, and at most SPLIT_MAX splits.
@@ -430,14 +442,14 @@ def _plan(x: torch.Tensor, w, tma, config) -> _Launch:
     dense = isinstance(w, torch.Tensor)
     if dense:
         w = w if w.stride(1) == 1 and w.stride(0) == K else w.contiguous()
-        BN, BK = DENSE_TILE
+        BN, BK = DENSE_TILE[_dense_bucket(M)]
     else:
         BN, BK = w.tile
     tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
     if config is not None:
         block_m, warps, stages = config
     elif dense:
-        block_m, warps, stages = DENSE_LAUNCH[_m_bucket(M)] if x.is_cuda else (32, 4, 1)
+        block_m, warps, stages = DENSE_LAUNCH[_dense_bucket(M)] if x.is_cuda else (32, 4, 1)
     else:
         block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, K, w.density)
     row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)  # x: a placeholder the dense kernel ignores
