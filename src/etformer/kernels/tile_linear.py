@@ -327,8 +327,11 @@ USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it
 # the loop's trips. Deeper pipelines (5, 6, 8 stages), 8 warps, 32- or 128-row blocks, 16- or 256-deep blocks and
 # 128 x 64 blocks were slower there; the isolated per-matrix sweep in small_batch_ab.json ("sweep") could not see
 # the difference (a ~9 us launch floor per replay dominates).
-DENSE_TILE: dict[int, tuple[int, int]] = {128: (32, 128), 256: (64, 64), 4096: (64, 64), 16384: (64, 64)}
-DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (128, 4, 4), 4096: (128, 4, 4),
+# 129-256 rows: 64 x 128 blocks with (64, 4, 3) (small_batch_deep256.json, against 64 x 64 with (128, 4, 4)):
+# 366.7 us against 414.7 at B=2, S=128; 347.8 against 422.3 at 1x192; 356.3 against 400.6 at 4x64; 379.9 against
+# 418.1 at 1x256. The larger buckets keep the earlier table (not swept: cuBLAS takes dense matrices there).
+DENSE_TILE: dict[int, tuple[int, int]] = {128: (32, 128), 256: (64, 128), 4096: (64, 64), 16384: (64, 64)}
+DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3), 4096: (128, 4, 4),
                                                  16384: (128, 4, 4)}
 
 
