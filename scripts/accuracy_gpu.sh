@@ -97,5 +97,13 @@ case ${SET:-methods} in
     done
     TASK=sst2 run sst2_head_gmp_attn34_ffn60_e3_seed2 --method gmp --head --dense-epochs 1 --epochs 3 --kd 1 \
       --distill-hidden --batch-size 64 --sparsity-by-kind attention=0.34,ffn=0.6 --seed 2 & ;;
+  mrpccontrol)  # MRPC, seeds 0-2: the same 3 + 3 epochs with nothing pruned (does the extra training itself cost F1?),
+               # and 50% 32x32 tiles at lr 1e-4 instead of 3e-4
+    for seed in 0 1 2; do
+      TASK=mrpc SPARSITY=0 run mrpc_head_dense_control_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 \
+        --distill-hidden --tile 32x32 --seed $seed &
+      TASK=mrpc run mrpc_head_gmp50_t32_lr1e-4_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 \
+        --distill-hidden --tile 32x32 --lr 1e-4 --seed $seed &
+    done ;;
 esac
 wait
