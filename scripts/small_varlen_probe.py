@@ -1,0 +1,83 @@
+"""Why a short, variable-length batch can take longer on the GPU than the full one (H200, small-batch path).
+
+    python3 scripts/small_varlen_probe.py OUT_DIR
+
+BERT-base-shaped encoder (random weights, fp16) on the packed path (check_finite off, as in the bench), B=2, S=128,
+with the two sequences' lengths varied: GPU time of the graphed forward (median of CUDA-graph replays) for each, with
+the kernels launched with and without programmatic dependent launch; then a per-kernel profile (launched without PDL,
+so that a kernel's time does not include its wait for the one before) of the full batch against the bench's
+variable-length one (66 + 127 tokens). Writes small_varlen_probe.json.
+"""
+import importlib
+import os
+import sys
+
+import torch
+
+from etformer.bench.run import model_shape
+from etformer.bench.timing import env_info, time_cuda
+from etformer.engine import optimize
+from etformer.sparse.tiles import atomic_write_json
+
+KC = importlib.import_module("etformer.kernels._common")
+
+LENGTHS = [(128, 128), (66, 127), (127, 66), (96, 97), (128, 65), (64, 64), (65, 64), (128, 1), (120, 120), (112, 128)]
+
+
+def batch(lens, S=128, vocab=30522):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, vocab - 1, (len(lens), S), generator=g).cuda()
+    mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).long().cuda()
+    return ids, mask
+
+
+def profile(enc, ids, mask):
+    enc._graphs.clear()
+    replay = enc.graph_replay_fn(ids, mask)
+    for _ in range(5):
+        replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            replay()
+        torch.cuda.synchronize()
+    fam = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or 0
+        if t:
+            fam[e.key[:70]] = (fam.get(e.key[:70], (0, 0))[0] + t / 5, e.count // 5)
+    return sorted(([k, round(v, 1), n] for k, (v, n) in fam.items()), key=lambda r: -r[1])
+
+
+def main(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
+    enc.check_finite = False  # the packed path, as in the bench
+    rows = []
+    saved = KC.USE_PDL
+    try:
+        for lens in LENGTHS:
+            ids, mask = batch(lens)
+            row = {"lengths": lens, "tokens": sum(lens)}
+            for pdl in (True, False):
+                KC.USE_PDL = pdl
+                enc._graphs.clear()
+                row["gpu_us_pdl" if pdl else "gpu_us_no_pdl"] = time_cuda(enc.graph_replay_fn(ids, mask),
+                                                                         min_ms=80)["median_us"]
+            rows.append(row)
+            print(f"lengths {lens} ({row['tokens']} tokens): {row['gpu_us_pdl']:.1f} us with PDL, "
+                  f"{row['gpu_us_no_pdl']:.1f} without", flush=True)
+        KC.USE_PDL = False
+        prof = {}
+        for lens in ((128, 128), (66, 127)):
+            prof[str(lens)] = profile(enc, *batch(lens))
+            print(f"== {lens}: " + "; ".join(f"{k[:40]} {v} us x{n}" for k, v, n in prof[str(lens)][:12]), flush=True)
+    finally:
+        KC.USE_PDL = saved
+    atomic_write_json(os.path.join(out_dir, "small_varlen_probe.json"),
+                      {"env": env_info(), "command": "python3 scripts/small_varlen_probe.py OUT_DIR", "rows": rows,
+                       "profile_no_pdl": prof})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
