@@ -6,7 +6,9 @@ BERT-base-shaped encoder (random weights, fp16) on the packed path (check_finite
 with the two sequences' lengths varied: GPU time of the graphed forward (median of CUDA-graph replays) for each, with
 the kernels launched with and without programmatic dependent launch; then a per-kernel profile (launched without PDL,
 so that a kernel's time does not include its wait for the one before) of the full batch against the bench's
-variable-length one (66 + 127 tokens). Writes small_varlen_probe.json.
+variable-length one (66 + 127 tokens); with --paths, the kernel names and counts of the same two batches with PDL
+(times include waits) and their GPU time with the small-batch path forced to the kernels and to cuBLAS
+(encoder.SMALL_PATH). Writes small_varlen_probe.json (small_varlen_paths.json with --paths).
 """
 import importlib
 import os
@@ -20,6 +22,7 @@ from etformer.engine import optimize
 from etformer.sparse.tiles import atomic_write_json
 
 KC = importlib.import_module("etformer.kernels._common")
+E = importlib.import_module("etformer.engine.encoder")
 
 LENGTHS = [(128, 128), (66, 127), (127, 66), (96, 97), (128, 65), (64, 64), (65, 64), (128, 1), (120, 120), (112, 128)]
 
@@ -79,5 +82,30 @@ def main(out_dir):
                        "profile_no_pdl": prof})
 
 
+def paths(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
+    enc.check_finite = False
+    res = {"env": env_info(), "command": "python3 scripts/small_varlen_probe.py OUT_DIR --paths", "rows": [],
+           "profile_pdl": {}}
+    saved = E.SMALL_PATH
+    try:
+        for lens in ((128, 128), (66, 127), (65, 64)):
+            ids, mask = batch(lens)
+            for path in ("auto", "triton", "cublas"):
+                E.SMALL_PATH = path
+                enc._graphs.clear()
+                t = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=80)["median_us"]
+                res["rows"].append({"lengths": lens, "small_path": path, "gpu_us": t})
+                print(f"lengths {lens} SMALL_PATH={path}: {t:.1f} us", flush=True)
+            E.SMALL_PATH = saved
+            res["profile_pdl"][str(lens)] = profile(enc, ids, mask)
+            print(f"== {lens}: " + "; ".join(f"{k[:40]} {v} us x{n}" for k, v, n in res["profile_pdl"][str(lens)][:14]),
+                  flush=True)
+    finally:
+        E.SMALL_PATH = saved
+    atomic_write_json(os.path.join(out_dir, "small_varlen_paths.json"), res)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (paths if "--paths" in sys.argv else main)(sys.argv[1])
