@@ -8,7 +8,9 @@ the kernels launched with and without programmatic dependent launch; then a per-
 so that a kernel's time does not include its wait for the one before) of the full batch against the bench's
 variable-length one (66 + 127 tokens); with --paths, the kernel names and counts of the same two batches with PDL
 (times include waits) and their GPU time with the small-batch path forced to the kernels and to cuBLAS
-(encoder.SMALL_PATH). Writes small_varlen_probe.json (small_varlen_paths.json with --paths).
+(encoder.SMALL_PATH); with --fixed, one unpadded sequence (B=1, full mask) of each length from 120 to 256, so
+that no padding work is in the graph. Writes small_varlen_probe.json (small_varlen_paths.json with --paths,
+small_varlen_fixed.json with --fixed).
 """
 import importlib
 import os
@@ -107,5 +109,21 @@ def paths(out_dir):
     atomic_write_json(os.path.join(out_dir, "small_varlen_paths.json"), res)
 
 
+def fixed(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
+    enc.check_finite = False
+    rows = []
+    for S in (120, 127, 128, 129, 136, 160, 176, 192, 193, 200, 208, 224, 240, 248, 255, 256):
+        ids, mask = batch([S], S=S)
+        enc._graphs.clear()
+        t = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=80)["median_us"]
+        rows.append({"S": S, "gpu_us": t})
+        print(f"B=1 S={S}: {t:.1f} us", flush=True)
+    atomic_write_json(os.path.join(out_dir, "small_varlen_fixed.json"),
+                      {"env": env_info(), "command": "python3 scripts/small_varlen_probe.py OUT_DIR --fixed",
+                       "rows": rows})
+
+
 if __name__ == "__main__":
-    (paths if "--paths" in sys.argv else main)(sys.argv[1])
+    {"--paths": paths, "--fixed": fixed}.get(next((a for a in sys.argv[2:] if a.startswith("--")), ""), main)(sys.argv[1])
