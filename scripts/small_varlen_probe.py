@@ -8,9 +8,11 @@ the kernels launched with and without programmatic dependent launch; then a per-
 so that a kernel's time does not include its wait for the one before) of the full batch against the bench's
 variable-length one (66 + 127 tokens); with --paths, the kernel names and counts of the same two batches with PDL
 (times include waits) and their GPU time with the small-batch path forced to the kernels and to cuBLAS
-(encoder.SMALL_PATH); with --fixed, one unpadded sequence (B=1, full mask) of each length from 120 to 256, so
-that no padding work is in the graph. Writes small_varlen_probe.json (small_varlen_paths.json with --paths,
-small_varlen_fixed.json with --fixed).
+(encoder.SMALL_PATH); with --fixed, a same-run A/B of the graphs' row rounding (encoder.GRAPH_ROW_MULTIPLE 1
+against 64) on one unpadded sequence (B=1) of each length from 120 to 256 and on the bench's two variable-length
+batches, packed path and padded path (the version of commit e00b6e1 timed the lengths alone, without the rounding:
+small_varlen_fixed.json). Writes small_varlen_probe.json (small_varlen_paths.json with --paths, small_rows_ab.json
+with --fixed).
 """
 import importlib
 import os
@@ -110,17 +112,36 @@ def paths(out_dir):
 
 
 def fixed(out_dir):
+    """Before the row rounding (GRAPH_ROW_MULTIPLE = 1) against after (64), same run: one sequence of each length
+    with no padding, and the bench's two variable-length batches; packed path (check off) and padded path (check
+    on, the default)."""
     os.makedirs(out_dir, exist_ok=True)
     enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
-    enc.check_finite = False
     rows = []
-    for S in (120, 127, 128, 129, 136, 160, 176, 192, 193, 200, 208, 224, 240, 248, 255, 256):
-        ids, mask = batch([S], S=S)
-        enc._graphs.clear()
-        t = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=80)["median_us"]
-        rows.append({"S": S, "gpu_us": t})
-        print(f"B=1 S={S}: {t:.1f} us", flush=True)
-    atomic_write_json(os.path.join(out_dir, "small_varlen_fixed.json"),
+    saved = E.GRAPH_ROW_MULTIPLE
+    cases = [[S] for S in (120, 128, 129, 136, 160, 192, 193, 208, 224, 255, 256)] + [[66, 127], [213]]
+    try:
+        for lens in cases:
+            S = max(128, max(lens)) if len(lens) > 1 else (256 if lens == [213] else lens[0])
+            ids, mask = batch(lens, S=S)
+            row = {"lengths": lens, "S": S}
+            for mult in (1, 64):
+                for check in (False, True):
+                    E.GRAPH_ROW_MULTIPLE, enc.check_finite = mult, check
+                    enc._graphs.clear()
+                    out = enc(ids, mask).last_hidden_state
+                    row[f"gpu_us_rows{mult}_{'padded' if check else 'packed'}"] = t = time_cuda(
+                        enc.graph_replay_fn(ids, mask), min_ms=60)["median_us"]
+                    if mult == 1 and not check:
+                        ref = out.float()
+                    row[f"max_abs_diff_rows{mult}_{'padded' if check else 'packed'}"] = d = (
+                        out.float() - ref).abs().max().item()
+                    print(f"lengths {lens} S={S} rows x{mult} {'padded' if check else 'packed'}: {t:.1f} us "
+                          f"(max|diff| {d:.1e})", flush=True)
+            rows.append(row)
+    finally:
+        E.GRAPH_ROW_MULTIPLE, enc.check_finite = saved, True
+    atomic_write_json(os.path.join(out_dir, "small_rows_ab.json"),
                       {"env": env_info(), "command": "python3 scripts/small_varlen_probe.py OUT_DIR --fixed",
                        "rows": rows})
 

@@ -328,6 +328,54 @@ def test_ghost_rows_change_nothing(backend):
     assert torch.all(ghost[~mask.bool()] == 0)
 
 
+def test_graph_rows(monkeypatch):
+    """Small-batch graphs round their packed rows up to GRAPH_ROW_MULTIPLE where the small-batch kernels run them,
+    never past SMALL_KERNEL_MAX_TOKENS; the graph keys carry the rounded rows, exact and bucket alike."""
+    import etformer.engine.encoder as E
+
+    x = torch.zeros(1)
+    monkeypatch.setattr(E, "SMALL_PATH", "triton")
+    assert [E.graph_rows(t, x) for t in (1, 64, 65, 129, 193, 256, 257, 4000)] == [64, 64, 128, 192, 256, 256, 257, 4000]
+    monkeypatch.setattr(E, "GRAPH_ROW_MULTIPLE", 1)
+    assert E.graph_rows(129, x) == 129
+    monkeypatch.setattr(E, "GRAPH_ROW_MULTIPLE", 64)
+    monkeypatch.setattr(E, "SMALL_PATH", "cublas")
+    assert E.graph_rows(129, x) == 129
+    monkeypatch.setattr(E, "SMALL_PATH", "auto")  # the kernels need PDL (sm_90): never on the CPU
+    assert E.graph_rows(129, x) == 129
+    monkeypatch.setattr(E, "SMALL_PATH", "triton")
+    rows = lambda t: E.graph_rows(t, x)  # noqa: E731
+    cache = {}
+    assert E.choose_graph_key(cache, 2, 128, 193, 127, (False,), rows) == (2, 128, 256, 127, False)
+    for L in range(90, 90 + E.GRAPH_EXACT_PER_SHAPE):  # the shape's exact graphs: rows 128, longest rows 90..93
+        cache[E.choose_graph_key(cache, 2, 128, 100, L, (False,), rows)] = None
+    assert len(cache) == E.GRAPH_EXACT_PER_SHAPE
+    assert E.choose_graph_key(cache, 2, 128, 150, 100, (False,), rows) == (2, 128, 192, 128, False)  # bucket 160
+
+
+@needs_triton
+def test_padded_path_ghost_rows(monkeypatch):
+    """The padded path with ghost rows past B*S (graph_rows) gives the same hidden states as without them."""
+    import etformer.engine.encoder as E
+    from conftest import tiny_bert
+
+    model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
+    enc = optimize(model, None, dtype="float32", device=DEVICE, backend="triton")
+    ids = torch.randint(1, 100, (3, 13), device=DEVICE)
+    tt = torch.randint(0, 2, (3, 13), device=DEVICE)
+    mask = (torch.arange(13)[None, :] < torch.tensor([13, 3, 9])[:, None]).to(DEVICE)
+    monkeypatch.setattr(E, "SMALL_PATH", "triton")
+    enc.use_graphs = True  # the flag alone: _run_padded is called directly, eagerly
+    monkeypatch.setattr(E, "GRAPH_ROW_MULTIPLE", 1)
+    y0, st0 = enc._run_padded(ids, tt, mask)
+    monkeypatch.setattr(E, "GRAPH_ROW_MULTIPLE", 64)
+    assert E.graph_rows(39, ids) == 64
+    y1, st1 = enc._run_padded(ids, tt, mask)
+    assert y1.shape == y0.shape == (3, 13, 64)
+    assert float((y1 - y0).norm() / y0.norm()) < (1e-5 if DEVICE == "cpu" else 2e-3)
+    assert torch.equal(st0, st1) and st1.tolist() == [0, 13, 3, 9]
+
+
 @needs_triton
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_sync_free_padded_path(backend):

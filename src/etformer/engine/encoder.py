@@ -90,6 +90,21 @@ GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # traffic stops capturing new graphs. A bucket graph runs up to 1/8 extra ghost rows (measured: BERT-base, B=32,
 # S=512, 8786 tokens in a 9216-row graph: 4298 us GPU+host against 3977 in an earlier run with the exact graph).
 GRAPH_EXACT_PER_SHAPE = 4
+# A graph on the small-batch kernels runs its packed rows rounded up to a multiple of GRAPH_ROW_MULTIPLE (the extra
+# rows are ghosts, as in a bucket graph; a batch without padding then goes through the unpad indices too). Measured on
+# the H200, BERT-base, GPU time of one graphed forward, B=1 and no padding (benchmarks/results/h200/small_varlen/
+# small_varlen_fixed.json): a last row block that is partly empty costs more the emptier it is, e.g. 383 us at 129
+# tokens and 348.5 at 192, 425.7 at 193 and 380.5 at 256 (64-row blocks). 1 turns the rounding off.
+GRAPH_ROW_MULTIPLE = 64
+
+
+def graph_rows(T: int, x: torch.Tensor) -> int:
+    """The packed rows of the graph that runs T real tokens on x's device: T rounded up to GRAPH_ROW_MULTIPLE where
+    the small-batch kernels take it (never past SMALL_KERNEL_MAX_TOKENS), else T."""
+    m = GRAPH_ROW_MULTIPLE
+    if m <= 1 or T > SMALL_KERNEL_MAX_TOKENS or SMALL_PATH == "cublas" or (SMALL_PATH == "auto" and not pdl_on(x)):
+        return T
+    return min(-(-T // m) * m, max(T, SMALL_KERNEL_MAX_TOKENS))
 
 
 def _small_on_kernels(x: torch.Tensor) -> bool:
@@ -104,13 +119,15 @@ def _on_kernels(x: torch.Tensor, backend: str) -> bool:
     return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
-def choose_graph_key(cache, B: int, S: int, T: int, max_len: int, extra: tuple) -> tuple:
-    """The key (B, S, rows, longest row, *extra) of the graph to replay or capture for a batch of T real tokens."""
-    exact = (B, S, T, max_len, *extra)
+def choose_graph_key(cache, B: int, S: int, T: int, max_len: int, extra: tuple, rows=None) -> tuple:
+    """The key (B, S, rows, longest row, *extra) of the graph to replay or capture for a batch of T real tokens.
+    rows: rounds a row count up (graph_rows); None keeps it."""
+    rows = rows or (lambda t: t)
+    exact = (B, S, rows(T), max_len, *extra)
     if exact in cache:
         return exact
     Tb, Lb = ETEncoder.graph_bucket(T, max_len, B, S)
-    bucket = (B, S, Tb, Lb, *extra)
+    bucket = (B, S, rows(Tb), Lb, *extra)
     if bucket in cache:
         return bucket
     same_shape = sum(1 for k in cache if k[:2] == (B, S) and k[4:] == extra)
@@ -303,6 +320,14 @@ class ETEncoder(torch.nn.Module):
             raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
         return sum(lens), max(lens)
 
+    def _all_kept(self, B, S):
+        """An all-true keep mask [B, S] on the encoder's device, made once per (B, S) and kept."""
+        key = ("kept", B, S)
+        c = self._const_cache.get(key)
+        if c is None:
+            c = self._const_cache[key] = torch.ones(B, S, dtype=torch.bool, device=self.device)
+        return c
+
     def _consts(self, B, S, device):
         """Positions and cu_seqlens of a batch without padding, made once per (B, S) and kept."""
         key = (B, S, str(device))
@@ -458,9 +483,10 @@ class ETEncoder(torch.nn.Module):
         keep = self._validate(input_ids, attention_mask, token_type_ids)
         B, S = input_ids.shape
         T, max_len = self._lengths(keep, B, S)
-        if T == B * S:
-            keep = None  # nothing to unpad
-        if self.use_graphs and B * S <= GRAPH_MAX_TOKENS:
+        graphed = self.use_graphs and B * S <= GRAPH_MAX_TOKENS
+        if T == B * S:  # nothing to unpad, unless the graph's rows are rounded up (ghost rows need the indices)
+            keep = self._all_kept(B, S) if graphed and graph_rows(T, input_ids) != T else None
+        if graphed:
             y = self._graphed(input_ids, token_type_ids, keep, T, max_len, B, S)
         else:
             y = self._run(input_ids, token_type_ids, keep, T, max_len, B, S)
@@ -481,8 +507,13 @@ class ETEncoder(torch.nn.Module):
         in real rows, real tokens of each sequence...]."""
         B, S = input_ids.shape
         pos, cu = self._consts(B, S, self.device)
+        ids = input_ids.reshape(-1)
         tt = None if token_type_ids is None else token_type_ids.reshape(-1)
-        x = self._layers(input_ids.reshape(-1), pos, tt, cu, S, key_mask=mask)
+        ghosts = graph_rows(B * S, input_ids) - B * S if self.use_graphs else 0
+        if ghosts:  # rows past every sequence (GRAPH_ROW_MULTIPLE): row-wise work only, dropped below
+            ids, pos = F.pad(ids, (0, ghosts)), F.pad(pos, (0, ghosts))
+            tt = None if tt is None else F.pad(tt, (0, ghosts))
+        x = self._layers(ids, pos, tt, cu, S, key_mask=mask)[: B * S]
         y, status = finish_padded(x, mask, backend=self.backend)
         return y.view(B, S, -1), status
 
@@ -510,7 +541,8 @@ class ETEncoder(torch.nn.Module):
         """Replay the graph for this batch (choose_graph_key: its exact token count, or its bucket's), capturing it on
         first use. Its inputs are the ids, the token types and (when something is padded) the mask; the index work
         runs inside the graph, so a bucket graph serves every token count up to its rows."""
-        key = choose_graph_key(self._graphs, B, S, T, max_len, (token_type_ids is not None,))
+        key = choose_graph_key(self._graphs, B, S, T, max_len, (token_type_ids is not None,),
+                               lambda t: graph_rows(t, input_ids))
         T, max_len = key[2], key[3]
         return replay_graph(self._graphs, key, (input_ids, token_type_ids, keep),
                             lambda ids, tt, kp: self._run(ids, tt, kp, T, max_len, B, S)).clone()
@@ -522,8 +554,8 @@ class ETEncoder(torch.nn.Module):
             return self._graphs[("padded", *input_ids.shape, token_type_ids is not None)][0].replay
         keep = self._validate(input_ids, attention_mask, token_type_ids)
         T, max_len = self._lengths(keep, *input_ids.shape)
-        return self._graphs[choose_graph_key(self._graphs, *input_ids.shape, T, max_len,
-                                             (token_type_ids is not None,))][0].replay
+        return self._graphs[choose_graph_key(self._graphs, *input_ids.shape, T, max_len, (token_type_ids is not None,),
+                                             lambda t: graph_rows(t, input_ids))][0].replay
 
     def encode_fn(self):
         """A callable for etformer.evaluate: batch dict -> last_hidden_state (B, S, d)."""
