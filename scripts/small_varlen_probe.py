@@ -147,4 +147,5 @@ def fixed(out_dir):
 
 
 if __name__ == "__main__":
-    {"--paths": paths, "--fixed": fixed}.get(next((a for a in sys.argv[2:] if a.startswith("--")), ""), main)(sys.argv[1])
+    mode = next((a for a in sys.argv[2:] if a.startswith("--")), "")
+    {"--paths": paths, "--fixed": fixed}.get(mode, main)(sys.argv[1])

@@ -91,10 +91,15 @@ GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # S=512, 8786 tokens in a 9216-row graph: 4298 us GPU+host against 3977 in an earlier run with the exact graph).
 GRAPH_EXACT_PER_SHAPE = 4
 # A graph on the small-batch kernels runs its packed rows rounded up to a multiple of GRAPH_ROW_MULTIPLE (the extra
-# rows are ghosts, as in a bucket graph; a batch without padding then goes through the unpad indices too). Measured on
-# the H200, BERT-base, GPU time of one graphed forward, B=1 and no padding (benchmarks/results/h200/small_varlen/
-# small_varlen_fixed.json): a last row block that is partly empty costs more the emptier it is, e.g. 383 us at 129
-# tokens and 348.5 at 192, 425.7 at 193 and 380.5 at 256 (64-row blocks). 1 turns the rounding off.
+# rows are ghosts, as in a bucket graph): on the packed path only for batches with padding (they build the unpad
+# indices anyway), and on the padded path always. A probe on the H200 (BERT-base, GPU time of one graphed forward,
+# benchmarks/results/h200/small_varlen/) found a partly empty last 64-row block slow: with no padding, 383 us at 129
+# tokens against 348.5 at 192, 425.7 at 193 against 380.5 at 256. Same-run A/B of the rounding (small_rows_ab.json):
+# packed path with padding, B=2, S=128, 66 + 127 tokens 470.8 -> 399.4 us, B=1, S=256, 213 tokens 435.8 -> 412.8;
+# padded path (the default with the finite check) 396.4 -> 375.0 at 129 tokens, 442.3 -> 410.0 at 193, 427.8 -> 409.9
+# at 208, within +-5 us elsewhere. Forcing the indices on an unpadded batch to round it cost more than it saved (255
+# tokens: 379.6 -> 413.2, 120: 309.5 -> 336.8; ~30 us for the index kernels), so those keep their exact rows.
+# 1 turns the rounding off.
 GRAPH_ROW_MULTIPLE = 64
 
 
@@ -320,13 +325,10 @@ class ETEncoder(torch.nn.Module):
             raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
         return sum(lens), max(lens)
 
-    def _all_kept(self, B, S):
-        """An all-true keep mask [B, S] on the encoder's device, made once per (B, S) and kept."""
-        key = ("kept", B, S)
-        c = self._const_cache.get(key)
-        if c is None:
-            c = self._const_cache[key] = torch.ones(B, S, dtype=torch.bool, device=self.device)
-        return c
+    @staticmethod
+    def _rows(keep, x):
+        """The packed path's row rounding (graph_rows) for a batch: only when it has padding (keep not None)."""
+        return None if keep is None else (lambda t: graph_rows(t, x))
 
     def _consts(self, B, S, device):
         """Positions and cu_seqlens of a batch without padding, made once per (B, S) and kept."""
@@ -483,10 +485,9 @@ class ETEncoder(torch.nn.Module):
         keep = self._validate(input_ids, attention_mask, token_type_ids)
         B, S = input_ids.shape
         T, max_len = self._lengths(keep, B, S)
-        graphed = self.use_graphs and B * S <= GRAPH_MAX_TOKENS
-        if T == B * S:  # nothing to unpad, unless the graph's rows are rounded up (ghost rows need the indices)
-            keep = self._all_kept(B, S) if graphed and graph_rows(T, input_ids) != T else None
-        if graphed:
+        if T == B * S:
+            keep = None  # nothing to unpad
+        if self.use_graphs and B * S <= GRAPH_MAX_TOKENS:
             y = self._graphed(input_ids, token_type_ids, keep, T, max_len, B, S)
         else:
             y = self._run(input_ids, token_type_ids, keep, T, max_len, B, S)
@@ -542,7 +543,7 @@ class ETEncoder(torch.nn.Module):
         first use. Its inputs are the ids, the token types and (when something is padded) the mask; the index work
         runs inside the graph, so a bucket graph serves every token count up to its rows."""
         key = choose_graph_key(self._graphs, B, S, T, max_len, (token_type_ids is not None,),
-                               lambda t: graph_rows(t, input_ids))
+                               self._rows(keep, input_ids))
         T, max_len = key[2], key[3]
         return replay_graph(self._graphs, key, (input_ids, token_type_ids, keep),
                             lambda ids, tt, kp: self._run(ids, tt, kp, T, max_len, B, S)).clone()
@@ -554,8 +555,9 @@ class ETEncoder(torch.nn.Module):
             return self._graphs[("padded", *input_ids.shape, token_type_ids is not None)][0].replay
         keep = self._validate(input_ids, attention_mask, token_type_ids)
         T, max_len = self._lengths(keep, *input_ids.shape)
+        keep = None if T == input_ids.numel() else keep
         return self._graphs[choose_graph_key(self._graphs, *input_ids.shape, T, max_len, (token_type_ids is not None,),
-                                             lambda t: graph_rows(t, input_ids))][0].replay
+                                             self._rows(keep, input_ids))][0].replay
 
     def encode_fn(self):
         """A callable for etformer.evaluate: batch dict -> last_hidden_state (B, S, d)."""
