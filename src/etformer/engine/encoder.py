@@ -95,10 +95,11 @@ GRAPH_EXACT_PER_SHAPE = 4
 # indices anyway), and on the padded path always. A probe on the H200 (BERT-base, GPU time of one graphed forward,
 # benchmarks/results/h200/small_varlen/) found a partly empty last 64-row block slow: with no padding, 383 us at 129
 # tokens against 348.5 at 192, 425.7 at 193 against 380.5 at 256. Same-run A/B of the rounding (small_rows_ab.json):
-# packed path with padding, B=2, S=128, 66 + 127 tokens 470.8 -> 399.4 us, B=1, S=256, 213 tokens 435.8 -> 412.8;
-# padded path (the default with the finite check) 396.4 -> 375.0 at 129 tokens, 442.3 -> 410.0 at 193, 427.8 -> 409.9
-# at 208, within +-5 us elsewhere. Forcing the indices on an unpadded batch to round it cost more than it saved (255
-# tokens: 379.6 -> 413.2, 120: 309.5 -> 336.8; ~30 us for the index kernels), so those keep their exact rows.
+# packed path with padding, B=2, S=128, 66 + 127 tokens 474.0 -> 401.4 us, B=1, S=256, 213 tokens 442.6 -> 417.2;
+# padded path (the default with the finite check) 400.2 -> 377.2 at 129 tokens, 447.7 -> 413.0 at 193, 433.7 ->
+# 412.7 at 208, 423.1 -> 413.0 at 224, but 315.2 -> 320.8 at 120 and 406.5 -> 413.5 at 255 (a nearly full block
+# gains nothing and the padding ops cost ~6 us). Forcing the indices on an unpadded batch to round it cost more than
+# it saved (small_rows_ab_forced.json: 255 tokens 379.6 -> 413.2, 120: 309.5 -> 336.8), so those keep their rows.
 # 1 turns the rounding off.
 GRAPH_ROW_MULTIPLE = 64
 
