@@ -1,18 +1,22 @@
 """Why a short, variable-length batch can take longer on the GPU than the full one (H200, small-batch path).
 
-    python3 scripts/small_varlen_probe.py OUT_DIR
+    python3 scripts/small_varlen_probe.py OUT_DIR [--paths | --fixed]
 
 BERT-base-shaped encoder (random weights, fp16) on the packed path (check_finite off, as in the bench), B=2, S=128,
 with the two sequences' lengths varied: GPU time of the graphed forward (median of CUDA-graph replays) for each, with
-the kernels launched with and without programmatic dependent launch; then a per-kernel profile (launched without PDL,
-so that a kernel's time does not include its wait for the one before) of the full batch against the bench's
-variable-length one (66 + 127 tokens); with --paths, the kernel names and counts of the same two batches with PDL
-(times include waits) and their GPU time with the small-batch path forced to the kernels and to cuBLAS
-(encoder.SMALL_PATH); with --fixed, a same-run A/B of the graphs' row rounding (encoder.GRAPH_ROW_MULTIPLE 1
-against 64) on one unpadded sequence (B=1) of each length from 120 to 256 and on the bench's two variable-length
-batches, packed path and padded path (the version of commit e00b6e1 timed the lengths alone, without the rounding:
-small_varlen_fixed.json). Writes small_varlen_probe.json (small_varlen_paths.json with --paths, small_rows_ab.json
-with --fixed).
+the kernels launched with and without programmatic dependent launch; then a per-kernel profile, launched without
+PDL, of the full batch against the bench's variable-length one (66 + 127 tokens). Without PDL the engine's default
+SMALL_PATH ("auto") takes cuBLAS, so the times without PDL and that profile are of the cuBLAS path.
+Writes small_varlen_probe.json.
+
+--paths: the kernel names and counts of the same two batches (and 65 + 64 tokens) with PDL (times include waits), and
+their GPU time with the small-batch path forced to the kernels and to cuBLAS (encoder.SMALL_PATH). Writes
+small_varlen_paths.json.
+
+--fixed: a same-run A/B of the graphs' row rounding (encoder.GRAPH_ROW_MULTIPLE 1 against 64) on one unpadded
+sequence (B=1) of each length from 120 to 256 and on the bench's two variable-length batches, packed path and padded
+path. Writes small_rows_ab.json. (The version of commit e00b6e1 timed the lengths alone, before the rounding existed:
+small_varlen_fixed.json.)
 """
 import importlib
 import os

@@ -110,7 +110,7 @@ def graph_rows(T: int, x: torch.Tensor) -> int:
     m = GRAPH_ROW_MULTIPLE
     if m <= 1 or T > SMALL_KERNEL_MAX_TOKENS or SMALL_PATH == "cublas" or (SMALL_PATH == "auto" and not pdl_on(x)):
         return T
-    return min(-(-T // m) * m, max(T, SMALL_KERNEL_MAX_TOKENS))
+    return min(-(-T // m) * m, SMALL_KERNEL_MAX_TOKENS)
 
 
 def _small_on_kernels(x: torch.Tensor) -> bool:
