@@ -25,7 +25,7 @@ import torch
 
 from etformer.bench.peers import cublas_sdpa_graph
 from etformer.bench.run import make_inputs, model_shape
-from etformer.bench.timing import env_info, time_cuda
+from etformer.bench.timing import env_info, profile_kernels, time_cuda
 from etformer.engine import encoder as E
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
@@ -212,20 +212,8 @@ def main(out_dir, ffn=False, pdl=False, layer=False):
             set_mode(mode)
             enc = encs[name]
             enc._graphs.clear()
-            replay = enc.graph_replay_fn(ids, mask)
-            for _ in range(5):
-                replay()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    replay()
-                torch.cuda.synchronize()
-            fam = {}
-            for e in prof.key_averages():
-                t = getattr(e, "self_device_time_total", 0) or 0
-                if t:
-                    fam[e.key[:60]] = fam.get(e.key[:60], 0) + t / 5
-            prof_out[f"{name}/{mode}"] = sorted(fam.items(), key=lambda kv: -kv[1])[:10]
+            fam = profile_kernels(enc.graph_replay_fn(ids, mask), width=60)
+            prof_out[f"{name}/{mode}"] = [(k, us) for k, us, _ in fam[:10]]
             print(f"== {name}/{mode}: " + ", ".join(f"{k[:28]} {v:.0f}" for k, v in prof_out[f"{name}/{mode}"][:6]))
     reset_mode()
 

@@ -25,7 +25,7 @@ import sys
 import torch
 
 from etformer.bench.run import model_shape
-from etformer.bench.timing import env_info, time_cuda
+from etformer.bench.timing import env_info, profile_kernels, time_cuda
 from etformer.engine import optimize
 from etformer.sparse.tiles import atomic_write_json
 
@@ -44,20 +44,7 @@ def batch(lens, S=128, vocab=30522):
 
 def profile(enc, ids, mask):
     enc._graphs.clear()
-    replay = enc.graph_replay_fn(ids, mask)
-    for _ in range(5):
-        replay()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            replay()
-        torch.cuda.synchronize()
-    fam = {}
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", 0) or 0
-        if t:
-            fam[e.key[:70]] = (fam.get(e.key[:70], (0, 0))[0] + t / 5, e.count // 5)
-    return sorted(([k, round(v, 1), n] for k, (v, n) in fam.items()), key=lambda r: -r[1])
+    return [[k, round(us, 1), n] for k, us, n in profile_kernels(enc.graph_replay_fn(ids, mask))]
 
 
 def main(out_dir):

@@ -47,6 +47,25 @@ def time_cuda(fn, *, warmup: int = 10, reps: int = 100, graph: bool = False, min
             "n": n}
 
 
+def profile_kernels(run, *, reps: int = 5, width: int = 70) -> list[tuple[str, float, int]]:
+    """GPU time per call of each kernel that run() launches (profiled over reps calls after reps warm-up calls):
+    (name cut to width characters, microseconds per call, launches per call), longest first."""
+    for _ in range(reps):
+        run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    fam: dict[str, tuple[float, int]] = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or 0
+        if t:
+            us, n = fam.get(e.key[:width], (0.0, 0))
+            fam[e.key[:width]] = (us + t / reps, n + e.count // reps)
+    return sorted(((k, us, n) for k, (us, n) in fam.items()), key=lambda r: -r[1])
+
+
 def measure_peaks(device="cuda") -> dict:
     """A large fp16 matrix product (TFLOP/s) and a large device-to-device copy (TB/s, bytes read + written)."""
     n = 8192

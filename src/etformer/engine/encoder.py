@@ -108,16 +108,22 @@ def graph_rows(T: int, x: torch.Tensor) -> int:
     """The packed rows of the graph that runs T real tokens on x's device: T rounded up to GRAPH_ROW_MULTIPLE where
     the small-batch kernels take it (never past SMALL_KERNEL_MAX_TOKENS), else T."""
     m = GRAPH_ROW_MULTIPLE
-    if m <= 1 or T > SMALL_KERNEL_MAX_TOKENS or SMALL_PATH == "cublas" or (SMALL_PATH == "auto" and not pdl_on(x)):
+    if m <= 1 or T > SMALL_KERNEL_MAX_TOKENS or not _small_kernels(T, x):
         return T
     return min(-(-T // m) * m, SMALL_KERNEL_MAX_TOKENS)
 
 
-def _small_on_kernels(x: torch.Tensor) -> bool:
-    """Whether a batch under SPARSE_MIN_TOKENS rows runs etformer's kernels (on the dense weights), per SMALL_PATH."""
+def _small_kernels(rows: int, x: torch.Tensor) -> bool:
+    """Whether rows (under SPARSE_MIN_TOKENS) on x's device run etformer's kernels on the dense weights, per
+    SMALL_PATH."""
     if SMALL_PATH == "auto":
-        return x.shape[0] <= SMALL_KERNEL_MAX_TOKENS and pdl_on(x)
+        return rows <= SMALL_KERNEL_MAX_TOKENS and pdl_on(x)
     return SMALL_PATH == "triton"
+
+
+def _small_on_kernels(x: torch.Tensor) -> bool:
+    """_small_kernels for the rows of x."""
+    return _small_kernels(x.shape[0], x)
 
 
 def _on_kernels(x: torch.Tensor, backend: str) -> bool:

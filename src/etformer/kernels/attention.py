@@ -106,6 +106,16 @@ if HAS_TRITON:
         return o
 
     @triton.jit
+    def _online_step(m, l, acc, s, v, FP32_DOT: tl.constexpr):
+        """One key block of the online softmax: running max m, sum l and output acc updated by scores s and V block v."""
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _pv(p, v, FP32_DOT)
+        return m_new, l, acc
+
+    @triton.jit
     def _attn_kernel(
         qkv_ptr, out_ptr, cu_ptr, bias_ptr,
         stride_t, stride_o, stride_bb, q_col, k_col, v_col,
@@ -151,12 +161,7 @@ if HAS_TRITON:
             for n0 in range(0, hi, BLOCK_N):
                 s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
                                bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
-                m_new = tl.maximum(m, tl.max(s, 1))
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _pv(p, v, FP32_DOT)
-                m = m_new
+                m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
         l = tl.where(l == 0.0, 1.0, l)  # a row whose keys are all masked gives 0, not NaN
         o = acc / l[:, None]
         tl.store(out_ptr + rows[:, None] * stride_o + h * DV + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),

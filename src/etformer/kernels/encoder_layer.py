@@ -40,7 +40,7 @@ from .tile_linear import _act_code, tile_linear_reference
 
 if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
-    from .attention import _pv, _scores
+    from .attention import _online_step, _scores
     from .tile_linear import _activate, _tile_dot
 
 # Most rows the launcher takes: the attention phase keeps one row block's online softmax per item, which is fine at
@@ -162,12 +162,7 @@ if HAS_TRITON:
             for n0 in range(0, L, BN):  # the attention kernel's online softmax, on its score helpers
                 s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, QKV_W,
                                qkv_ptr, qk_scale, False, False, FP32_DOT, False, ".cg")
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _pv(p, v, FP32_DOT)
-                m_i = m_new
+                m_i, l_i, acc = _online_step(m_i, l_i, acc, s, v, FP32_DOT)
             o = (acc / l_i[:, None]).to(qkv_ptr.dtype.element_ty)  # rounded as the attention kernel stores it
             offs_o = tl.arange(0, BNO)
             for n0 in range(nc * CW, nc * CW + CW, BNO):
