@@ -14,6 +14,7 @@ N = importlib.import_module("etformer.kernels.layernorm")
 F = importlib.import_module("etformer.kernels.fused_ffn")
 E = importlib.import_module("etformer.kernels.encoder_layer")
 P = importlib.import_module("etformer.kernels.padded")
+AP = importlib.import_module("etformer.kernels.attention_proj")
 tgt = GPUTarget("cuda", 90, 32)
 ok = True
 def comp(fn, sig, consts, name, warps=4, stages=3, attrs=None):
@@ -105,6 +106,17 @@ for one, bn, km in ((True, 128, False), (False, 64, False), (True, 128, True)):
          {"D": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_DV": 64, "ONE_PASS": one,
           "CAUSAL": not km, "HAS_BIAS": True, "FP32_DOT": False, "PDL": one, "KEY_MASK": km},
          f"attention one_pass={one}" + (" key_mask" if km else ""), stages=1 if one else 3)
+# attention with the O projection's per-head partial sums (the small-batch path), plain and with a key mask
+for km in (False, True):
+    ap_sig = {"qkv_ptr": p16, "cu_ptr": i32, "wo_ptr": p16, "ws_ptr": "*fp32", "bias_ptr": "*i8" if km else p16,
+              "T": "i32", "stride_bb": "i32", "qk_scale": "fp32"}
+    ap_c = dict(H=12, D=64, DV=64, HID=768, QKV_W=2304, BM=64, BN=128, BD=64, BDV=64, NCH=4, BNO=64, CAUSAL=False,
+                HAS_BIAS=km, KEY_MASK=km, FP32_DOT=False, PDL=True, PREFETCH=True, LINES=1, LINE=64)
+    ap_sig.update({k: C for k in ap_c})
+    ap_order = list(AP._attn_proj_kernel.arg_names)
+    comp(AP._attn_proj_kernel, {n: ap_sig[n] for n in ap_order}, ap_c,
+         "attention + O projection partials" + (" key_mask" if km else ""), stages=2,
+         attrs={(ap_order.index(n),): [["tt.divisibility", 16]] for n in ap_order if ap_sig[n].startswith("*")})
 comp(P._finish_kernel, {"x_ptr": p16, "m_ptr": "*i64", "y_ptr": p16, "st_ptr": i32, "N": "i32", "S": "i32",
                         "BLOCK": C, "PDL": C}, {"BLOCK": 1024, "PDL": True}, "finish padded")
 comp(N._add_ln_kernel,

@@ -127,20 +127,22 @@ def test_cli_eval_engine_et(glue_dir, tmp_path):
 
 @needs_triton
 @pytest.mark.parametrize("plan", [PruningPlan.uniform("tile", 0.5, (16, 16)), PruningPlan.attention_aware(0.6, (16, 16))])
-@pytest.mark.parametrize("fused", ["", "ffn", "layer"], ids=["", "fused-ffn", "fused-layer"])
+@pytest.mark.parametrize("fused", ["", "ffn", "layer", "attn"], ids=["", "fused-ffn", "fused-layer", "attn-proj"])
 def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
     """The whole engine on the Triton kernels (interpreter on the CPU, compiled on a GPU) against HF. fused-ffn: the
-    small-batch kernels on dense weights with the optional one-launch FFN block; fused-layer: the small-batch kernels
-    with each layer one persistent launch (FUSED_LAYER)."""
+    small-batch kernels on dense weights with the optional one-launch FFN block (attention and the O projection
+    apart); fused-layer: the small-batch kernels with each layer one persistent launch (FUSED_LAYER); attn-proj: the
+    small-batch kernels with attention and the O projection in one launch (ATTN_PROJ)."""
     from conftest import tiny_bert
     from etformer.engine import encoder as E
 
-    calls = {"ffn": [], "layer": []}
+    calls = {"ffn": [], "layer": [], "attn": []}
     monkeypatch.setattr(E, "FUSED_LAYER", fused == "layer")
+    monkeypatch.setattr(E, "ATTN_PROJ", fused == "attn")
     if fused:
         monkeypatch.setattr(E, "SMALL_PATH", "triton")
         monkeypatch.setattr(E, "FUSED_FFN_MAX_TOKENS", 1 << 20 if fused == "ffn" else 0)
-        for name, fn in (("ffn", "fused_ffn_partials"), ("layer", "encoder_layer")):
+        for name, fn in (("ffn", "fused_ffn_partials"), ("layer", "encoder_layer"), ("attn", "attention_proj_partials")):
             real = getattr(E, fn)
             monkeypatch.setattr(E, fn, lambda *a, _r=real, _c=calls[name], **k: _c.append(1) or _r(*a, **k))
 
@@ -165,6 +167,7 @@ def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
             assert _rel_on_tokens(y, ref, mask) < (1e-5 if DEVICE == "cpu" else 2e-3)
     # each fused operator ran exactly when switched on: the layer once a layer a call
     assert bool(calls["ffn"]) == (fused == "ffn") and bool(calls["layer"]) == (fused == "layer")
+    assert bool(calls["attn"]) == (fused == "attn")
     if fused == "layer":
         assert len(calls["layer"]) % 2 == 0 and calls["layer"]
 
@@ -330,14 +333,19 @@ def test_ghost_rows_change_nothing(backend):
 
 
 def test_graph_rows(monkeypatch):
-    """Small-batch graphs round their packed rows up to GRAPH_ROW_MULTIPLE where the small-batch kernels run them,
-    never past SMALL_KERNEL_MAX_TOKENS; the graph keys carry the rounded rows, exact and bucket alike."""
+    """Small-batch graphs round their packed rows up to GRAPH_ROW_MULTIPLE where the small-batch kernels run them and
+    the last block holds at most GRAPH_ROW_ROUND_MAX_FILL rows, never past SMALL_KERNEL_MAX_TOKENS; the graph keys
+    carry the rounded rows, exact and bucket alike."""
     import etformer.engine.encoder as E
 
     x = torch.zeros(1)
     monkeypatch.setattr(E, "SMALL_PATH", "triton")
-    got = [E.graph_rows(t, x) for t in (1, 64, 65, 129, 193, 256, 257, 4000)]
-    assert got == [64, 64, 128, 192, 256, 256, 257, 4000]
+    monkeypatch.setattr(E, "GRAPH_ROW_ROUND_MAX_FILL", {128: 48, 256: 32})
+    got = [E.graph_rows(t, x) for t in (1, 48, 49, 64, 65, 112, 113, 120, 129, 160, 161, 193, 255, 256, 257, 4000)]
+    assert got == [64, 64, 49, 64, 128, 128, 113, 120, 192, 192, 161, 256, 255, 256, 257, 4000]
+    monkeypatch.setattr(E, "GRAPH_ROW_ROUND_MAX_FILL", {})  # no threshold: every partly filled block rounds
+    got = [E.graph_rows(t, x) for t in (1, 64, 65, 120, 129, 193, 255, 256, 257, 4000)]
+    assert got == [64, 64, 128, 128, 192, 256, 256, 256, 257, 4000]
     monkeypatch.setattr(E, "GRAPH_ROW_MULTIPLE", 1)
     assert E.graph_rows(129, x) == 129
     monkeypatch.setattr(E, "GRAPH_ROW_MULTIPLE", 64)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from etformer.errors import EtformerError
-from etformer.kernels import (CompactV, add_layernorm, attention, attention_reference, fused_ffn_partials,
-                              pruned_v_attention, tile_linear, tile_linear_partials)
+from etformer.kernels import (CompactV, add_layernorm, attention, attention_proj_partials, attention_proj_reference,
+                              attention_reference, fused_ffn_partials, pruned_v_attention, tile_linear,
+                              tile_linear_partials)
 from etformer.sparse import TileSparseWeight
 from kernel_utils import DEVICE, DTYPES, assert_close, needs_triton
 
@@ -202,6 +203,72 @@ def test_attention_key_mask(dtype, lens, S, D, causal, mdtype):
         live[lens[0]:lens[0] + lens[1]] = False
     peer = _sdpa_peer(qkv, cu, H, D, D, causal, bias)
     assert_close(out[live], peer[live], ref[live], f"attention key_mask lens={lens}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,H,D,DV,HID,causal,keys", [
+    ([1], 2, 64, 64, 96, False, None),
+    ([17, 1, 5], 2, 32, 32, 64, False, "bias"),
+    ([128, 64], 2, 64, 64, 128, False, None),     # one key block covers the sequence on the GPU
+    ([129, 20], 1, 64, 64, 72, True, None),       # several key blocks, causal; HID not a multiple of the steps
+    ([40, 7, 9], 2, 128, 128, 160, False, "mask"),  # the second sequence attends to nothing: zeros
+    ([50, 9], 2, 32, 16, 100, False, None),       # compact V (DV < D), as the pruned-V plan makes it
+])
+@pytest.mark.parametrize("ghosts", [0, 3])
+def test_attention_proj(dtype, lens, H, D, DV, HID, causal, keys, ghosts):
+    """Attention with the output projection as per-head fp32 partial sums, against the fp64 reference (and PyTorch's
+    attention + projection at the input precision as the peer). Ghost rows past every sequence stay untouched; the
+    sum of the partials through add_layernorm gives LN(ctx W_O^T + b + X)."""
+    qkv, cu = _qkv(lens, H, D, dtype, DV)
+    T0 = qkv.shape[0]
+    qkv = torch.cat([qkv, torch.randn(ghosts, qkv.shape[1], device=DEVICE, dtype=dtype)])
+    w_o = (torch.randn(HID, H * DV, device=DEVICE) / math.sqrt(H * DV)).to(dtype)
+    S = max(lens)
+    kb = km = bias = None
+    if keys == "bias":
+        kb = torch.zeros(len(lens), S, device=DEVICE, dtype=torch.float32)
+        kb[:, 1::3] = -10000.0
+        bias = kb
+    elif keys == "mask":
+        km = torch.rand(len(lens), S, generator=torch.Generator().manual_seed(2)).to(DEVICE) < 0.7
+        km[:, 0] = True
+        km[1] = False
+        bias = torch.zeros(len(lens), S, device=DEVICE).masked_fill(~km, float("-inf"))
+    out = torch.full((H, qkv.shape[0], HID), float("nan"), device=DEVICE, dtype=torch.float32)
+    got = attention_proj_partials(qkv, cu, S, H, D, w_o, v_head_dim=DV, causal=causal, key_bias=kb, key_mask=km,
+                                  out=out, backend="triton")
+    assert got is out and torch.isnan(out[:, T0:]).all()
+    ref = attention_proj_reference(qkv[:T0].double(), cu, H, D, w_o.double(), v_head_dim=DV, causal=causal,
+                                   key_bias=kb.double() if kb is not None else None, key_mask=km)
+    ctx = _sdpa_peer(qkv[:T0], cu, H, D, DV, causal, bias).nan_to_num(0.0)
+    peer = torch.einsum("thd,nhd->htn", ctx.view(T0, H, DV), w_o.view(HID, H, DV))
+    assert_close(out[:, :T0], peer, ref, f"attention_proj lens={lens} D={D} DV={DV}")
+    if keys == "mask":
+        assert torch.all(out[:, lens[0]:lens[0] + lens[1]] == 0)
+    x = torch.randn(qkv.shape[0], HID, device=DEVICE, dtype=dtype)
+    b, g, beta = (torch.randn(HID, device=DEVICE, dtype=dtype) for _ in range(3))
+    y = add_layernorm(out[:, :T0], x[:T0], g, beta, backend="triton", x_bias=b)
+    want = torch.nn.functional.layer_norm(ref.sum(0) + b.double() + x[:T0].double(), (HID,), g.double(), beta.double(),
+                                          1e-12)
+    want_peer = torch.nn.functional.layer_norm(peer.sum(0) + b + x[:T0], (HID,), g, beta, 1e-12)
+    assert_close(y, want_peer, want, "attention_proj + add_layernorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_proj_bad_inputs(dtype):
+    H, D = 2, 32
+    qkv, cu = _qkv([4, 3], H, D, dtype)
+    w_o = torch.randn(48, H * D, device=DEVICE, dtype=dtype)
+    with pytest.raises(EtformerError, match="Q, K and V only"):
+        attention_proj_partials(torch.cat([qkv, qkv[:, :8]], 1), cu, 4, H, D, w_o)
+    with pytest.raises(EtformerError, match="w_o must be"):
+        attention_proj_partials(qkv, cu, 4, H, D, w_o[:, :40])
+    with pytest.raises(EtformerError, match="w_o must be"):
+        attention_proj_partials(qkv, cu, 4, H, D, w_o.double())
+    with pytest.raises(EtformerError, match="out must be"):
+        attention_proj_partials(qkv, cu, 4, H, D, w_o, out=torch.empty(H, 7, 40, device=DEVICE))
+    with pytest.raises(EtformerError, match="int32"):
+        attention_proj_partials(qkv, cu.long(), 4, H, D, w_o)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,6 +10,8 @@
            f   = GELU(h W_1^T + b_1)                                          # GELU in the GEMM epilogue
            X   = LN(f W_2^T + b_2 + h)
            (optionally, up to FUSED_FFN_MAX_TOKENS tokens, the last two lines are one fused FFN launch + add&LN)
+           (on the small-batch kernel path, ATTN_PROJ: the second and third lines are attention with the O projection
+            as per-head partial sums in one launch, then add&LN)
       -> pad once: last_hidden_state (B, S, d), zeros at padded positions
 
 Each matrix runs on the tile-sparse kernel when it is sparse enough to win, and on cuBLAS otherwise (the cut-off
@@ -26,11 +28,12 @@ import torch.nn.functional as F
 from ..errors import EtformerError
 from ..kernels._common import pdl_on
 from ..kernels.attention import attention
+from ..kernels.attention_proj import attention_proj_partials
 from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS, encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
 from ..kernels.padded import finish_padded
-from ..kernels.tile_linear import apply_activation, tile_linear, tile_linear_partials
+from ..kernels.tile_linear import _dense_bucket, apply_activation, tile_linear, tile_linear_partials
 from ..sparse.tiles import TileSparseWeight
 
 # Tile density at or above which a matrix runs on cuBLAS instead: on the H200 the TMA tile kernel is 0.87-0.93x cuBLAS
@@ -73,6 +76,15 @@ FUSED_FFN_MAX_TOKENS = 0
 # swept one (layer_ab_tuned.json). Its GEMM items run their K loops at ~0.45 us a step between barriers
 # (layer_phases.json), where the separate kernels overlap one kernel's tail with the next one's weight fetch.
 FUSED_LAYER = False
+# On the small-batch kernel path, a post-LN layer runs attention and its output projection as one launch
+# (kernels/attention_proj.py: per-head fp32 partial sums of ctx_h W_O[:, h]^T, reduced by the add+LayerNorm with b_O),
+# 6 launches a layer instead of 7, on W_O's dense weight (a sparse one uses its dense copy). Off by default: same-run
+# A/B on the H200, BERT-base GPU time per forward with its best swept launch (benchmarks/results/h200/attn_proj/
+# attn_proj_ab.json): 337.6 us against 310.6 at B=1, S=128, 297.0 against 279.2 at S=32, 429.9 against 370.2 at
+# 2 x 128, 454.0 against 384.2 at 1 x 256. The launch saved is worth ~0.6 us under PDL (84 trivial PDL launches take
+# 49 us in a graph, same file), while each fused program runs attention and a projection back to back where the two
+# kernels overlap.
+ATTN_PROJ = False
 # With the finite-output check on (ETEncoder.check_finite, the default), batches of at most this many (B*S) tokens with
 # an integer or boolean mask run padded, without the host read of their lengths: attention reads the mask as a key
 # mask, padded rows are computed, then zeroed by one kernel that also counts non-finite values and each sequence's
@@ -102,15 +114,26 @@ GRAPH_EXACT_PER_SHAPE = 4
 # it saved (small_rows_ab_forced.json: 255 tokens 379.6 -> 413.2, 120: 309.5 -> 336.8), so those keep their rows.
 # 1 turns the rounding off.
 GRAPH_ROW_MULTIPLE = 64
+# ... and only where the last block holds at most this many rows, by row bucket (tile_linear._dense_bucket; other
+# buckets always round). Same-run A/B on the padded path, one full sequence of each length (attn_proj/attn_proj_ab.json,
+# "rows", GPU µs exact -> rounded): up to 128 tokens rounding wins with 8 to 48 rows in the last block (72: 416.8 ->
+# 319.0, 104: 356.7 -> 319.8, 112: 339.4 -> 320.2) and loses with 56 (120: 317.3 -> 320.7); from 129 to 256 it wins
+# with 1 to 32 (129: 405.6 -> 378.2, 160: 383.7 -> 378.9, 213: 429.4 -> 412.8) and loses with 40 to 63 (168: 375.4 ->
+# 379.1, 184: 371.8 -> 378.5, 240: 410.3 -> 413.8, 255: 407.2 -> 413.2).
+GRAPH_ROW_ROUND_MAX_FILL = {128: 48, 256: 32}
 
 
 def graph_rows(T: int, x: torch.Tensor) -> int:
     """The packed rows of the graph that runs T real tokens on x's device: T rounded up to GRAPH_ROW_MULTIPLE where
-    the small-batch kernels take it (never past SMALL_KERNEL_MAX_TOKENS), else T."""
+    the small-batch kernels take it (never past SMALL_KERNEL_MAX_TOKENS) and the last block holds at most
+    GRAPH_ROW_ROUND_MAX_FILL rows, else T."""
     m = GRAPH_ROW_MULTIPLE
     if m <= 1 or T > SMALL_KERNEL_MAX_TOKENS or not _small_kernels(T, x):
         return T
-    return min(-(-T // m) * m, SMALL_KERNEL_MAX_TOKENS)
+    fill = T % m
+    if fill == 0 or fill > GRAPH_ROW_ROUND_MAX_FILL.get(_dense_bucket(T), m):
+        return T
+    return min(T - fill + m, SMALL_KERNEL_MAX_TOKENS)
 
 
 def _small_kernels(rows: int, x: torch.Tensor) -> bool:
@@ -234,6 +257,16 @@ class Linear:
         if small and _small_on_kernels(x):
             return self.sparse if (self.sparse is not None and SMALL_SPARSE) else self.dense_weight
         return None
+
+    def small_weight(self, x, backend="auto"):
+        """The dense weight a fused small-batch operator reads for this matrix (attention with the O projection),
+        or None where this call would not run the small-batch kernels on a dense weight: a sparse matrix gives its
+        dense copy unless SMALL_SPARSE keeps it on its tiles."""
+        if x.shape[0] >= SPARSE_MIN_TOKENS or not _on_kernels(x, backend) or not _small_on_kernels(x):
+            return None
+        if self.sparse is not None and SMALL_SPARSE:
+            return None
+        return self.dense_weight
 
     def partial_sums(self, x, backend="auto"):
         """fp32 split-K partial sums of x W^T (no bias) when this call would run the small-batch kernels, else None:
@@ -470,7 +503,14 @@ class ETEncoder(torch.nn.Module):
                 f = L.ffn_in(ln(x, None, L.ln2), activation=cfg.activation, backend=bk)
                 x = L.ffn_out(f, residual=x, backend=bk)
             else:
-                h = self._linear_ln(L.o, attend(L.qkv(x, backend=bk), L), x, L.ln1)
+                qkv = L.qkv(x, backend=bk)
+                w_o = L.o.small_weight(x, bk) if ATTN_PROJ else None
+                if w_o is not None:  # attention and the O projection in one launch, as per-head partial sums
+                    ws = attention_proj_partials(qkv, cu, max_len, H, D, w_o, v_head_dim=L.v_width, causal=causal,
+                                                 key_mask=key_mask, backend=bk)
+                    h = add_layernorm(ws, x, L.ln1[0], L.ln1[1], cfg.eps, backend=bk, x_bias=L.o.bias)
+                else:
+                    h = self._linear_ln(L.o, attend(qkv, L), x, L.ln1)
                 x = self._ffn_ln(L, h)
         if self.final_norm is not None:
             x = ln(x, None, self.final_norm)

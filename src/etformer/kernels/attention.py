@@ -188,13 +188,9 @@ def _blocks(max_seqlen: int, bd: int, on_gpu: bool) -> tuple[bool, int, int, int
     return False, 128, 64, 8, 3  # best at S=512
 
 
-def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, head_dim: int, *,
-              q_col: int = 0, k_col: int | None = None, v_col: int | None = None, v_head_dim: int | None = None,
-              causal: bool = False, key_bias: torch.Tensor | None = None, sm_scale: float | None = None,
-              out: torch.Tensor | None = None, backend: str = "auto", _config: tuple | None = None,
-              key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Varlen multi-head attention out of a fused QKV buffer; returns [T, H*DV]. key_bias (float, added) or key_mask
-    (bool or integer, zeros not attended): [B, >= max_seqlen], row-major, indexed by position within each sequence."""
+def check_attention_inputs(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, q_col, k_col, v_col, v_head_dim,
+                           key_bias, key_mask) -> tuple[int, int, int, int, int, int]:
+    """The checks every attention operator makes of its inputs; returns (H, D, DV, k_col, v_col, B)."""
     check_tensor("qkv", qkv, dims=2)
     check_tensor("cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32,), device=qkv.device)
     H, D = int(num_heads), int(head_dim)
@@ -216,6 +212,18 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
         check_tensor(name, t, dims=2, device=qkv.device, **({"dtypes": dtypes} if dtypes else {}))
         if t.shape[0] != B or t.shape[1] < max_seqlen or t.stride(1) != 1:
             raise EtformerError(f"{name} must be [B={B}, >= {max_seqlen}] row-major, got {tuple(t.shape)}")
+    return H, D, DV, k_col, v_col, B
+
+
+def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_heads: int, head_dim: int, *,
+              q_col: int = 0, k_col: int | None = None, v_col: int | None = None, v_head_dim: int | None = None,
+              causal: bool = False, key_bias: torch.Tensor | None = None, sm_scale: float | None = None,
+              out: torch.Tensor | None = None, backend: str = "auto", _config: tuple | None = None,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Varlen multi-head attention out of a fused QKV buffer; returns [T, H*DV]. key_bias (float, added) or key_mask
+    (bool or integer, zeros not attended): [B, >= max_seqlen], row-major, indexed by position within each sequence."""
+    H, D, DV, k_col, v_col, B = check_attention_inputs(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, q_col,
+                                                       k_col, v_col, v_head_dim, key_bias, key_mask)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     if not use_triton(qkv, backend):
         y = attention_reference(qkv, cu_seqlens, H, D, q_col=q_col, k_col=k_col, v_col=v_col, v_head_dim=DV,

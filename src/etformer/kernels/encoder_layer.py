@@ -40,7 +40,7 @@ from .tile_linear import _act_code, tile_linear_reference
 
 if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
-    from .attention import _online_step, _scores
+    from .attention_proj import _attend_project
     from .tile_linear import _activate, _tile_dot
 
 # Most rows the launcher takes: the attention phase keeps one row block's online softmax per item, which is fine at
@@ -137,46 +137,6 @@ if HAS_TRITON:
         tl.store(y_ptr + r * HID + cols, (d * inv * w + b).to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _attend_project(qkv_ptr, cu_ptr, wo_ptr, ws_ptr, T, b, mb, h, nc, qk_scale,
-                        H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HID: tl.constexpr, QKV_W: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                        CW: tl.constexpr, BNO: tl.constexpr, FP32_DOT: tl.constexpr):
-        """Rows mb*BM.. of sequence b, head h: online-softmax attention, then columns nc*CW..+CW of ctx_h W_O[:, h]^T
-        into ws[h] (fp32)."""
-        start = tl.load(cu_ptr + b)
-        L = tl.load(cu_ptr + b + 1) - start
-        if mb * BM < L:
-            offs_m = mb * BM + tl.arange(0, BM)
-            offs_d = tl.arange(0, BD)
-            offs_dv = tl.arange(0, BDV)
-            offs_n = tl.arange(0, BN)
-            m_ok = offs_m < L
-            rows = (start + offs_m).to(tl.int64)
-            q = tl.load(qkv_ptr + rows[:, None] * QKV_W + h * D + offs_d[None, :],
-                        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=".cg")
-            m_i = tl.full((BM,), -1e30, dtype=tl.float32)
-            l_i = tl.zeros((BM,), dtype=tl.float32)
-            acc = tl.zeros((BM, BDV), dtype=tl.float32)
-            k_base = qkv_ptr + H * D + h * D
-            v_base = qkv_ptr + 2 * H * D + h * DV
-            for n0 in range(0, L, BN):  # the attention kernel's online softmax, on its score helpers
-                s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, QKV_W,
-                               qkv_ptr, qk_scale, False, False, FP32_DOT, False, ".cg")
-                m_i, l_i, acc = _online_step(m_i, l_i, acc, s, v, FP32_DOT)
-            o = (acc / l_i[:, None]).to(qkv_ptr.dtype.element_ty)  # rounded as the attention kernel stores it
-            offs_o = tl.arange(0, BNO)
-            for n0 in range(nc * CW, nc * CW + CW, BNO):
-                oc = n0 + offs_o
-                w = tl.load(wo_ptr + oc[:, None].to(tl.int64) * (H * DV) + h * DV + offs_dv[None, :],
-                            mask=(oc[:, None] < HID) & (offs_dv[None, :] < DV), other=0.0)
-                if FP32_DOT:
-                    part = tl.dot(o, tl.trans(w), input_precision="ieee")
-                else:
-                    part = tl.dot(o, tl.trans(w))
-                dst = ws_ptr + h * T * HID + rows[:, None] * HID + oc[None, :]
-                tl.store(dst, part, mask=m_ok[:, None] & (oc[None, :] < HID))
-
-    @triton.jit
     def _encoder_layer_kernel(
         x_ptr, cu_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, bo_ptr, ln1w_ptr, ln1b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
         ln2w_ptr, ln2b_ptr, qkv_ptr, h_ptr, f_ptr, ws_ptr, y_ptr, cnt_ptr, t_ptr,
@@ -214,8 +174,9 @@ if HAS_TRITON:
             t = it // NCH
             hh = t % H
             t = t // H
-            _attend_project(qkv_ptr, cu_ptr, wo_ptr, ws_ptr, T, t // n_mba, t % n_mba, hh, nc, qk_scale,
-                            H, D, DV, HID, QKV_W, BM_ATT, BN_ATT, BD, BDV, CW, BNO, FP32_DOT)
+            _attend_project(qkv_ptr, cu_ptr, wo_ptr, ws_ptr, qkv_ptr, T, t // n_mba, t % n_mba, hh, nc, qk_scale,
+                            H, D, DV, HID, QKV_W, BM_ATT, BN_ATT, BD, BDV, CW, BNO, False, False, False, FP32_DOT,
+                            ".cg")
         if TIMING:
             _stamp(t_ptr, pid, 2)
         _grid_sync(cnt_ptr, 2 * P)
