@@ -263,6 +263,36 @@ def test_linear_routes(monkeypatch, small_path, small_sparse):
                 assert float((ws.sum(0) - lin_ref).norm() / lin_ref.norm()) < 2e-3
 
 
+def test_sparse_routes_by_density(monkeypatch):
+    """A sparse matrix leaves its dense copy for its tiles from tile_min_rows(density) rows: SPARSE_MIN_TOKENS, or
+    SPARSE_MIN_TOKENS_LOW at tile density up to SPARSE_LOW_DENSITY (never later than SPARSE_MIN_TOKENS). On a GPU
+    the "auto" route follows it; each route gives the product."""
+    import torch.nn.functional as F
+
+    from etformer.engine import encoder as E
+
+    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 4096)
+    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS_LOW", 2048)
+    monkeypatch.setattr(E, "SPARSE_LOW_DENSITY", 0.3)
+    assert [E.tile_min_rows(d) for d in (0.1, 0.25, 0.3, 0.31, 0.5, 0.79)] == [2048] * 3 + [4096] * 3
+    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 1000)
+    assert E.tile_min_rows(0.25) == 1000 and E.tile_min_rows(0.5) == 1000
+    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 4096)
+    if DEVICE != "cuda":
+        return
+    torch.manual_seed(1)
+    W = torch.randn(256, 128, device="cuda", dtype=torch.float16) / 12
+    W[64:] = 0  # 1 of 4 block-rows kept: density 0.25
+    b = torch.randn(256, device="cuda", dtype=torch.float16)
+    lin = E.Linear(W, b, (64, 64))
+    assert lin.sparse.density == 0.25 and lin.dense_weight is not None
+    for M, want in ((1024, None), (2047, None), (2048, lin.sparse), (4096, lin.sparse)):  # None: cuBLAS, dense copy
+        x = torch.randn(M, 128, device="cuda", dtype=torch.float16)
+        assert lin._operand(x, "auto") is want, M
+        ref = F.linear(x.float(), W.float(), b.float())
+        assert float((lin(x).float() - ref).norm() / ref.norm()) < 2e-3
+
+
 def test_graph_buckets():
     from etformer.engine.encoder import ETEncoder
 

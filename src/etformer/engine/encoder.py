@@ -44,6 +44,18 @@ DENSE_CUTOFF = 0.8
 # BERT-base 50% tiles, GPU time per forward, tiles vs all-cuBLAS: 584 vs 437 us at 128 tokens, 982 vs 580 at 512,
 # 1208 vs 935 at ~2048 (varlen 32x128), 1651 vs 1722 at 4096.
 SPARSE_MIN_TOKENS = 4096
+# Sparser matrices pay off earlier: a matrix at tile density up to SPARSE_LOW_DENSITY leaves its dense copy from
+# SPARSE_MIN_TOKENS_LOW rows. Same-run A/B on the H200 (benchmarks/results/h200/sparse_min_tokens/, BERT-base, every
+# matrix pruned in 128x64 tiles, GPU time per forward, dense copy -> tiles): at 75% (density 0.25) 648 -> 682 us at
+# 1024 tokens, 950 -> 839 at 16x128 and 1069 -> 953 at 4x512, 1633 -> 1226 at 4096; at 50% 957 -> 1096 at 16x128 and
+# 1071 -> 1207 at 4x512, 1666 -> 1567 at 4096 (so SPARSE_MIN_TOKENS stays).
+SPARSE_LOW_DENSITY = 0.3
+SPARSE_MIN_TOKENS_LOW = 2048
+
+
+def tile_min_rows(density: float) -> int:
+    """Rows from which a sparse matrix of this tile density runs on its tiles rather than its dense copy."""
+    return min(SPARSE_MIN_TOKENS, SPARSE_MIN_TOKENS_LOW) if density <= SPARSE_LOW_DENSITY else SPARSE_MIN_TOKENS
 # Under SPARSE_MIN_TOKENS rows, "triton" runs every matrix on etformer's kernels, reading a dense weight in place: the
 # FFN-in GEMM then carries the GELU, and the output projection and FFN-out write split-K partial sums that the
 # following add+LayerNorm reduces (7 launches a layer instead of 9). "cublas" keeps F.linear there. Same-run A/B on
@@ -227,8 +239,8 @@ def replay_graph(cache: OrderedDict, key, inputs, run):
 class Linear:
     """One matrix: the tile-sparse kernel when sparse enough, cuBLAS when dense. Knows its own bias.
 
-    force=None chooses by density and, for a sparse matrix, keeps a dense copy for batches under SPARSE_MIN_TOKENS rows
-    on the GPU; "tile" always runs the tile kernel (no dense copy); "dense" always cuBLAS."""
+    force=None chooses by density and, for a sparse matrix, keeps a dense copy for batches under tile_min_rows(density)
+    rows on the GPU; "tile" always runs the tile kernel (no dense copy); "dense" always cuBLAS."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: tuple[int, int], force: str | None = None):
         self.out_features, self.in_features = weight.shape
@@ -246,12 +258,13 @@ class Linear:
     def _operand(self, x, backend):
         """What runs this call: a TileSparseWeight or a dense tensor for the Triton kernels, or None for F.linear.
 
-        backend "auto" on a GPU: tiles when sparse and at least SPARSE_MIN_TOKENS rows (or no dense copy is kept);
-        under that, the small-batch path (SMALL_PATH, SMALL_SPARSE); a dense matrix at scale goes to cuBLAS.
-        "triton" always takes the kernels (tiles when sparse), so the CPU interpreter covers the same code."""
+        backend "auto" on a GPU: tiles when sparse and at least tile_min_rows(density) rows (or no dense copy is
+        kept); under that, the small-batch path (SMALL_PATH, SMALL_SPARSE) or cuBLAS on the dense copy; a dense matrix
+        at scale goes to cuBLAS. "triton" always takes the kernels (tiles when sparse), so the CPU interpreter covers
+        the same code."""
         if not _on_kernels(x, backend):
             return self.sparse  # None when dense (F.linear); else tile_linear runs its own reference
-        small = x.shape[0] < SPARSE_MIN_TOKENS
+        small = x.shape[0] < (SPARSE_MIN_TOKENS if self.sparse is None else tile_min_rows(self.sparse.density))
         if self.sparse is not None and (backend == "triton" or self.dense_weight is None or not small):
             return self.sparse
         if small and _small_on_kernels(x):
