@@ -32,6 +32,8 @@ if HAS_TRITON:
 # the one-pass and online kernels are within 2% (13.6 vs 13.3 us), at S=192 and 256 one-pass is 1.4-1.6x slower
 # (a 256-wide score block spills), so the switch sits at 128.
 SHORT_MAX = 128
+# Query rows a program of the one-pass kernel takes on the GPU (module switch, for sweeps).
+SHORT_BLOCK_M = 64
 MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
 LOG2E = 1.4426950408889634
 
@@ -177,7 +179,7 @@ def _blocks(max_seqlen: int, bd: int, on_gpu: bool) -> tuple[bool, int, int, int
         return (True, 32, 128, 4, 1) if max_seqlen <= SHORT_MAX else (False, 128, 64, 8, 2)
     if max_seqlen <= SHORT_MAX:
         bn = max(16, next_pow2(max_seqlen))
-        bm = 64 if on_gpu else 16
+        bm = SHORT_BLOCK_M if on_gpu else 16
         return True, min(bm, bn) if not on_gpu else bm, bn, 4, 1
     if not on_gpu:
         return False, 16, 32, 4, 1

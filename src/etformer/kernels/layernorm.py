@@ -29,25 +29,30 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, N, stride_x, stride_r, stride_y, eps,
-                       SPLIT, stride_s,
+                       stride_s, SPLIT: tl.constexpr,
                        BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_enter(PDL)
+        # Every load is issued before any is used: the split-K partial sums (SPLIT a compile-time count, so the
+        # loop unrolls into one basic block), the biases, the residual and the LayerNorm weights are one round trip
+        # to memory, not one each (a 128-token forward is a chain of latency-bound launches).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
-        h = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        for s in range(1, SPLIT):  # further split-K partial sums
-            h += tl.load(x_ptr + s * stride_s + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=ok, other=1.0).to(tl.float32)  # parameters: no earlier kernel's output
+        b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_XB:
-            h += tl.load(xb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            xb = tl.load(xb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        pdl_enter(PDL)
+        h = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        for s in tl.static_range(1, SPLIT):  # further split-K partial sums
+            h += tl.load(x_ptr + s * stride_s + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_RES:
             h += tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_XB:
+            h += xb
         mean = tl.sum(h, 0) / N
         d = tl.where(ok, h - mean, 0.0)
         var = tl.sum(d * d, 0) / N
         inv = 1.0 / tl.sqrt(var + eps)
-        w = tl.load(w_ptr + cols, mask=ok, other=1.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * stride_y + cols, (d * inv * w + b).to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -89,7 +94,7 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     pdl = pdl_on(x)
     _add_ln_kernel[(M,)](x, residual if residual is not None else x, weight, bias, out,
                          x_bias if x_bias is not None else weight, N, stride_x,
-                         residual.stride(0) if residual is not None else 0, out.stride(0), eps, split, stride_s,
+                         residual.stride(0) if residual is not None else 0, out.stride(0), eps, stride_s, SPLIT=split,
                          BLOCK=block, HAS_RES=residual is not None, HAS_XB=x_bias is not None,
                          num_warps=4 if block <= 1024 else 8, PDL=pdl, **pdl_kwargs(pdl))
     return out

@@ -1,0 +1,197 @@
+"""Latency of the small-batch path, operator by operator: two same-run A/Bs and a profile, on a GPU.
+
+    python3 scripts/small_latency_ab.py OUT_DIR [--bias]
+
+BERT-base-shaped encoder (random weights, fp16), packed path (check_finite off, as in the bench), GPU time of one
+graphed forward (median of CUDA-graph replays) at B x S in 1x32, 1x64, 1x128, 2x128, 1x256:
+
+1. add+LayerNorm: the kernel as shipped (every load issued up front: the split-K partial sums unrolled, the
+   parameters before the PDL wait) against the previous form (a run-time loop over the partial sums, then the bias
+   and the residual, the LayerNorm weights after the statistics), defined here and swapped in;
+2. attention: the one-pass kernel's query rows a program (attention.SHORT_BLOCK_M 16, 32, 64);
+3. profile: per-kernel GPU time at 1x128 with PDL off (so that kernel times add up), small-batch kernels forced on.
+
+Writes small_latency_ab.json.
+
+--bias: instead, the tile kernel as shipped (its bias fetched before the PDL wait and the K loop) against the previous
+form (the bias fetched after the K loop), defined here and swapped in, at the same shapes. Writes
+small_latency_bias.json.
+"""
+import importlib
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from etformer.bench.run import make_inputs, model_shape
+from etformer.bench.timing import env_info, profile_kernels, time_cuda
+from etformer.engine import optimize
+from etformer.kernels._common import pdl_enter
+from etformer.kernels.tile_linear import _activate, _tile_dot
+from etformer.sparse.tiles import atomic_write_json
+
+E = importlib.import_module("etformer.engine.encoder")
+TL = importlib.import_module("etformer.kernels.tile_linear")
+LN = importlib.import_module("etformer.kernels.layernorm")
+AT = importlib.import_module("etformer.kernels.attention")
+KC = importlib.import_module("etformer.kernels._common")
+
+SHAPES = [(1, 32), (1, 64), (1, 128), (2, 128), (1, 256)]
+
+
+@triton.jit
+def _add_ln_rolled(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, N, stride_x, stride_r, stride_y, eps, stride_s,
+                   SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    """The add+LayerNorm kernel before the change: the same arithmetic, its loads one after another."""
+    pdl_enter(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    h = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    for s in range(1, SPLIT + 0 * N):  # a run-time trip count, as the split count was
+        h += tl.load(x_ptr + s * stride_s + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_XB:
+        h += tl.load(xb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(h, 0) / N
+    d = tl.where(ok, h - mean, 0.0)
+    var = tl.sum(d * d, 0) / N
+    inv = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=1.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (d * inv * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _tile_linear_bias_late(
+    x_src, w_src, w_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
+    M, N, K,
+    stride_xm, stride_ym, stride_rm, out_col,
+    BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
+    TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
+):
+    """The tile kernel before the change: the bias is read in the epilogue, after the K loop."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_r = tl.cdiv(N, BN)
+    width = GROUP_M * num_r
+    group = pid // width
+    first_m = group * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    if DENSE_W:
+        r = (pid % width) // gsize
+        lo = 0
+        hi = tl.cdiv(K, BK)
+    else:
+        r = tl.load(order_ptr + (pid % width) // gsize)
+        lo = tl.load(row_ptr + r)
+        hi = tl.load(row_ptr + r + 1)
+    acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
+                    BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    cols = r * BN + tl.arange(0, BN)
+    n_mask = cols < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _activate(acc, ACT)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    if TMA_STORE:
+        y_desc.store([pid_m * BLOCK_M, r * BN], acc.to(y_desc.dtype))
+    else:
+        y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_col + cols[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def bias(out_dir):
+    enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
+    enc.check_finite = False
+    shipped = TL._tile_linear_kernel
+    rows = []
+    try:
+        for B, S in SHAPES:
+            ids, mask = make_inputs(B, S, False, 30522)
+            t, outs = {}, {}
+            for name, kern in (("shipped", shipped), ("late", _tile_linear_bias_late)) * 2:
+                TL._tile_linear_kernel = kern
+                outs[name], us = timed(enc, ids, mask)
+                t.setdefault(name, []).append(us)
+            TL._tile_linear_kernel = shipped
+            diff = (outs["shipped"] - outs["late"]).abs().max().item()
+            rows.append({"B": B, "S": S, "shipped_us": t["shipped"], "bias_late_us": t["late"], "max_abs_diff": diff})
+            print(f"bias {B}x{S}: shipped {t['shipped']} previous {t['late']} max|diff| {diff:.1e}", flush=True)
+    finally:
+        TL._tile_linear_kernel = shipped
+    atomic_write_json(os.path.join(out_dir, "small_latency_bias.json"),
+                      {"env": env_info(), "command": "python3 scripts/small_latency_ab.py OUT_DIR --bias", "rows": rows})
+
+
+def timed(enc, ids, mask):
+    enc._graphs.clear()
+    out = enc(ids, mask).last_hidden_state.float()
+    return out, time_cuda(enc.graph_replay_fn(ids, mask), min_ms=80)["median_us"]
+
+
+def main(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
+    enc.check_finite = False
+    shipped = LN._add_ln_kernel
+    saved = (E.SMALL_PATH, AT.SHORT_BLOCK_M, KC.USE_PDL)
+    res = {"env": env_info(), "command": "python3 scripts/small_latency_ab.py OUT_DIR", "add_ln": [],
+           "attention_block_m": [], "profile_no_pdl": None}
+    try:
+        for B, S in SHAPES:
+            ids, mask = make_inputs(B, S, False, 30522)
+            t, outs = {}, {}
+            for name, kern in (("shipped", shipped), ("rolled", _add_ln_rolled)) * 2:
+                LN._add_ln_kernel = kern
+                outs[name], us = timed(enc, ids, mask)
+                t.setdefault(name, []).append(us)
+            LN._add_ln_kernel = shipped
+            diff = (outs["shipped"] - outs["rolled"]).abs().max().item()
+            res["add_ln"].append({"B": B, "S": S, "shipped_us": t["shipped"], "rolled_us": t["rolled"],
+                                  "max_abs_diff": diff})
+            print(f"add_ln {B}x{S}: shipped {t['shipped']} previous {t['rolled']} max|diff| {diff:.1e}", flush=True)
+        for B, S in SHAPES:
+            if S > AT.SHORT_MAX:
+                continue
+            ids, mask = make_inputs(B, S, False, 30522)
+            row = {"B": B, "S": S}
+            ref = None
+            for bm in (64, 32, 16, 64):
+                AT.SHORT_BLOCK_M = bm
+                out, us = timed(enc, ids, mask)
+                ref = out if ref is None else ref
+                row.setdefault(f"bm{bm}_us", []).append(us)
+                row[f"bm{bm}_max_abs_diff"] = (out - ref).abs().max().item()
+            AT.SHORT_BLOCK_M = saved[1]
+            res["attention_block_m"].append(row)
+            print(f"attention {B}x{S}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k.endswith("_us")),
+                  flush=True)
+        E.SMALL_PATH, KC.USE_PDL = "triton", False
+        ids, mask = make_inputs(1, 128, False, 30522)
+        enc._graphs.clear()
+        res["profile_no_pdl"] = [[k, round(us, 1), n] for k, us, n in
+                                 profile_kernels(enc.graph_replay_fn(ids, mask))]
+        for k, us, n in res["profile_no_pdl"]:
+            print(f"profile 1x128, no PDL: {us:7.1f} us in {n:3d} launches: {k}", flush=True)
+    finally:
+        LN._add_ln_kernel = shipped
+        E.SMALL_PATH, AT.SHORT_BLOCK_M, KC.USE_PDL = saved
+    atomic_write_json(os.path.join(out_dir, "small_latency_ab.json"), res)
+
+
+if __name__ == "__main__":
+    os.makedirs(sys.argv[1], exist_ok=True)
+    (bias if "--bias" in sys.argv else main)(sys.argv[1])
