@@ -33,7 +33,7 @@ def steps(enc, ids, mask):
     T, max_len = enc._lengths(keep, B, S)
     keep = None if T == B * S else keep
     t.append(time.perf_counter())
-    key = E.choose_graph_key(enc._graphs, B, S, T, max_len, (False,))
+    key = E.choose_graph_key(enc._graphs, B, S, T, max_len, (False,), enc._rows(keep, ids), padded=keep is not None)
     graph, static, out = enc._graphs[key]
     for dst, src in zip(static, (ids, None, keep)):
         if dst is not None:

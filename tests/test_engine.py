@@ -310,21 +310,51 @@ def test_graph_buckets():
 
 def test_graph_key_policy():
     """Exact token counts for the first GRAPH_EXACT_PER_SHAPE graphs of a shape, then buckets; a count whose bucket
-    graph exists reuses it; other shapes and extras count separately."""
+    graph exists reuses it; other shapes and extras count separately; a padded batch never takes the graph of an
+    unpadded one, even where its bucket comes out as the full shape."""
     from etformer.engine.encoder import GRAPH_EXACT_PER_SHAPE, choose_graph_key
 
     cache = {}
+    full = choose_graph_key(cache, 4, 512, 2048, 512, (False,), padded=False)
+    assert full == (4, 512, 2048, 512, False, False)
+    cache[full] = None
     for T in range(1000, 1000 + GRAPH_EXACT_PER_SHAPE):
-        k = choose_graph_key(cache, 4, 512, T, 300, (False,))
-        assert k == (4, 512, T, 300, False)
+        k = choose_graph_key(cache, 4, 512, T, 300, (False,), padded=True)
+        assert k == (4, 512, T, 300, False, True)
         cache[k] = None
-    assert choose_graph_key(cache, 4, 512, 1001, 300, (False,)) == (4, 512, 1001, 300, False)  # exact hit
-    k = choose_graph_key(cache, 4, 512, 1500, 400, (False,))
-    assert k == (4, 512, 1536, 512, False)  # the shape has its exact graphs: a bucket
+    assert choose_graph_key(cache, 4, 512, 1001, 300, (False,), padded=True) == (4, 512, 1001, 300, False, True)
+    k = choose_graph_key(cache, 4, 512, 1500, 400, (False,), padded=True)
+    assert k == (4, 512, 1536, 512, False, True)  # the shape has its exact graphs: a bucket
     cache[k] = None
-    assert choose_graph_key(cache, 4, 512, 1499, 390, (False,)) == k  # same bucket, reused
-    assert choose_graph_key(cache, 4, 512, 1500, 400, (True,)) == (4, 512, 1500, 400, True)  # other extras
-    assert choose_graph_key(cache, 8, 512, 1500, 400, (False,)) == (8, 512, 1500, 400, False)  # other shape
+    assert choose_graph_key(cache, 4, 512, 1499, 390, (False,), padded=True) == k  # same bucket, reused
+    assert choose_graph_key(cache, 4, 512, 1500, 400, (True,), padded=True) == (4, 512, 1500, 400, True, True)
+    assert choose_graph_key(cache, 8, 512, 1500, 400, (False,), padded=True) == (8, 512, 1500, 400, False, True)
+    # 2047 of 2048 tokens: its bucket is (2048 rows, longest 512), the full batch's shape, but not its graph
+    assert choose_graph_key(cache, 4, 512, 2047, 500, (False,), padded=True) == (4, 512, 2048, 512, False, True)
+    rounded = lambda t: 256  # noqa: E731  (graph_rows rounding a padded batch up to the full 256 rows)
+    cache[choose_graph_key(cache, 1, 256, 256, 256, (False,), padded=False)] = None
+    assert choose_graph_key(cache, 1, 256, 213, 213, (False,), rounded, padded=True) == (1, 256, 256, 213, False, True)
+
+
+@needs_triton
+def test_padded_batch_never_replays_unpadded_graph():
+    """A full batch, then a padded one of the same shape whose rounded rows and bucket equal the full batch's: the
+    padded batch must get its own graph (it needs the unpad indices and the mask) and match HF."""
+    from conftest import tiny_bert
+
+    model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
+    enc = optimize(model, None, dtype="float32", device=DEVICE, backend="triton")
+    enc.sync_free_max_tokens = 0  # the packed path's graphs
+    g = torch.Generator().manual_seed(4)
+    S = 64
+    ids = torch.randint(1, 100, (1, S), generator=g)
+    for n in (S, 61, 62):  # the bucket of 61 and of 62 tokens is (64 rows, longest 64): the full batch's shape
+        mask = (torch.arange(S)[None, :] < n).long()
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        y = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.cpu()
+        assert _rel_on_tokens(y, ref, mask) < (1e-5 if DEVICE == "cpu" else 2e-3), n
+    if DEVICE == "cuda":
+        assert {k[-1] for k in enc._graphs} == {False, True}
 
 
 @needs_triton
@@ -386,11 +416,12 @@ def test_graph_rows(monkeypatch):
     monkeypatch.setattr(E, "SMALL_PATH", "triton")
     rows = lambda t: E.graph_rows(t, x)  # noqa: E731
     cache = {}
-    assert E.choose_graph_key(cache, 2, 128, 193, 127, (False,), rows) == (2, 128, 256, 127, False)
+    assert E.choose_graph_key(cache, 2, 128, 193, 127, (False,), rows, padded=True) == (2, 128, 256, 127, False, True)
     for L in range(90, 90 + E.GRAPH_EXACT_PER_SHAPE):  # the shape's exact graphs: rows 128, longest rows 90..93
-        cache[E.choose_graph_key(cache, 2, 128, 100, L, (False,), rows)] = None
+        cache[E.choose_graph_key(cache, 2, 128, 100, L, (False,), rows, padded=True)] = None
     assert len(cache) == E.GRAPH_EXACT_PER_SHAPE
-    assert E.choose_graph_key(cache, 2, 128, 150, 100, (False,), rows) == (2, 128, 192, 128, False)  # bucket 160
+    assert E.choose_graph_key(cache, 2, 128, 150, 100, (False,), rows, padded=True) == \
+        (2, 128, 192, 128, False, True)  # bucket 160
 
 
 @needs_triton

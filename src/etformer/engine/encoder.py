@@ -166,10 +166,14 @@ def _on_kernels(x: torch.Tensor, backend: str) -> bool:
     return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
-def choose_graph_key(cache, B: int, S: int, T: int, max_len: int, extra: tuple, rows=None) -> tuple:
-    """The key (B, S, rows, longest row, *extra) of the graph to replay or capture for a batch of T real tokens.
-    rows: rounds a row count up (graph_rows); None keeps it."""
+def choose_graph_key(cache, B: int, S: int, T: int, max_len: int, extra: tuple, rows=None, *, padded: bool) -> tuple:
+    """The key (B, S, rows, longest row, *extra, padded) of the graph to replay or capture for a batch of T real
+    tokens. rows: rounds a row count up (graph_rows); None keeps it. padded: whether the batch has padding, i.e. the
+    graph unpads through device-side indices built from the mask. A graph captured without them ignores the mask, so
+    a padded batch must never replay it, even where its bucket's rows and longest row come out as the full shape's
+    (T near B*S, or rounded up to it)."""
     rows = rows or (lambda t: t)
+    extra = (*extra, bool(padded))
     exact = (B, S, rows(T), max_len, *extra)
     if exact in cache:
         return exact
@@ -603,7 +607,7 @@ class ETEncoder(torch.nn.Module):
         first use. Its inputs are the ids, the token types and (when something is padded) the mask; the index work
         runs inside the graph, so a bucket graph serves every token count up to its rows."""
         key = choose_graph_key(self._graphs, B, S, T, max_len, (token_type_ids is not None,),
-                               self._rows(keep, input_ids))
+                               self._rows(keep, input_ids), padded=keep is not None)
         T, max_len = key[2], key[3]
         return replay_graph(self._graphs, key, (input_ids, token_type_ids, keep),
                             lambda ids, tt, kp: self._run(ids, tt, kp, T, max_len, B, S)).clone()
@@ -617,7 +621,7 @@ class ETEncoder(torch.nn.Module):
         T, max_len = self._lengths(keep, *input_ids.shape)
         keep = None if T == input_ids.numel() else keep
         return self._graphs[choose_graph_key(self._graphs, *input_ids.shape, T, max_len, (token_type_ids is not None,),
-                                             self._rows(keep, input_ids))][0].replay
+                                             self._rows(keep, input_ids), padded=keep is not None)][0].replay
 
     def encode_fn(self):
         """A callable for etformer.evaluate: batch dict -> last_hidden_state (B, S, d)."""

@@ -93,7 +93,8 @@ class ETTorchEncoder(nn.Module):
         return core._pad(y, flat, B, S)
 
     def _graphed(self, x, keep, T, max_len, causal):
-        key = choose_graph_key(self._graphs, x.shape[0], x.shape[1], T, max_len, (x.shape[2], x.dtype, causal))
+        key = choose_graph_key(self._graphs, x.shape[0], x.shape[1], T, max_len, (x.shape[2], x.dtype, causal),
+                               padded=keep is not None)
         T, max_len = key[2], key[3]
         return replay_graph(self._graphs, key, (x, keep),
                             lambda xx, kk: self._run(xx, kk, T, max_len, causal)).clone()
