@@ -44,6 +44,15 @@ for part in "$@"; do
       python3 scripts/small_batch_sweep.py "$OUT/deep" --deep 2>&1 | grep -v -i warn | tail -60 ;;
     layer)  # same-run A/B of one persistent launch a layer against the seven-launch kernel path and cuBLAS, sweep
       python3 scripts/small_batch_ab.py "$OUT/layer" --layer 2>&1 | grep -v -i warn | tail -80 ;;
+    latency)  # same-run A/Bs of the small-batch path's add+LayerNorm and attention block rows, per-kernel profile; tile-kernel bias
+      python3 scripts/small_latency_ab.py "$OUT/latency" 2>&1 | grep -v -i warn | tail -20
+      python3 scripts/small_latency_ab.py "$OUT/latency" --bias 2>&1 | grep -v -i warn | tail -8 ;;
+    attnproj)  # attention fused with the O projection: sweep and A/B; graph row rounding by length; launch floor
+      python3 scripts/attn_proj_ab.py "$OUT/attnproj" 2>&1 | grep -v -i warn | tail -60 ;;
+    sparsemin)  # dense copy against tiles for pruned matrices from 512 to 8192 tokens (SPARSE_MIN_TOKENS[_LOW])
+      python3 scripts/sparse_min_tokens_ab.py "$OUT/sparsemin" 2>&1 | grep -v -i warn | tail -20 ;;
+    varlenerr)  # relative error of padded batches against HF fp32 with one engine switch flipped at a time
+      python3 scripts/varlen_error_probe.py "$OUT/varlenerr" 2>&1 | grep -v -i warn | tail -100 ;;
     parity)  # engine vs HF on GLUE dev, fp16 and bf16
       python3 scripts/gpu_parity.py "$OUT/parity" 2>&1 | grep -v "Loading weights" | tail -12 ;;
     tune)  # launch sweeps of the tile kernel (TUNED_TMA) and the wide-head attention
