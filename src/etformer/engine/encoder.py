@@ -51,11 +51,6 @@ SPARSE_MIN_TOKENS = 4096
 # 1071 -> 1207 at 4x512, 1666 -> 1567 at 4096 (so SPARSE_MIN_TOKENS stays).
 SPARSE_LOW_DENSITY = 0.3
 SPARSE_MIN_TOKENS_LOW = 2048
-
-
-def tile_min_rows(density: float) -> int:
-    """Rows from which a sparse matrix of this tile density runs on its tiles rather than its dense copy."""
-    return min(SPARSE_MIN_TOKENS, SPARSE_MIN_TOKENS_LOW) if density <= SPARSE_LOW_DENSITY else SPARSE_MIN_TOKENS
 # Under SPARSE_MIN_TOKENS rows, "triton" runs every matrix on etformer's kernels, reading a dense weight in place: the
 # FFN-in GEMM then carries the GELU, and the output projection and FFN-out write split-K partial sums that the
 # following add+LayerNorm reduces (7 launches a layer instead of 9). "cublas" keeps F.linear there. Same-run A/B on
@@ -133,6 +128,11 @@ GRAPH_ROW_MULTIPLE = 64
 # with 1 to 32 (129: 405.6 -> 378.2, 160: 383.7 -> 378.9, 213: 429.4 -> 412.8) and loses with 40 to 63 (168: 375.4 ->
 # 379.1, 184: 371.8 -> 378.5, 240: 410.3 -> 413.8, 255: 407.2 -> 413.2).
 GRAPH_ROW_ROUND_MAX_FILL = {128: 48, 256: 32}
+
+
+def tile_min_rows(density: float) -> int:
+    """Rows from which a sparse matrix of this tile density runs on its tiles rather than its dense copy."""
+    return min(SPARSE_MIN_TOKENS, SPARSE_MIN_TOKENS_LOW) if density <= SPARSE_LOW_DENSITY else SPARSE_MIN_TOKENS
 
 
 def graph_rows(T: int, x: torch.Tensor) -> int:

@@ -7,6 +7,7 @@ from .padded import finish_padded, finish_padded_reference
 from .pruned_v_attention import CompactV, pruned_v_attention, pruned_v_attention_reference
 from .tile_linear import tile_linear, tile_linear_partials, tile_linear_reference
 
-__all__ = ["attention", "attention_reference", "attention_proj_partials", "attention_proj_reference", "fused_ffn_partials", "fused_ffn_reference", "add_layernorm",
-           "add_layernorm_reference", "finish_padded", "finish_padded_reference", "CompactV", "pruned_v_attention",
-           "pruned_v_attention_reference", "tile_linear", "tile_linear_partials", "tile_linear_reference"]
+__all__ = ["attention", "attention_reference", "attention_proj_partials", "attention_proj_reference",
+           "fused_ffn_partials", "fused_ffn_reference", "add_layernorm", "add_layernorm_reference", "finish_padded",
+           "finish_padded_reference", "CompactV", "pruned_v_attention", "pruned_v_attention_reference", "tile_linear",
+           "tile_linear_partials", "tile_linear_reference"]

@@ -10,7 +10,9 @@ reaches memory. Each program takes (sequence b, row block mb, head h, column chu
      nc*CW .. nc*CW+CW of W_O's head-h slice, into ws[h] (fp32).
 
 The consumer sums the H partials: add_layernorm takes them as split-K partial sums, with the projection's bias and
-the residual, so `LN(Attn(X) W_O^T + b_O + X)` is two launches.
+the residual, so `LN(Attn(X) W_O^T + b_O + X)` is two launches. On the H200 that measured slower than attention
+and the split-K projection as two PDL launches (benchmarks/results/h200/attn_proj/), so the engine keeps it off
+(etformer.engine.encoder.ATTN_PROJ); the persistent layer kernel runs the same helper as its attention phase.
 
 Column chunks (NCH) repeat a head's attention NCH times to give the GPU enough programs at a few hundred tokens; the
 attention is the cheap part there. Rows that no sequence of cu_seqlens covers (the engine's graph-bucket ghost rows)
