@@ -160,16 +160,26 @@ if HAS_TRITON:
             r = tl.load(order_ptr + (pid % width) // gsize)
             lo = tl.load(row_ptr + r)
             hi = tl.load(row_ptr + r + 1)
-        cols = r * BN + tl.arange(0, BN)
-        n_mask = cols < N
-        if HAS_BIAS:  # a parameter, no kernel's output: fetched before the wait and the K loop, not after them
-            bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+        # The small-batch path (DENSE_W) fetches the bias, a parameter and no kernel's output, before the PDL wait and
+        # the K loop: its kernels are latency-bound chains (small_latency_bias.json: 258.0 -> 243.6 us at B=1, S=32,
+        # 369.7 -> 357.2 at 1 x 256). The tile kernels keep the load in the epilogue: a later kernels run had the
+        # short-loop, low-density shapes 7-17% slower with it there (kernels_bias_early/), not measured side by side.
+        if HAS_BIAS and DENSE_W:
+            bcols = r * BN + tl.arange(0, BN)
+            bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
                         BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BN)
         m_mask = offs_m < M
+
+        cols = r * BN + offs_n
+        n_mask = cols < N
         if HAS_BIAS:
-            acc += bias[None, :]
+            if DENSE_W:
+                acc += bias[None, :]
+            else:
+                acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         acc = _activate(acc, ACT)
         mask = m_mask[:, None] & n_mask[None, :]
         if HAS_RES:
