@@ -24,7 +24,7 @@ import sys
 import torch
 
 from etformer.bench.run import make_inputs, model_shape
-from etformer.bench.timing import env_info, time_cuda
+from etformer.bench.timing import env_info, graphed_forward as timed, time_cuda
 from etformer.engine import optimize
 from etformer.sparse.tiles import atomic_write_json
 
@@ -36,13 +36,6 @@ SWEEP = [dict(BM=bm, NCH=nch, BNO=bno, num_warps=w, num_stages=2)
          for bm, nch, bno, w in itertools.product((32, 64), (2, 3, 4, 6), (64, 128), (4, 8))]
 AB_PACKED = [(1, 32), (1, 64), (1, 128), (2, 128), (1, 256)]
 LENGTHS = [72, 88, 96, 104, 112, 120, 129, 136, 152, 160, 168, 176, 184, 193, 213, 240, 255]
-
-
-def timed(enc, ids, mask):
-    """(output, GPU µs) of one graphed forward: the graph captured by the first call is the one timed."""
-    enc._graphs.clear()
-    out = enc(ids, mask).last_hidden_state.float()
-    return out, time_cuda(enc.graph_replay_fn(ids, mask), min_ms=80)["median_us"]
 
 
 def varlen(lens, S=128):

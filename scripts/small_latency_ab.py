@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from etformer.bench.run import make_inputs, model_shape
-from etformer.bench.timing import env_info, profile_kernels, time_cuda
+from etformer.bench.timing import env_info, graphed_forward as timed, profile_kernels
 from etformer.engine import optimize
 from etformer.kernels._common import pdl_enter
 from etformer.kernels.tile_linear import _activate, _tile_dot
@@ -76,7 +76,8 @@ def _tile_linear_bias_late(
     TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
 ):
-    """The tile kernel before the change: the bias is read in the epilogue, after the K loop."""
+    """The tile kernel before the change: the bias is read in the epilogue, after the K loop, in every form (the
+    shipped tile kernels still read it there; only the dense-weight form of the small-batch path moved it)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_r = tl.cdiv(N, BN)
@@ -113,56 +114,48 @@ def _tile_linear_bias_late(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def bias(out_dir):
-    enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
-    enc.check_finite = False
-    shipped = TL._tile_linear_kernel
+def swap_ab(enc, module, attr, forms: dict, what: str) -> list[dict]:
+    """Same-run A/B of kernel forms swapped in as module.attr (the launcher looks the kernel up there at each call):
+    at every shape, each form timed twice, interleaved, and the largest difference between the two forms' outputs."""
+    shipped = getattr(module, attr)
+    (a, _), (b, _) = forms.items()
     rows = []
     try:
         for B, S in SHAPES:
             ids, mask = make_inputs(B, S, False, 30522)
             t, outs = {}, {}
-            for name, kern in (("shipped", shipped), ("late", _tile_linear_bias_late)) * 2:
-                TL._tile_linear_kernel = kern
+            for name, kern in tuple(forms.items()) * 2:
+                setattr(module, attr, kern)
                 outs[name], us = timed(enc, ids, mask)
                 t.setdefault(name, []).append(us)
-            TL._tile_linear_kernel = shipped
-            diff = (outs["shipped"] - outs["late"]).abs().max().item()
-            rows.append({"B": B, "S": S, "shipped_us": t["shipped"], "bias_late_us": t["late"], "max_abs_diff": diff})
-            print(f"bias {B}x{S}: shipped {t['shipped']} previous {t['late']} max|diff| {diff:.1e}", flush=True)
+            setattr(module, attr, shipped)
+            diff = (outs[a] - outs[b]).abs().max().item()
+            rows.append({"B": B, "S": S, **{f"{n}_us": t[n] for n in forms}, "max_abs_diff": diff})
+            print(f"{what} {B}x{S}: {a} {t[a]} previous {t[b]} max|diff| {diff:.1e}", flush=True)
     finally:
-        TL._tile_linear_kernel = shipped
+        setattr(module, attr, shipped)
+    return rows
+
+
+def bias(out_dir):
+    enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
+    enc.check_finite = False
+    rows = swap_ab(enc, TL, "_tile_linear_kernel",
+                   {"shipped": TL._tile_linear_kernel, "bias_late": _tile_linear_bias_late}, "bias")
     atomic_write_json(os.path.join(out_dir, "small_latency_bias.json"),
                       {"env": env_info(), "command": "python3 scripts/small_latency_ab.py OUT_DIR --bias", "rows": rows})
-
-
-def timed(enc, ids, mask):
-    enc._graphs.clear()
-    out = enc(ids, mask).last_hidden_state.float()
-    return out, time_cuda(enc.graph_replay_fn(ids, mask), min_ms=80)["median_us"]
 
 
 def main(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     enc = optimize(model_shape("bert-base").cuda(), None, dtype=torch.float16, device="cuda")
     enc.check_finite = False
-    shipped = LN._add_ln_kernel
     saved = (E.SMALL_PATH, AT.SHORT_BLOCK_M, KC.USE_PDL)
     res = {"env": env_info(), "command": "python3 scripts/small_latency_ab.py OUT_DIR", "add_ln": [],
            "attention_block_m": [], "profile_no_pdl": None}
     try:
-        for B, S in SHAPES:
-            ids, mask = make_inputs(B, S, False, 30522)
-            t, outs = {}, {}
-            for name, kern in (("shipped", shipped), ("rolled", _add_ln_rolled)) * 2:
-                LN._add_ln_kernel = kern
-                outs[name], us = timed(enc, ids, mask)
-                t.setdefault(name, []).append(us)
-            LN._add_ln_kernel = shipped
-            diff = (outs["shipped"] - outs["rolled"]).abs().max().item()
-            res["add_ln"].append({"B": B, "S": S, "shipped_us": t["shipped"], "rolled_us": t["rolled"],
-                                  "max_abs_diff": diff})
-            print(f"add_ln {B}x{S}: shipped {t['shipped']} previous {t['rolled']} max|diff| {diff:.1e}", flush=True)
+        res["add_ln"] = swap_ab(enc, LN, "_add_ln_kernel", {"shipped": LN._add_ln_kernel, "rolled": _add_ln_rolled},
+                                "add_ln")
         for B, S in SHAPES:
             if S > AT.SHORT_MAX:
                 continue
@@ -187,7 +180,6 @@ def main(out_dir):
         for k, us, n in res["profile_no_pdl"]:
             print(f"profile 1x128, no PDL: {us:7.1f} us in {n:3d} launches: {k}", flush=True)
     finally:
-        LN._add_ln_kernel = shipped
         E.SMALL_PATH, AT.SHORT_BLOCK_M, KC.USE_PDL = saved
     atomic_write_json(os.path.join(out_dir, "small_latency_ab.json"), res)
 

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from etformer.bench.run import make_inputs, model_shape
-from etformer.bench.timing import env_info, time_cuda
+from etformer.bench.timing import env_info, graphed_forward
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
 from etformer.pruning.plan import DEFAULT_TILE
@@ -25,12 +25,6 @@ from etformer.sparse.tiles import atomic_write_json
 E = importlib.import_module("etformer.engine.encoder")
 
 SHAPES = [(4, 128), (8, 128), (16, 128), (4, 512), (32, 128), (8, 512), (64, 128), (16, 512)]
-
-
-def timed(enc, ids, mask):
-    enc._graphs.clear()
-    out = enc(ids, mask).last_hidden_state.float()
-    return out, time_cuda(enc.graph_replay_fn(ids, mask), min_ms=100)["median_us"]
 
 
 def main(out_dir):
@@ -49,12 +43,12 @@ def main(out_dir):
         for B, S in SHAPES:
             ids, mask = make_inputs(B, S, False, 30522)
             E.SPARSE_MIN_TOKENS, E.SPARSE_MIN_TOKENS_LOW = saved
-            _, dense = timed(encs["dense"], ids, mask)
+            _, dense = graphed_forward(encs["dense"], ids, mask, min_ms=100)
             for name in ("tile50", "tile75"):
                 t = {}
                 for route, smt in (("dense_copy", 1 << 30), ("tiles", 0), ("dense_copy", 1 << 30), ("tiles", 0)):
                     E.SPARSE_MIN_TOKENS = E.SPARSE_MIN_TOKENS_LOW = smt
-                    out, us = timed(encs[name], ids, mask)
+                    out, us = graphed_forward(encs[name], ids, mask, min_ms=100)
                     t.setdefault(route, []).append(us)
                     t.setdefault("out_" + route, out)
                 diff = (t["out_tiles"] - t["out_dense_copy"]).abs().max().item()

@@ -47,6 +47,15 @@ def time_cuda(fn, *, warmup: int = 10, reps: int = 100, graph: bool = False, min
             "n": n}
 
 
+def graphed_forward(enc, input_ids, attention_mask, *, min_ms: float = 80.0) -> tuple[torch.Tensor, float]:
+    """(last_hidden_state in fp32, GPU µs) of an ETEncoder forward through a freshly captured CUDA graph: the graph
+    cache is emptied, the first call captures the graph for these inputs, and that graph's replays are timed (median).
+    For same-run A/Bs of module switches, whose graphs must not outlive the switch."""
+    enc._graphs.clear()
+    out = enc(input_ids, attention_mask).last_hidden_state.float()
+    return out, time_cuda(enc.graph_replay_fn(input_ids, attention_mask), min_ms=min_ms)["median_us"]
+
+
 def profile_kernels(run, *, reps: int = 5, width: int = 70) -> list[tuple[str, float, int]]:
     """GPU time per call of each kernel that run() launches (profiled over reps calls after reps warm-up calls):
     (name cut to width characters, microseconds per call, launches per call), longest first."""

@@ -82,6 +82,13 @@ if HAS_TRITON:
         tl.store(t_ptr + pid * 8 + k, c)
 
     @triton.jit
+    def _phase_end(t_ptr, cnt_ptr, pid, P, K: tl.constexpr, TIMING: tl.constexpr):
+        """End of phase K (1-5): this program's %globaltimer into slot K (TIMING), then the K-th grid barrier."""
+        if TIMING:
+            _stamp(t_ptr, pid, K)
+        _grid_sync(cnt_ptr, K * P)
+
+    @triton.jit
     def _prefetch_share(ptr, n_elem, pid, P, LINE: tl.constexpr, CH: tl.constexpr):
         """L2 prefetch of every P-th chunk of CH lines of a flat array of n_elem elements, from chunk pid."""
         n_lines = tl.cdiv(n_elem, LINE)
@@ -137,6 +144,13 @@ if HAS_TRITON:
         tl.store(y_ptr + r * HID + cols, (d * inv * w + b).to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _ln_phase(ws_ptr, NS, T, pid, P, xb_ptr, res_ptr, w_ptr, b_ptr, y_ptr, eps, HID: tl.constexpr,
+                  BLOCK_HID: tl.constexpr):
+        """_reduce_ln over T rows, one row an item, shared out over the P programs from pid."""
+        for r in range(pid, T, P):
+            _reduce_ln(ws_ptr, NS, T, r, xb_ptr, res_ptr, w_ptr, b_ptr, y_ptr, eps, HID, BLOCK_HID)
+
+    @triton.jit
     def _encoder_layer_kernel(
         x_ptr, cu_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, bo_ptr, ln1w_ptr, ln1b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
         ln2w_ptr, ln2b_ptr, qkv_ptr, h_ptr, f_ptr, ws_ptr, y_ptr, cnt_ptr, t_ptr,
@@ -162,9 +176,7 @@ if HAS_TRITON:
 
         # A: qkv = X W_qkv^T + b
         _linear_phase(x_ptr, wqkv_ptr, bqkv_ptr, qkv_ptr, T, QKV_W, HID, pid, P, BM, BN, BK, 0, FP32_DOT)
-        if TIMING:
-            _stamp(t_ptr, pid, 1)
-        _grid_sync(cnt_ptr, P)
+        _phase_end(t_ptr, cnt_ptr, pid, P, 1, TIMING)
 
         # B: attention and the output projection's per-head partial sums
         n_mba = tl.cdiv(MAX_LEN, BM_ATT)
@@ -177,22 +189,15 @@ if HAS_TRITON:
             _attend_project(qkv_ptr, cu_ptr, wo_ptr, ws_ptr, qkv_ptr, T, t // n_mba, t % n_mba, hh, nc, qk_scale,
                             H, D, DV, HID, QKV_W, BM_ATT, BN_ATT, BD, BDV, CW, BNO, False, False, False, FP32_DOT,
                             ".cg")
-        if TIMING:
-            _stamp(t_ptr, pid, 2)
-        _grid_sync(cnt_ptr, 2 * P)
+        _phase_end(t_ptr, cnt_ptr, pid, P, 2, TIMING)
 
         # C: h = LN(sum_h ws[h] + b_O + X)
-        for r in range(pid, T, P):
-            _reduce_ln(ws_ptr, H, T, r, bo_ptr, x_ptr, ln1w_ptr, ln1b_ptr, h_ptr, eps, HID, BLOCK_HID)
-        if TIMING:
-            _stamp(t_ptr, pid, 3)
-        _grid_sync(cnt_ptr, 3 * P)
+        _ln_phase(ws_ptr, H, T, pid, P, bo_ptr, x_ptr, ln1w_ptr, ln1b_ptr, h_ptr, eps, HID, BLOCK_HID)
+        _phase_end(t_ptr, cnt_ptr, pid, P, 3, TIMING)
 
         # D: f = act(h W_1^T + b_1)
         _linear_phase(h_ptr, w1_ptr, b1_ptr, f_ptr, T, INTER, HID, pid, P, BM, BN, BK, ACT, FP32_DOT)
-        if TIMING:
-            _stamp(t_ptr, pid, 4)
-        _grid_sync(cnt_ptr, 4 * P)
+        _phase_end(t_ptr, cnt_ptr, pid, P, 4, TIMING)
 
         # E: ws[s] = f[:, chunk s] W_2[:, chunk s]^T
         n_mb = tl.cdiv(T, BM)
@@ -207,13 +212,10 @@ if HAS_TRITON:
             acc = _gemm(f_ptr, w2_ptr, r0, c0, lo, tl.minimum(lo + CHUNK // BK, tl.cdiv(INTER, BK)), T, HID, INTER,
                         BM, BN, BK, FP32_DOT)
             _store_block(ws_ptr + s * T * HID, HID, acc, r0, c0, T, HID, BM, BN)
-        if TIMING:
-            _stamp(t_ptr, pid, 5)
-        _grid_sync(cnt_ptr, 5 * P)
+        _phase_end(t_ptr, cnt_ptr, pid, P, 5, TIMING)
 
         # F: Y = LN(sum_s ws[s] + b_2 + h)
-        for r in range(pid, T, P):
-            _reduce_ln(ws_ptr, SPLIT, T, r, b2_ptr, h_ptr, ln2w_ptr, ln2b_ptr, y_ptr, eps, HID, BLOCK_HID)
+        _ln_phase(ws_ptr, SPLIT, T, pid, P, b2_ptr, h_ptr, ln2w_ptr, ln2b_ptr, y_ptr, eps, HID, BLOCK_HID)
         if TIMING:
             _stamp(t_ptr, pid, 6)
 
