@@ -49,6 +49,10 @@ for part in "$@"; do
       python3 scripts/small_latency_ab.py "$OUT/latency" --bias 2>&1 | grep -v -i warn | tail -8 ;;
     attnproj)  # attention fused with the O projection: sweep and A/B; graph row rounding by length; launch floor
       python3 scripts/attn_proj_ab.py "$OUT/attnproj" 2>&1 | grep -v -i warn | tail -60 ;;
+    flat)  # the persistent flattened tile kernel against the grid kernel and cuBLAS, launch sweep (FLAT_LAUNCH)
+      python3 scripts/flat_ab.py "$OUT/flat" 2>&1 | grep -v -i warn | tail -70 ;;
+    flattests)  # the tile-kernel tests alone (the persistent kernel among them), on the GPU
+      timeout 300 python3 -m pytest -q -x tests/test_kernels.py -k "tile_linear or flat" 2>&1 | tail -3 ;;
     sparsemin)  # dense copy against tiles for pruned matrices from 512 to 8192 tokens (SPARSE_MIN_TOKENS[_LOW])
       python3 scripts/sparse_min_tokens_ab.py "$OUT/sparsemin" 2>&1 | grep -v -i warn | tail -20 ;;
     varlenerr)  # relative error of padded batches against HF fp32 with one engine switch flipped at a time

@@ -56,6 +56,20 @@ for tma in (False, True):
          {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False, "TMA": tma, "DENSE_W": False, "PDL": tma,
           "PREFETCH": 2 if tma else 0, "LINE": 64},
          f"tile_linear split-K tma={tma}")
+# the persistent flattened tile kernel (large M): TMA loads and stores, 128x64 tiles; its K steps must be pipelined
+# (bulk copies issued for later steps while the wgmma of the current one runs)
+flat_sig = {"x_src": "tensordesc<fp16[128,64]>", "w_src": "tensordesc<fp16[128,64]>", "step_ptr": i32, "steps": i32,
+            "ends": i32, "items_ptr": i32, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16,
+            "y_desc": "tensordesc<fp16[128,128]>", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+            "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "num_r": "i32"}
+flat_c = {"BN": 128, "BK": 64, "BLOCK_M": 128, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True, "FP32_DOT": False,
+          "TMA": True, "TMA_STORE": True, "PDL": True}
+flat_sig.update({k: C for k in flat_c})
+flat_ptx = comp(T._tile_linear_flat_kernel, flat_sig, flat_c, "tile_linear persistent (flat)", stages=4)
+if flat_ptx is not None:  # pipelined: the first steps' two bulk loads issued before the loop, two more inside it
+    loads = flat_ptx.count("cp.async.bulk.tensor.2d.shared::cluster.global")
+    print(f"  persistent kernel: bulk tensor loads in the code {loads} (pipelined: >= 4)")
+    ok = ok and loads >= 4
 # the small-batch path: a dense W [N, K] read in place through a descriptor, 64x64 blocks
 comp(T._tile_linear_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w_src": "tensordesc<fp16[64,64]>", "w_ptr": p16, "row_ptr": p16, "col_idx": p16,

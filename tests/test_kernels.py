@@ -54,10 +54,10 @@ def test_tile_linear(dtype, M, K, N, tile, density, act, res, tma):
     assert_close(y, peer, ref, f"tile_linear {tile} d={density}")
 
 
-def _check_into_slice(dtype, M, K, N, tile, act, col, what, **kw):
+def _check_into_slice(dtype, M, K, N, tile, act, col, what, density=0.6, **kw):
     """tile_linear with bias, activation and residual into columns [col, col+N) of a NaN-poisoned wider buffer: the
     slice matches the reference, the columns either side stay untouched. An empty block-row is included."""
-    W = _sparse_weight(N, K, tile, 0.6, dtype, empty_row=True)
+    W = _sparse_weight(N, K, tile, density, dtype, empty_row=True)
     w = TileSparseWeight.from_dense(W, tile)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
     b = torch.randn(N, device=DEVICE, dtype=dtype)
@@ -86,6 +86,22 @@ def test_tile_linear_split_k(dtype, split, act, tma):
 def test_tile_linear_output_store(dtype, M, tile, tma_store):
     """Y written by pointer stores or by tensor-descriptor (bulk) stores; rows and columns past the edge clipped."""
     _check_into_slice(dtype, M, 96, 160, tile, "gelu", 8, f"store {tile} M={M}", tma_store=tma_store)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,tile,density", [
+    (1, 64, 96, (16, 16), 0.5),
+    (70, 96, 160, (32, 32), 0.6),   # several items a program, an empty block-row, ragged edges
+    (130, 128, 192, (32, 32), 1.0),
+    (40, 64, 64, (16, 64), 0.0),    # no tile at all: the epilogue-only list
+    (200, 80, 100, (32, 16), 0.3),  # neither dim divisible by the tile
+])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
+def test_tile_linear_persistent(dtype, M, K, N, tile, density, tma):
+    """The persistent flattened kernel (one loop over a program's K steps across its work items), with bias, GELU
+    and residual into a column slice."""
+    _check_into_slice(dtype, M, K, N, tile, "gelu", 8, f"persistent {tile} d={density} M={M}", density=density,
+                      persistent=True, tma=tma)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -471,14 +487,64 @@ def test_tile_linear_captures_in_cuda_graph(M):
     W = _sparse_weight(256, 128, (64, 64), 0.5, torch.float16)
     w = TileSparseWeight.from_dense(W, (64, 64))
     x = torch.randn(M, 128, device="cuda", dtype=torch.float16)
-    tile_linear(x, w)  # compile outside the capture
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = tile_linear(x, w)
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
-    assert_close(y, torch.nn.functional.linear(x, W), x.double() @ W.double().t(), "graphed")
+    for persistent in (False, True):
+        tile_linear(x, w, persistent=persistent)  # compile (and build the step lists) outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = tile_linear(x, w, persistent=persistent)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert_close(y, torch.nn.functional.linear(x, W), x.double() @ W.double().t(), f"graphed {persistent}")
+
+
+def test_flat_schedule_visits_every_tile_once():
+    """The persistent kernel's step lists: each (row block, block-row) item with tiles appears in exactly one
+    program, as a run of its own tiles in order with the last step flagged; items without tiles are in the
+    epilogue-only list exactly once; programs' step counts differ by at most one item's."""
+    import importlib
+    tl_mod = importlib.import_module("etformer.kernels.tile_linear")
+    torch.manual_seed(3)
+    W = torch.randn(20 * 16, 12 * 16)
+    keep = torch.rand(20, 12) < torch.linspace(0.05, 0.95, 20)[:, None]
+    keep[4] = False
+    W = W * keep.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    w = TileSparseWeight.from_dense(W, (16, 16))
+    M, bm, programs = 1000, 64, 7
+    step_ptr, steps, ends, empty, P = tl_mod._flat_schedule(w, M, bm, programs)
+    step_ptr, steps, ends, empty = (t.cpu().tolist() for t in (step_ptr, steps, ends, empty))
+    counts, row_ptr, col_idx = w.tiles_per_row.tolist(), w.row_ptr.tolist(), w.col_idx.tolist()
+    num_r, num_m = len(counts), -(-M // bm)
+    assert P == programs and step_ptr[0] == 0 and step_ptr[-1] == len(steps) == num_m * w.nnz_tiles
+    seen = {}
+    for p in range(P):
+        run = steps[step_ptr[p]:step_ptr[p + 1]]
+        i = 0
+        while i < len(run):
+            code = run[i][0] if run[i][0] >= 0 else -1 - run[i][0]
+            r, n = code % num_r, counts[code % num_r]
+            assert code not in seen and n > 0
+            seen[code] = p
+            for k in range(n):
+                c, t, kc = run[i + k]
+                assert (c < 0) == (k == n - 1) and (c if c >= 0 else -1 - c) == code
+                assert t == row_ptr[r] + k and kc == col_idx[t]
+            i += n
+    full = {m * num_r + r for m in range(num_m) for r in range(num_r) if counts[r]}
+    assert set(seen) == full
+    assert sorted(empty[:ends[-1]]) == sorted(m * num_r + r for m in range(num_m) for r in range(num_r)
+                                              if not counts[r])
+    per = [step_ptr[p + 1] - step_ptr[p] for p in range(P)]
+    assert max(per) - min(per) <= max(counts)
+
+
+def test_tile_linear_persistent_bad_inputs():
+    x = torch.randn(8, 64, dtype=torch.float16)
+    W = torch.randn(32, 64, dtype=torch.float16)
+    with pytest.raises(EtformerError, match="TileSparseWeight"):
+        tile_linear(x, W, persistent=True)
+    with pytest.raises(EtformerError, match="exclusive"):
+        tile_linear(x, TileSparseWeight.from_dense(W, (16, 16)), persistent=True, split_k=2)
 
 
 def test_tile_linear_tma_eligibility():

@@ -15,6 +15,8 @@ epilogue (bias, residual).
 """
 from __future__ import annotations
 
+import functools
+import heapq
 from typing import NamedTuple
 
 import torch
@@ -134,6 +136,29 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _epilogue(acc, row0, col0, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
+                  BLOCK_M: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                  HAS_RES: tl.constexpr, TMA_STORE: tl.constexpr):
+        """The (BLOCK_M x BN) block of Y at (row0, col0): + bias, activation, + residual, store (into the column
+        slice at out_col; through the descriptor y_desc when TMA_STORE)."""
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        cols = col0 + tl.arange(0, BN)
+        n_mask = cols < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = _activate(acc, ACT)
+        mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RES:
+            res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
+            acc += res.to(tl.float32)
+        if TMA_STORE:  # bulk copy out of shared memory; rows and columns past the edge are clipped
+            y_desc.store([row0, col0], acc.to(y_desc.dtype))
+        else:
+            y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_col + cols[None, :]
+            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _tile_linear_kernel(
         x_src, w_src, w_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
         M, N, K,
@@ -169,27 +194,10 @@ if HAS_TRITON:
             bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
                         BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BN)
-        m_mask = offs_m < M
-
-        cols = r * BN + offs_n
-        n_mask = cols < N
-        if HAS_BIAS:
-            if DENSE_W:
-                acc += bias[None, :]
-            else:
-                acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        acc = _activate(acc, ACT)
-        mask = m_mask[:, None] & n_mask[None, :]
-        if HAS_RES:
-            res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
-            acc += res.to(tl.float32)
-        if TMA_STORE:  # bulk copy out of shared memory; rows and columns past the edge are clipped
-            y_desc.store([pid_m * BLOCK_M, r * BN], acc.to(y_desc.dtype))
-        else:
-            y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_col + cols[None, :]
-            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS and DENSE_W:
+            acc += bias[None, :]
+        _epilogue(acc, pid_m * BLOCK_M, r * BN, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
+                  BLOCK_M, BN, HAS_BIAS and not DENSE_W, ACT, HAS_RES, TMA_STORE)
 
 
     @triton.jit
@@ -220,6 +228,58 @@ if HAS_TRITON:
         cols = r * BN + tl.arange(0, BN)
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
         tl.store(ws, acc, mask=(offs_m[:, None] < M) & (cols[None, :] < N))
+
+    @triton.jit
+    def _tile_linear_flat_kernel(
+        x_src, w_src, step_ptr, steps, ends, items_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
+        M, N, K, stride_xm, stride_ym, stride_rm, out_col, num_r,
+        BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+        HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, TMA_STORE: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        """Persistent, flattened: program p runs K steps step_ptr[p] .. step_ptr[p+1] of a host-built step list as ONE
+        loop. Step s is three int32s at steps + 3s: the work item (row block m, block-row r) coded m * num_r + r, or
+        ~code on the item's last step; the tile's index t in the values; its K block. No step depends on the one
+        before, so the software pipeline runs across item boundaries: the next item's first tiles are in flight while
+        the current one finishes and writes its epilogue, where a program per item pays a pipeline fill and drain for
+        each (a block-row of a 50%-sparse BERT-base matrix is 6-24 K steps). Then the program's items without a kept
+        tile, items_ptr[ends[p] .. ends[p+1]], get the epilogue alone."""
+        pid = tl.program_id(0)
+        s0 = tl.load(step_ptr + pid)
+        s1 = tl.load(step_ptr + pid + 1)
+        pdl_enter(PDL)
+        offs_k = tl.arange(0, BK)
+        tile_offs = tl.arange(0, BN)[:, None] * BK + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        for s in range(s0, s1):
+            code = tl.load(steps + 3 * s)
+            t = tl.load(steps + 3 * s + 1)
+            kc = tl.load(steps + 3 * s + 2)
+            last = code < 0
+            code = tl.where(last, -1 - code, code)
+            row0 = (code // num_r) * BLOCK_M
+            if TMA:
+                xa = x_src.load([row0, kc * BK])
+                wt = w_src.load([t * BN, 0])
+            else:
+                offs_m = row0 + tl.arange(0, BLOCK_M)
+                kk = kc * BK + offs_k
+                xa = tl.load(x_src + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
+                             mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+                wt = tl.load(w_src + t.to(tl.int64) * (BN * BK) + tile_offs)
+            if FP32_DOT:
+                acc = tl.dot(xa, tl.trans(wt), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, tl.trans(wt), acc)
+            if last:  # the item's last tile: its epilogue, then a fresh accumulator
+                _epilogue(acc, row0, (code % num_r) * BN, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym,
+                          stride_rm, out_col, BLOCK_M, BN, HAS_BIAS, ACT, HAS_RES, TMA_STORE)
+                acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        for e in range(tl.load(ends + pid), tl.load(ends + pid + 1)):  # block-rows without a kept tile
+            code = tl.load(items_ptr + e)
+            _epilogue(tl.zeros((BLOCK_M, BN), dtype=tl.float32), (code // num_r) * BLOCK_M, (code % num_r) * BN,
+                      M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
+                      BLOCK_M, BN, HAS_BIAS, ACT, HAS_RES, TMA_STORE)
 
     @triton.jit
     def _splitk_epilogue_kernel(
@@ -262,6 +322,68 @@ def _row_order(w: TileSparseWeight) -> torch.Tensor:
     return hit[1]
 
 
+_FLAT_CACHE: dict = {}
+
+
+def _flat_schedule(w: TileSparseWeight, M: int, block_m: int, programs: int, group_m: int = 8):
+    """The persistent kernel's work: (step_ptr [P+1], steps [S, 3], ends [P+1], empty items) as int32 on w's device,
+    and the program count P.
+
+    Work items (row block m, block-row r), coded m * num_r + r, are ordered as the grid kernel's programs are (groups
+    of group_m row blocks sweep the block-rows, heaviest first, for L2 reuse of X) and dealt in that order, each to
+    the program with the fewest K steps so far: programs' step counts then differ by at most one item's, and the
+    items in flight at any time sit close together in that order. Each program's items become its run of steps (see
+    _tile_linear_flat_kernel); items without a tile are dealt round-robin to an epilogue-only list. Cached per
+    weight, M and launch; the first call for a shape must not be inside a CUDA graph capture (it copies to the
+    device)."""
+    key = (id(w.row_ptr), w.row_ptr.data_ptr(), w.nnz_tiles, M, block_m, programs, group_m)
+    hit = _FLAT_CACHE.get(key)
+    if hit is not None and hit[0] is w.row_ptr:
+        return hit[1]
+    import numpy as np
+
+    counts = w.tiles_per_row.numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    col_idx = w.col_idx.cpu().numpy().astype(np.int64)
+    num_r, num_m = counts.shape[0], -(-M // block_m)
+    order_r = np.argsort(-counts, kind="stable")
+    items = np.concatenate([(np.arange(g, min(g + group_m, num_m))[None, :] * num_r + order_r[:, None]).ravel()
+                            for g in range(0, num_m, group_m)])
+    c = counts[items % num_r]
+    full, empty = items[c > 0], items[c == 0]
+    P = max(1, min(programs, full.size or empty.size))
+    load = [(0, p) for p in range(P)]  # greedy list scheduling: each item to the least-loaded program so far
+    prog = np.empty(full.size, np.int64)
+    for i, n in enumerate(counts[full % num_r].tolist()):
+        steps_so_far, p = load[0]
+        prog[i] = p
+        heapq.heapreplace(load, (steps_so_far + n, p))
+    full = full[np.argsort(prog, kind="stable")]  # program by program, each in dealing order
+    n = counts[full % num_r]
+    first = np.repeat(np.cumsum(n) - n, n)  # step index where each step's item begins
+    k = np.arange(int(n.sum())) - first
+    code = np.repeat(full, n)
+    t = starts[code % num_r] + k
+    code = np.where(k == np.repeat(n, n) - 1, -1 - code, code)
+    steps = np.stack([code, t, col_idx[t] if t.size else t], axis=1)
+    step_ptr = np.zeros(P + 1, np.int64)
+    np.cumsum(np.bincount(prog, weights=counts[items[c > 0] % num_r], minlength=P), out=step_ptr[1:])
+    ends = np.zeros(P + 1, np.int64)
+    np.cumsum(np.bincount(np.arange(empty.size) % P, minlength=P), out=ends[1:])
+    empty = empty[np.argsort(np.arange(empty.size) % P, kind="stable")]
+    dev = w.row_ptr.device
+
+    def put(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(dev)
+
+    out = (put(step_ptr), put(steps if steps.size else np.zeros((1, 3))), put(ends),
+           put(empty if empty.size else np.zeros(1)), P)
+    if len(_FLAT_CACHE) > 4096:
+        _FLAT_CACHE.clear()
+    _FLAT_CACHE[key] = (w.row_ptr, out)
+    return out
+
+
 # Tuned launch parameters, keyed by (tile, M bucket): (BLOCK_M, num_warps, num_stages). Swept on the H200 over
 # BERT-base shapes (d=768, FFN 3072) at densities 1, 0.5 and 0.25 (scripts/tune.py; benchmarks/results/h200/tune.json),
 # most frequent winner per key. Other keys fall back to the heuristic in _launch_params.
@@ -295,6 +417,31 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 # 64x64 (-19% to +8%). A persistent launch (1 or 2 programs per SM striding over the work items) was measured in the
 # same run and lost (1 per SM: 1.3-1.8x slower; 2 per SM: even), so every work item is its own program.
 TMA_STORE_MIN_BN = 128
+
+
+# Persistent flattened kernel (_tile_linear_flat_kernel): one program per SM (FLAT_PROGRAMS_PER_SM) runs a list of work
+# items as one software-pipelined loop. tile_linear(persistent=True) asks for it; by default it serves tile-sparse
+# weights from FLAT_MIN_ROWS rows on a GPU (None: only when asked). Launch (BLOCK_M, num_warps, num_stages) by
+# (tile, M bucket) in FLAT_LAUNCH, else the grid kernel's.
+FLAT_MIN_ROWS: int | None = None
+FLAT_PROGRAMS_PER_SM = 1
+FLAT_LAUNCH: dict[tuple, tuple[int, int, int]] = {}
+# Programs of the persistent kernel in the interpreter (no SMs to count): small and odd, so lists hold several items
+# and the snake order is exercised.
+INTERPRETER_SMS = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _use_flat(x: torch.Tensor, w, persistent: bool | None, split_k: int | None) -> bool:
+    if not isinstance(w, TileSparseWeight) or (split_k or 1) > 1:
+        return False
+    if persistent is not None:
+        return persistent
+    return FLAT_MIN_ROWS is not None and x.is_cuda and x.shape[0] >= FLAT_MIN_ROWS
 
 
 def _m_bucket(M: int) -> int:
@@ -509,11 +656,14 @@ def tile_linear_partials(x: torch.Tensor, w, *, split: int | None = None, backen
 def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activation: str | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
                 backend: str = "auto", _config: tuple[int, int, int] | None = None,
-                split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None) -> torch.Tensor:
+                split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None,
+                persistent: bool | None = None) -> torch.Tensor:
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N].
 
     w: a TileSparseWeight (the kernel visits its kept tiles only) or a dense [N, K] tensor (read in place as
-    DENSE_TILE blocks: the small-batch path, for the fused epilogues)."""
+    DENSE_TILE blocks: the small-batch path, for the fused epilogues).
+    persistent: run the persistent flattened kernel (True), the grid kernel (False), or choose by FLAT_MIN_ROWS (None).
+    _config: (BLOCK_M, num_warps, num_stages), plus programs per SM for the persistent kernel."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
     M, K = x.shape
@@ -530,6 +680,10 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         check_tensor("out", out, dims=2, device=x.device)
         if out.shape[0] != M or out_col < 0 or out_col + N > out.shape[1] or out.stride(1) != 1:
             raise EtformerError(f"out {tuple(out.shape)} cannot take columns [{out_col}, {out_col + N}) of {M} rows")
+    if persistent and not isinstance(w, TileSparseWeight):
+        raise EtformerError("persistent=True needs a TileSparseWeight (a dense weight takes the grid kernel)")
+    if persistent and (split_k or 1) > 1:
+        raise EtformerError("persistent=True and split_k > 1 are exclusive")
     if not use_triton(x, backend):
         y = tile_linear_reference(x, w, bias, activation, residual)
         if out is None:
@@ -553,12 +707,31 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
             BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4,
             PDL=pdl, **pdl_kwargs(pdl))
         return out
+    flat = _use_flat(x, w, persistent, split_k)
+    if flat and _config is None:
+        mb = _m_bucket(M)
+        _config = FLAT_LAUNCH.get((w.tile, mb)) if x.is_cuda else None
+    per_sm = FLAT_PROGRAMS_PER_SM
+    if _config is not None and len(_config) == 4:
+        _config, per_sm = _config[:3], _config[3]
     L = _plan(x, w, tma, _config)
     x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
     if tma_store is None:
         tma_store = L.BN >= TMA_STORE_MIN_BN
     tma_store = tma_store and L.tma and _aligned(out, out_col)
     y_desc = TensorDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [L.block_m, L.BN]) if tma_store else dummy
+    if flat:
+        sms = _sm_count(x.device.index) if x.is_cuda else INTERPRETER_SMS
+        step_ptr, steps, ends, empty, P = _flat_schedule(L.w, M, L.block_m, sms * per_sm)
+        pdl = pdl_on(x)
+        _tile_linear_flat_kernel[(P,)](
+            x_src, w_src, step_ptr, steps, ends, empty, bias if bias is not None else dummy,
+            residual if residual is not None else dummy, out, y_desc,
+            M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
+            triton.cdiv(N, L.BN), BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, HAS_BIAS=bias is not None, ACT=act,
+            HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
+            TMA_STORE=tma_store, PDL=pdl, num_warps=L.warps, num_stages=L.stages, **pdl_kwargs(pdl))
+        return out
     _tile_linear_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN),)](
         x_src, w_src, _values(L.w), L.row_ptr, L.col_idx, dummy if L.dense else _row_order(L.w),
         bias if bias is not None else dummy,
