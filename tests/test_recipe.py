@@ -93,8 +93,56 @@ def test_distillation_corpus_takes_other_tasks_sentences(glue_dir):
     assert all(label is None for _, label in more)
     with pytest.raises(EtformerError, match="unknown task|task"):
         RecipeConfig(plan=plan, task="stsb", distill_tasks=("nosuchtask",))
-    with pytest.raises(EtformerError, match="bare encoder"):
+    with pytest.raises(EtformerError, match="kd"):  # a task head without a teacher cannot use unlabelled inputs
         _training_items(cfg, distill=False)
+
+
+def test_task_head_distillation_corpus(glue_dir):
+    """With a task head (and kd), other tasks' inputs of the task's form join the sparse stages unlabelled; the dense
+    fine-tune draws labelled items only; an unlabelled item adds the distillation terms and no label loss."""
+    import dataclasses
+
+    import pytest
+    import torch.nn.functional as F
+
+    from etformer.data import load_split
+    from etformer.errors import EtformerError
+    from etformer.models import load_model
+    from etformer.pruning.recipe import KD_TEMPERATURE, RecipeConfig, _Trainer, _training_items
+
+    plan = PruningPlan.uniform("tile", 0.5, (16, 16))
+    cfg = RecipeConfig(plan=plan, task="mrpc", glue_dir=glue_dir, distill_tasks=("rte", "stsb"), distill_limit=300,
+                       kd=1.0, train_limit=40, batch_size=8, max_len=32)
+    items = _training_items(cfg, distill=False)
+    labelled = [i for i in items if i[1] is not None]
+    extra = [t for t, y in items if y is None]
+    pairs = {e.texts for task in ("rte", "stsb") for e in load_split(task, "train", glue_dir)}
+    assert len(labelled) == 40 and 300 < len(extra) <= 600
+    assert all(len(t) == 2 for t in extra) and set(extra) <= pairs
+    with pytest.raises(EtformerError, match="form"):  # single sentences cannot feed a pair task's head
+        _training_items(dataclasses.replace(cfg, distill_tasks=("sst2",)), distill=False)
+
+    model, tok = load_model(None, with_head=True, num_labels=2)
+    tr = _Trainer(model, tok, dataclasses.replace(cfg, dense_epochs=1.0), None)
+    assert tr.steps_for(1.0, labelled_only=True) == 5 and tr.steps_for(1.0) == -(-len(items) // 8)
+    for _ in range(10):
+        _, ys = next(tr._batches(labelled_only=True))
+        assert None not in ys
+    tr.snapshot_teacher()
+    with torch.no_grad():
+        model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+    batch = next(__import__("etformer.evaluate", fromlist=["batches"]).batches(
+        tok, [labelled[0][0], extra[0]], 2, 32, "cpu"))
+    with torch.no_grad():
+        s, t = model(**batch).logits, tr.teacher(**batch).logits
+        T = KD_TEMPERATURE
+        kl = T * T * F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                              reduction="batchmean")
+        expect = float(F.cross_entropy(s[:1], torch.tensor([labelled[0][1]])) + kl)
+        got = float(tr.loss(batch, [labelled[0][1], None]))
+        only_kd = float(tr.loss(batch, [None, None]))
+    assert float(kl) > 1e-4
+    assert abs(got - expect) <= 1e-4 * expect and abs(only_kd - float(kl)) <= 1e-4 * float(kl)
 
 
 def test_every_layer_distillation_loss(glue_dir):

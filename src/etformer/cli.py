@@ -315,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--train-limit", type=int, default=None, help="use at most this many training examples")
     pr.add_argument("--eval-limit", type=int, default=None, help="score on at most this many dev examples")
     pr.add_argument("--distill-tasks", default=None,
-                    help="bare encoders: comma list of GLUE tasks whose training sentences join the distillation data")
-    pr.add_argument("--distill-limit", type=int, default=None, help="at most this many sentences from each of those")
+                    help="comma list of GLUE tasks whose training inputs join the sparse stages unlabelled, learning "
+                         "from the dense model only (bare encoders: their sentences; with a task head and --kd or "
+                         "--distill-hidden: inputs of the task's form, e.g. stsb,rte,qnli pairs for MRPC)")
+    pr.add_argument("--distill-limit", type=int, default=None, help="at most this many inputs from each of those")
     pr.add_argument("--distill-hidden", action="store_true",
                     help="distil every layer's hidden states from the dense model (bare encoders: from themselves; "
                          "with a task head: from the model after its dense fine-tune), not only the output")

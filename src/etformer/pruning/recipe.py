@@ -51,6 +51,9 @@ class RecipeConfig:
     train_limit: int | None = None
     # Bare encoders (no task head) learn from their dense self by distillation, which needs sentences but no labels:
     # the training sentences of these GLUE tasks join the task's own (each sampled down to distill_limit if set).
+    # With a task head (and kd or distill_hidden), these tasks' training inputs, of the task's own form (sentence
+    # pairs for a pair task), join the sparse stages unlabelled: they learn from the dense fine-tuned model alone
+    # (data augmentation for distillation, for small tasks such as MRPC). The dense fine-tune sees the labelled data.
     distill_tasks: tuple[str, ...] = ()
     distill_limit: int | None = None
     # Distillation matches every layer's hidden states, not only the last (the student has the teacher's shape).
@@ -146,10 +149,21 @@ def _training_items(cfg: RecipeConfig, distill: bool) -> list[tuple]:
                 extra = rng.sample(extra, cfg.distill_limit)
             sentences.update(extra)
         return [((t,), None) for t in sorted(sentences)]
-    if cfg.distill_tasks:
-        raise EtformerError("distill_tasks adds unlabelled sentences for self-distillation, which only a bare encoder "
-                            "(no task head) uses; a model with a task head trains on its task's labels")
-    return [(e.texts, e.label) for e in ex]
+    items = [(e.texts, e.label) for e in ex]
+    if cfg.distill_tasks and not (cfg.kd > 0 or cfg.distill_hidden):
+        raise EtformerError("with a task head, distill_tasks adds unlabelled examples that learn from the dense model "
+                            "only: set kd and/or distill_hidden")
+    for task in cfg.distill_tasks:
+        other = task_spec(task)
+        if other.is_pair != spec.is_pair:
+            form = {True: "sentence pairs", False: "single sentences"}
+            raise EtformerError(f"{task} gives {form[other.is_pair]} but {spec.name} takes {form[spec.is_pair]}; a "
+                                f"task head's distillation data must have its task's form")
+        extra = sorted({e.texts for e in load_split(task, "train", cfg.glue_dir)})
+        if cfg.distill_limit and len(extra) > cfg.distill_limit:
+            extra = rng.sample(extra, cfg.distill_limit)
+        items.extend((t, None) for t in extra)
+    return items
 
 
 class _Trainer:
@@ -162,6 +176,8 @@ class _Trainer:
         elif (cfg.kd > 0 or cfg.distill_hidden) and cfg.dense_epochs == 0:
             self.snapshot_teacher()  # already fine-tuned; otherwise the dense stage trains on labels, then snapshots
         self.items = _training_items(cfg, self.distill)
+        # the dense fine-tune (before there is a teacher) sees labelled items only
+        self.labelled = self.items if self.distill else [i for i in self.items if i[1] is not None]
         self.rng = random.Random(cfg.seed)
         self.spec = task_spec(cfg.task)
         self.use_amp = torch.device(cfg.device).type == "cuda"
@@ -173,17 +189,18 @@ class _Trainer:
         elif self.cfg.kd > 0 or self.cfg.distill_hidden:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def steps_for(self, epochs: float) -> int:
-        n = math.ceil(epochs * len(self.items) / self.cfg.batch_size)
+    def steps_for(self, epochs: float, labelled_only: bool = False) -> int:
+        n = math.ceil(epochs * len(self.labelled if labelled_only else self.items) / self.cfg.batch_size)
         return min(n, self.cfg.max_steps) if self.cfg.max_steps is not None else n
 
-    def _batches(self):
+    def _batches(self, labelled_only: bool = False):
+        pool = self.labelled if labelled_only else self.items
         while True:
-            order = list(range(len(self.items)))
+            order = list(range(len(pool)))
             self.rng.shuffle(order)
             bs = min(self.cfg.batch_size, len(order))
             for i in range(0, len(order) - bs + 1, bs):  # full batches only
-                chunk = [self.items[j] for j in order[i: i + bs]]
+                chunk = [pool[j] for j in order[i: i + bs]]
                 batch = next(batches(self.tok, [c[0] for c in chunk], len(chunk), self.cfg.max_len, self.cfg.device))
                 yield batch, [c[1] for c in chunk]
 
@@ -204,10 +221,15 @@ class _Trainer:
             deep = self.cfg.distill_hidden and self.teacher is not None
             so = self.model(**batch, output_hidden_states=deep)
             logits = so.logits.float()
-            if self.spec.is_regression:
-                loss = F.mse_loss(logits.squeeze(-1), torch.tensor(labels, dtype=torch.float32, device=logits.device))
+            lab = [i for i, y in enumerate(labels) if y is not None]  # unlabelled items: distillation terms only
+            ly = logits if len(lab) == len(labels) else logits[lab]
+            ys = [labels[i] for i in lab]
+            if not lab:
+                loss = logits.sum() * 0.0
+            elif self.spec.is_regression:
+                loss = F.mse_loss(ly.squeeze(-1), torch.tensor(ys, dtype=torch.float32, device=logits.device))
             else:
-                loss = F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+                loss = F.cross_entropy(ly, torch.tensor(ys, device=logits.device))
             if self.teacher is None:
                 return loss
             with torch.no_grad():
@@ -229,7 +251,7 @@ class _Trainer:
 
     def run(self, stage: str, steps: int, *, reg=None, keeper: MaskKeeper | None = None,
             on_tick: Callable[[int], None] | None = None) -> None:
-        it = self._batches()
+        it = self._batches(labelled_only=stage == "dense")
         params = [p for p in self.model.parameters() if p.requires_grad]
         _train_steps(self.model, params, stage, steps, lambda: self.loss(*next(it)), self.cfg.lr, 0.01, reg, keeper,
                      on_tick, self.on_step, self.cfg.history)
@@ -283,7 +305,7 @@ def run_recipe(model, tok, cfg: RecipeConfig, on_step: Callable | None = None, o
         if tr.distill:
             say("dense fine-tune skipped: a bare encoder has no labels to fine-tune on (it is its own teacher)")
         else:
-            tr.run("dense", tr.steps_for(cfg.dense_epochs))
+            tr.run("dense", tr.steps_for(cfg.dense_epochs, labelled_only=True))
             tr.snapshot_teacher()
             if on_dense is not None:
                 on_dense(model)
