@@ -121,6 +121,15 @@ def test_task_head_distillation_corpus(glue_dir):
     assert all(len(t) == 2 for t in extra) and set(extra) <= pairs
     with pytest.raises(EtformerError, match="form"):  # single sentences cannot feed a pair task's head
         _training_items(dataclasses.replace(cfg, distill_tasks=("sst2",)), distill=False)
+    # other splits by "task:split"; test splits give their (unlabelled) inputs
+    test_cfg = dataclasses.replace(cfg, distill_tasks=("rte:test", "qnli:dev"), distill_limit=None)
+    got = [t for t, y in _training_items(test_cfg, distill=False) if y is None]
+    from etformer.data import load_inputs
+    rte_test, qnli_dev = load_inputs("rte:test", glue_dir)[1], load_inputs("qnli:dev", glue_dir)[1]
+    assert len(rte_test) == 3000 and set(got) == set(rte_test) | set(qnli_dev)
+    for bad, why in (("rte:valid", "split"), ("mrpc:dev", "scored"), ("mrpc:train", "already")):
+        with pytest.raises(EtformerError, match=why):
+            dataclasses.replace(cfg, distill_tasks=(bad,))
 
     model, tok = load_model(None, with_head=True, num_labels=2)
     tr = _Trainer(model, tok, dataclasses.replace(cfg, dense_epochs=1.0), None)

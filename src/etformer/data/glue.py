@@ -83,6 +83,34 @@ def load_split(task: str, split: str = "dev", glue_dir: str | None = None, limit
     return rows[:limit] if limit else rows
 
 
+def load_inputs(source: str, glue_dir: str | None = None) -> tuple[TaskSpec, list[tuple[str, ...]]]:
+    """Unlabelled inputs of one split, for distillation: source is "task" (its train split) or "task:split" with
+    split train, dev or test (GLUE test splits carry no labels, and only their texts are read here)."""
+    task, _, split = source.partition(":")
+    spec, split = task_spec(task), split or "train"
+    if split in ("train", "dev"):
+        return spec, [e.texts for e in load_split(task, split, glue_dir)]
+    if split != "test":
+        raise EtformerError(f"{source!r}: split must be train, dev or test")
+    root = find_glue_dir(glue_dir)
+    path = os.path.join(root, spec.folder, "test.tsv") if root else None
+    if not (path and os.path.isfile(path)):
+        raise EtformerError(_layout_message(spec, split, glue_dir).replace("{train,dev}", "{train,dev,test}"))
+    names = spec.text_cols if spec.header else ("sentence",)  # CoLA's test file has a header, its others none
+    out = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None) or []
+        try:
+            cols = [header.index(c) for c in names]
+        except ValueError as e:
+            raise EtformerError(f"{path}: header {header[:10]} lacks a column the {spec.name} task needs ({e})") from e
+        out = [tuple(row[c] for c in cols) for row in reader if len(row) > max(cols)]
+    if not out:
+        raise EtformerError(f"{path}: no examples read")
+    return spec, out
+
+
 def _read_tsv(path: str, spec: TaskSpec) -> list[GlueExample]:
     out = []
     with open(path, encoding="utf-8-sig", newline="") as f:

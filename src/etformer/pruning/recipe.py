@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..data import load_split, task_spec
+from ..data import load_inputs, load_split, task_spec
 from ..errors import EtformerError
 from ..evaluate import batches, mean_pool
 from ..models import Matrix, base_model, has_task_head, matrices
@@ -73,7 +73,13 @@ class RecipeConfig:
         task_spec(self.task)
         self.distill_tasks = tuple(dict.fromkeys(t for t in self.distill_tasks if t != self.task))
         for t in self.distill_tasks:
-            task_spec(t)
+            task, _, split = t.partition(":")
+            task_spec(task)
+            if split not in ("", "train", "dev", "test"):
+                raise EtformerError(f"distill task {t!r}: the split after ':' must be train, dev or test")
+            if task_spec(task).name == task_spec(self.task).name and split in ("", "train", "dev"):
+                raise EtformerError(f"distill task {t!r}: the task's own train split is already in, and its dev "
+                                    f"split is what it is scored on")
         if self.distill_limit is not None and self.distill_limit < 1:
             raise EtformerError("distill_limit must be at least 1")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.dense_epochs < 0 or self.lam < 0 or self.kd < 0:
@@ -143,8 +149,8 @@ def _training_items(cfg: RecipeConfig, distill: bool) -> list[tuple]:
         ex = rng.sample(ex, min(cfg.train_limit, len(ex)))
     if distill:  # sentences one by one, as an embedding model sees them
         sentences = {t for e in ex for t in e.texts}
-        for task in cfg.distill_tasks:
-            extra = sorted({t for e in load_split(task, "train", cfg.glue_dir) for t in e.texts})
+        for source in cfg.distill_tasks:
+            extra = sorted({t for texts in load_inputs(source, cfg.glue_dir)[1] for t in texts})
             if cfg.distill_limit and len(extra) > cfg.distill_limit:
                 extra = rng.sample(extra, cfg.distill_limit)
             sentences.update(extra)
@@ -153,13 +159,13 @@ def _training_items(cfg: RecipeConfig, distill: bool) -> list[tuple]:
     if cfg.distill_tasks and not (cfg.kd > 0 or cfg.distill_hidden):
         raise EtformerError("with a task head, distill_tasks adds unlabelled examples that learn from the dense model "
                             "only: set kd and/or distill_hidden")
-    for task in cfg.distill_tasks:
-        other = task_spec(task)
+    for source in cfg.distill_tasks:
+        other = task_spec(source.partition(":")[0])
         if other.is_pair != spec.is_pair:
             form = {True: "sentence pairs", False: "single sentences"}
-            raise EtformerError(f"{task} gives {form[other.is_pair]} but {spec.name} takes {form[spec.is_pair]}; a "
+            raise EtformerError(f"{source} gives {form[other.is_pair]} but {spec.name} takes {form[spec.is_pair]}; a "
                                 f"task head's distillation data must have its task's form")
-        extra = sorted({e.texts for e in load_split(task, "train", cfg.glue_dir)})
+        extra = sorted(set(load_inputs(source, cfg.glue_dir)[1]))
         if cfg.distill_limit and len(extra) > cfg.distill_limit:
             extra = rng.sample(extra, cfg.distill_limit)
         items.extend((t, None) for t in extra)
