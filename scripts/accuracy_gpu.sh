@@ -114,5 +114,13 @@ case ${SET:-methods} in
           --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --seed $seed &
       done
     done ;;
+  mrpcaug2)  # the mrpcaug corpus, 2 epochs, seeds 0-2: with 32x32 tiles, and with attention at 34% and the FFN at 60%
+    for seed in 0 1 2; do
+      TASK=mrpc run mrpc_head_gmp50_t32_aug_e2_seed$seed --method gmp --head --dense-epochs 3 --epochs 2 --kd 1 \
+        --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 --seed $seed &
+      TASK=mrpc run mrpc_head_gmp_attn34_ffn60_aug_e2_seed$seed --method gmp --head --dense-epochs 3 --epochs 2 \
+        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test \
+        --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
+    done ;;
 esac
 wait
