@@ -122,5 +122,13 @@ case ${SET:-methods} in
         --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test \
         --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
     done ;;
+  mrpcaug3)  # the mrpcaug corpus with 32x32 tiles, seeds 0-2: also attention 34% / FFN 60%; and 3 epochs, uniform
+    for seed in 0 1 2; do
+      TASK=mrpc run mrpc_head_gmp_attn34_ffn60_t32_aug_e2_seed$seed --method gmp --head --dense-epochs 3 --epochs 2 \
+        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
+        --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
+      TASK=mrpc run mrpc_head_gmp50_t32_aug_e3_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 \
+        --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 --seed $seed &
+    done ;;
 esac
 wait
