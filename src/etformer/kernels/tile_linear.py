@@ -419,13 +419,21 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 TMA_STORE_MIN_BN = 128
 
 
-# Persistent flattened kernel (_tile_linear_flat_kernel): one program per SM (FLAT_PROGRAMS_PER_SM) runs a list of work
-# items as one software-pipelined loop. tile_linear(persistent=True) asks for it; by default it serves tile-sparse
-# weights from FLAT_MIN_ROWS rows on a GPU (None: only when asked). Launch (BLOCK_M, num_warps, num_stages) by
-# (tile, M bucket) in FLAT_LAUNCH, else the grid kernel's.
+# Persistent flattened kernel (_tile_linear_flat_kernel): FLAT_PROGRAMS_PER_SM programs per SM each run a list of K
+# steps across their work items as one software-pipelined loop. tile_linear(persistent=True) asks for it; by default
+# it would serve tile-sparse weights from FLAT_MIN_ROWS rows on a GPU (None: only when asked). Launch (BLOCK_M,
+# num_warps, num_stages) by (tile, M bucket) in FLAT_LAUNCH, else the grid kernel's.
+# Measured against the grid kernel on the H200 (benchmarks/results/h200/flat/flat_ab.json, same run, BERT-base shapes,
+# each case's best of 16 launches): geometric mean 0.92x (128x64, M=4096), 0.89x (128x64, 16384), 0.92x and 1.02x
+# (64x64); dense 0.64-0.99x; only the 25%-dense K=768 matrices gain (0-12%). An item's epilogue stalls its program's
+# MMAs, where two co-resident grid programs overlap one's epilogue with the other's loop. Hence off by default.
+# Two programs per SM won in 45 of the 48 cases; FLAT_LAUNCH holds each bucket's best by that geometric mean.
 FLAT_MIN_ROWS: int | None = None
-FLAT_PROGRAMS_PER_SM = 1
-FLAT_LAUNCH: dict[tuple, tuple[int, int, int]] = {}
+FLAT_PROGRAMS_PER_SM = 2
+FLAT_LAUNCH: dict[tuple, tuple[int, int, int]] = {
+    ((128, 64), 4096): (128, 4, 4), ((128, 64), 16384): (64, 4, 6),
+    ((64, 64), 4096): (128, 4, 6), ((64, 64), 16384): (128, 4, 5),
+}
 # Programs of the persistent kernel in the interpreter (no SMs to count): small and odd, so lists hold several items
 # and the snake order is exercised.
 INTERPRETER_SMS = 3
