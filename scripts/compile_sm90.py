@@ -5,6 +5,7 @@ fails here, in CI. Prints whether each kernel uses wgmma (Hopper's matrix instru
 Run without TRITON_INTERPRET (the interpreter replaces the kernels).
 """
 import importlib
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -67,7 +68,7 @@ flat_c = {"BN": 128, "BK": 64, "BLOCK_M": 128, "HAS_BIAS": True, "ACT": 1, "HAS_
 flat_sig.update({k: C for k in flat_c})
 flat_ptx = comp(T._tile_linear_flat_kernel, flat_sig, flat_c, "tile_linear persistent (flat)", stages=4)
 if flat_ptx is not None:  # pipelined: the first steps' two bulk loads issued before the loop, two more inside it
-    loads = flat_ptx.count("cp.async.bulk.tensor.2d.shared::cluster.global")
+    loads = len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", flat_ptx))  # ::cluster (3.6), ::cta
     print(f"  persistent kernel: bulk tensor loads in the code {loads} (pipelined: >= 4)")
     ok = ok and loads >= 4
 # the small-batch path: a dense W [N, K] read in place through a descriptor, 64x64 blocks
