@@ -29,6 +29,33 @@ def test_missing_data_message(tmp_path, monkeypatch):
         load_split("mnli-x", "dev")
 
 
+@pytest.mark.parametrize("source,count,width", [("sst2:test", 1821, 1), ("cola:test", 1063, 1), ("mrpc:test", 1725, 2),
+                                                 ("qnli:test", 5463, 2), ("rte", 2490, 2), ("stsb:dev", 1500, 2)])
+def test_unlabelled_inputs(glue_dir, source, count, width):
+    """Distillation inputs of any split, test splits (no labels) included: texts only, of the task's width."""
+    from etformer.data import load_inputs
+
+    spec, texts = load_inputs(source, glue_dir)
+    assert spec.name == source.partition(":")[0] and len(texts) == count
+    assert all(len(t) == width and all(t) for t in texts)
+
+
+def test_unlabelled_inputs_bad_input(tmp_path):
+    from etformer.data import load_inputs
+
+    with pytest.raises(EtformerError, match="train, dev or test"):
+        load_inputs("rte:validation", str(tmp_path))
+    with pytest.raises(EtformerError, match="RTE/test.tsv"):  # the missing file named
+        load_inputs("rte:test", str(tmp_path))
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "test.tsv").write_text("index\tpremise\thypothesis\n0\ta\tb\n")
+    with pytest.raises(EtformerError, match="lacks a column"):
+        load_inputs("rte:test", str(tmp_path))
+    (tmp_path / "RTE" / "test.tsv").write_text("index\tsentence1\tsentence2\n")
+    with pytest.raises(EtformerError, match="no examples"):
+        load_inputs("rte:test", str(tmp_path))
+
+
 def test_metrics_against_references():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 500)

@@ -378,7 +378,7 @@ def _flat_schedule(w: TileSparseWeight, M: int, block_m: int, programs: int, gro
 
     out = (put(step_ptr), put(steps if steps.size else np.zeros((1, 3))), put(ends),
            put(empty if empty.size else np.zeros(1)), P)
-    if len(_FLAT_CACHE) > 4096:
+    if len(_FLAT_CACHE) > 256:  # step lists grow with M; keep at most a few hundred shapes' worth
         _FLAT_CACHE.clear()
     _FLAT_CACHE[key] = (w.row_ptr, out)
     return out
