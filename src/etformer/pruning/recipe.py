@@ -50,10 +50,11 @@ class RecipeConfig:
     max_steps: int | None = None  # caps every stage (smoke runs, CPU demo)
     train_limit: int | None = None
     # Bare encoders (no task head) learn from their dense self by distillation, which needs sentences but no labels:
-    # the training sentences of these GLUE tasks join the task's own (each sampled down to distill_limit if set).
-    # With a task head (and kd or distill_hidden), these tasks' training inputs, of the task's own form (sentence
-    # pairs for a pair task), join the sparse stages unlabelled: they learn from the dense fine-tuned model alone
-    # (data augmentation for distillation, for small tasks such as MRPC). The dense fine-tune sees the labelled data.
+    # the sentences of these GLUE sources join the task's own (each sampled down to distill_limit if set). A source is
+    # "task" (its train split) or "task:split" (train, dev or test; test splits have no labels and need none here).
+    # With a task head (and kd or distill_hidden), the sources' inputs, of the task's own form (sentence pairs for a
+    # pair task), join the sparse stages unlabelled: they learn from the dense fine-tuned model alone (data
+    # augmentation for distillation, for small tasks such as MRPC). The dense fine-tune sees the labelled data only.
     distill_tasks: tuple[str, ...] = ()
     distill_limit: int | None = None
     # Distillation matches every layer's hidden states, not only the last (the student has the teacher's shape).
