@@ -118,6 +118,46 @@ if HAS_TRITON:
         return m_new, l, acc
 
     @triton.jit
+    def _query_block(qkv_ptr, start, L, blk, q_col, h, stride_t, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CACHE: tl.constexpr):
+        """Query rows blk*BLOCK_M.. of a sequence starting at token `start` with L tokens, head h: (offs_m, offs_d,
+        offs_dv, offs_n, m_ok, rows, q), q read from columns q_col + h*D of the packed buffer (rows past L as zeros)."""
+        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_n = tl.arange(0, BLOCK_N)
+        m_ok = offs_m < L
+        rows = (start + offs_m).to(tl.int64)
+        q = tl.load(qkv_ptr + rows[:, None] * stride_t + q_col + h * D + offs_d[None, :],
+                    mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=CACHE)
+        return offs_m, offs_d, offs_dv, offs_n, m_ok, rows, q
+
+    @triton.jit
+    def _online_softmax(q, k_base, v_base, start, L, blk, offs_m, offs_n, offs_d, offs_dv, D, DV, stride_t, bias_row,
+                        qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr,
+                        CACHE: tl.constexpr):
+        """Attention of query block blk over its keys (all L, or up to its own last row when CAUSAL) in BLOCK_N
+        blocks, with an online softmax: (row sums l, output acc)."""
+        m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+        l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+        hi = L
+        if CAUSAL:
+            hi = tl.minimum(L, (blk + 1) * BLOCK_M)
+        for n0 in range(0, hi, BLOCK_N):
+            s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
+                           bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, CACHE)
+            m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
+        return l, acc
+
+    @triton.jit
+    def _normalize(l, acc):
+        """acc / l by row; a row whose keys are all masked (l = 0) gives 0, not NaN."""
+        l = tl.where(l == 0.0, 1.0, l)
+        return acc / l[:, None]
+
+    @triton.jit
     def _attn_kernel(
         qkv_ptr, out_ptr, cu_ptr, bias_ptr,
         stride_t, stride_o, stride_bb, q_col, k_col, v_col,
@@ -134,14 +174,8 @@ if HAS_TRITON:
         L = tl.load(cu_ptr + b + 1) - start
         if pid_m * BLOCK_M >= L:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        offs_n = tl.arange(0, BLOCK_N)
-        m_ok = offs_m < L
-        rows = (start + offs_m).to(tl.int64)
-        q = tl.load(qkv_ptr + rows[:, None] * stride_t + q_col + h * D + offs_d[None, :],
-                    mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        offs_m, offs_d, offs_dv, offs_n, m_ok, rows, q = _query_block(qkv_ptr, start, L, pid_m, q_col, h, stride_t, D,
+                                                                      BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, "")
         k_base = qkv_ptr + k_col + h * D
         v_base = qkv_ptr + v_col + h * DV
 
@@ -154,18 +188,10 @@ if HAS_TRITON:
             l = tl.sum(p, 1)
             acc = _pv(p, v, FP32_DOT)
         else:  # online softmax over key blocks
-            m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
-            l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-            hi = L
-            if CAUSAL:
-                hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
-            for n0 in range(0, hi, BLOCK_N):
-                s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
-                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
-                m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
-        l = tl.where(l == 0.0, 1.0, l)  # a row whose keys are all masked gives 0, not NaN
-        o = acc / l[:, None]
+            l, acc = _online_softmax(q, k_base, v_base, start, L, pid_m, offs_m, offs_n, offs_d, offs_dv, D, DV,
+                                     stride_t, bias_row, qk_scale, BLOCK_M, BLOCK_N, BLOCK_DV, CAUSAL, HAS_BIAS,
+                                     FP32_DOT, KEY_MASK, "")
+        o = _normalize(l, acc)
         tl.store(out_ptr + rows[:, None] * stride_o + h * DV + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & (offs_dv[None, :] < DV))
 

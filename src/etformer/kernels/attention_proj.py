@@ -34,7 +34,7 @@ from .attention import LOG2E, attention_reference, check_attention_inputs
 
 if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
-    from .attention import _online_step, _scores
+    from .attention import _normalize, _online_softmax, _query_block
 
 
 def attention_proj_reference(qkv, cu_seqlens, num_heads, head_dim, w_o, *, v_head_dim=None, causal=False,
@@ -62,29 +62,14 @@ if HAS_TRITON:
         attention's _scores). CACHE: the cache modifier of the qkv loads (".cg" where this launch wrote qkv)."""
         start = tl.load(cu_ptr + b)
         L = tl.load(cu_ptr + b + 1) - start
-        if mb * BM < L:
-            offs_m = mb * BM + tl.arange(0, BM)
-            offs_d = tl.arange(0, BD)
-            offs_dv = tl.arange(0, BDV)
-            offs_n = tl.arange(0, BN)
-            m_ok = offs_m < L
-            rows = (start + offs_m).to(tl.int64)
-            q = tl.load(qkv_ptr + rows[:, None] * QKV_W + h * D + offs_d[None, :],
-                        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=CACHE)
-            m_i = tl.full((BM,), -1e30, dtype=tl.float32)
-            l_i = tl.zeros((BM,), dtype=tl.float32)
-            acc = tl.zeros((BM, BDV), dtype=tl.float32)
+        if mb * BM < L:  # the attention kernel's query block and online softmax
+            offs_m, offs_d, offs_dv, offs_n, m_ok, rows, q = _query_block(qkv_ptr, start, L, mb, 0, h, QKV_W, D, BM,
+                                                                          BN, BD, BDV, CACHE)
             k_base = qkv_ptr + H * D + h * D
             v_base = qkv_ptr + 2 * H * D + h * DV
-            hi = L
-            if CAUSAL:
-                hi = tl.minimum(L, (mb + 1) * BM)
-            for n0 in range(0, hi, BN):  # the attention kernel's online softmax, on its score helpers
-                s, v = _scores(q, k_base, v_base, start, n0 + offs_n, offs_m, offs_d, offs_dv, L, D, DV, QKV_W,
-                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, CACHE)
-                m_i, l_i, acc = _online_step(m_i, l_i, acc, s, v, FP32_DOT)
-            l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row whose keys are all masked gives 0, not NaN
-            o = (acc / l_i[:, None]).to(qkv_ptr.dtype.element_ty)  # rounded as the attention kernel stores it
+            l_i, acc = _online_softmax(q, k_base, v_base, start, L, mb, offs_m, offs_n, offs_d, offs_dv, D, DV, QKV_W,
+                                       bias_row, qk_scale, BM, BN, BDV, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, CACHE)
+            o = _normalize(l_i, acc).to(qkv_ptr.dtype.element_ty)  # rounded as the attention kernel stores it
             offs_o = tl.arange(0, BNO)
             for n0 in range(nc * CW, nc * CW + CW, BNO):
                 oc = n0 + offs_o
