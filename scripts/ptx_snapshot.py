@@ -19,7 +19,7 @@ _DEBUG = re.compile(r"\s*(\.loc|\.file|//)")
 
 
 def strip(ptx: str) -> str:
-    ptx = re.sub(r"\.section\s+\.debug.*", "", ptx, flags=re.S)
+    ptx = re.sub(r"\s*\.section\s+\.debug.*", "", ptx, flags=re.S)
     lines = [line for line in ptx.splitlines()
              if not _DEBUG.match(line) and not re.match(r"\s*\$L__tmp\d+:\s*$", line)]  # debug labels
     return "\n".join(re.sub(r"\$L__tmp\d+", "", line) for line in lines)

@@ -40,3 +40,16 @@ def test_kernels_compile_for_sm90(toolchain):
     assert any(l.startswith("finish padded:") and "PDL=True" in l for l in lines), r.stdout
     assert any(l.startswith("encoder layer barrier:") and l.endswith("spin: True, pipelined loads (cp.async): True") for l in r.stdout.splitlines()), \
         r.stdout
+
+
+def test_ptx_snapshot_strips_only_debug_text():
+    """scripts/ptx_snapshot.py's filter: debug sections, .loc/.file lines, comments and debug labels go; every
+    instruction stays, with references to debug labels blanked (they differ between otherwise equal builds)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ptx_snapshot", os.path.join(ROOT, "scripts", "ptx_snapshot.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ptx = ("\t.loc\t1 12 3\n$L__tmp4:\n\tld.global.b32 \t%r1, [%rd1];\n// a comment\n\t.file\t1 \"x.py\"\n"
+           "\tadd.s32 \t%r2, %r1, 1;\n\t.b64 $L__tmp7\n\t.section\t.debug_info\n{\n.b8 1\n}\n")
+    assert mod.strip(ptx) == "\tld.global.b32 \t%r1, [%rd1];\n\tadd.s32 \t%r2, %r1, 1;\n\t.b64 "
