@@ -29,7 +29,7 @@ from etformer.bench.run import make_inputs, model_shape
 from etformer.bench.timing import env_info, graphed_forward as timed, profile_kernels
 from etformer.engine import optimize
 from etformer.kernels._common import pdl_enter
-from etformer.kernels.tile_linear import _activate, _tile_dot
+from etformer.kernels.tile_linear import _epilogue, _grid_item, _tile_dot
 from etformer.sparse.tiles import atomic_write_json
 
 E = importlib.import_module("etformer.engine.encoder")
@@ -78,40 +78,11 @@ def _tile_linear_bias_late(
 ):
     """The tile kernel before the change: the bias is read in the epilogue, after the K loop, in every form (the
     shipped tile kernels still read it there; only the dense-weight form of the small-batch path moved it)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_r = tl.cdiv(N, BN)
-    width = GROUP_M * num_r
-    group = pid // width
-    first_m = group * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    if DENSE_W:
-        r = (pid % width) // gsize
-        lo = 0
-        hi = tl.cdiv(K, BK)
-    else:
-        r = tl.load(order_ptr + (pid % width) // gsize)
-        lo = tl.load(row_ptr + r)
-        hi = tl.load(row_ptr + r + 1)
+    pid_m, r, lo, hi = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M, GROUP_M, DENSE_W)
     acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
                     BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    cols = r * BN + tl.arange(0, BN)
-    n_mask = cols < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    acc = _activate(acc, ACT)
-    mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RES:
-        res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
-        acc += res.to(tl.float32)
-    if TMA_STORE:
-        y_desc.store([pid_m * BLOCK_M, r * BN], acc.to(y_desc.dtype))
-    else:
-        y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_col + cols[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _epilogue(acc, pid_m * BLOCK_M, r * BN, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
+              BLOCK_M, BN, HAS_BIAS, ACT, HAS_RES, TMA_STORE)
 
 
 def swap_ab(enc, module, attr, forms: dict, what: str) -> list[dict]:

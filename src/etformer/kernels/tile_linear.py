@@ -159,19 +159,12 @@ if HAS_TRITON:
             tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _tile_linear_kernel(
-        x_src, w_src, w_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
-        M, N, K,
-        stride_xm, stride_ym, stride_rm, out_col,
-        BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
-        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
-        TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
-        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
-    ):
-        pid = tl.program_id(0)
+    def _grid_item(pid, M, N, K, order_ptr, row_ptr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   GROUP_M: tl.constexpr, DENSE_W: tl.constexpr):
+        """Program pid's work in the grid kernel: (row block pid_m, block-row r, its tiles lo..hi). Grouped order:
+        GROUP_M row blocks of X sweep the (sorted) block-rows together, for L2 reuse of X. DENSE_W: every K block."""
         num_m = tl.cdiv(M, BLOCK_M)
         num_r = tl.cdiv(N, BN)
-        # grouped order: GROUP_M row blocks of X sweep the (sorted) block-rows together, for L2 reuse of X
         width = GROUP_M * num_r
         group = pid // width
         first_m = group * GROUP_M
@@ -185,6 +178,19 @@ if HAS_TRITON:
             r = tl.load(order_ptr + (pid % width) // gsize)
             lo = tl.load(row_ptr + r)
             hi = tl.load(row_ptr + r + 1)
+        return pid_m, r, lo, hi
+
+    @triton.jit
+    def _tile_linear_kernel(
+        x_src, w_src, w_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
+        M, N, K,
+        stride_xm, stride_ym, stride_rm, out_col,
+        BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
+        TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
+        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
+    ):
+        pid_m, r, lo, hi = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M, GROUP_M, DENSE_W)
         # The small-batch path (DENSE_W) fetches the bias, a parameter and no kernel's output, before the PDL wait and
         # the K loop: its kernels are latency-bound chains (small_latency_bias.json: 258.0 -> 243.6 us at B=1, S=32,
         # 369.7 -> 357.2 at 1 x 256). The tile kernels keep the load in the epilogue: a later kernels run had the
@@ -354,7 +360,8 @@ def _flat_schedule(w: TileSparseWeight, M: int, block_m: int, programs: int, gro
     P = max(1, min(programs, full.size or empty.size))
     load = [(0, p) for p in range(P)]  # greedy list scheduling: each item to the least-loaded program so far
     prog = np.empty(full.size, np.int64)
-    for i, n in enumerate(counts[full % num_r].tolist()):
+    full_steps = counts[full % num_r]
+    for i, n in enumerate(full_steps.tolist()):
         steps_so_far, p = load[0]
         prog[i] = p
         heapq.heapreplace(load, (steps_so_far + n, p))
@@ -367,7 +374,7 @@ def _flat_schedule(w: TileSparseWeight, M: int, block_m: int, programs: int, gro
     code = np.where(k == np.repeat(n, n) - 1, -1 - code, code)
     steps = np.stack([code, t, col_idx[t] if t.size else t], axis=1)
     step_ptr = np.zeros(P + 1, np.int64)
-    np.cumsum(np.bincount(prog, weights=counts[items[c > 0] % num_r], minlength=P), out=step_ptr[1:])
+    np.cumsum(np.bincount(prog, weights=full_steps, minlength=P), out=step_ptr[1:])
     ends = np.zeros(P + 1, np.int64)
     np.cumsum(np.bincount(np.arange(empty.size) % P, minlength=P), out=ends[1:])
     empty = empty[np.argsort(np.arange(empty.size) % P, kind="stable")]
