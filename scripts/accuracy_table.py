@@ -4,6 +4,8 @@
 """
 import json
 import os
+import re
+import statistics
 import sys
 
 TASK_NOTE = {
@@ -23,6 +25,34 @@ def weighted_tile_sparsity(report: dict) -> float:
     return num / den if den else 0.0
 
 
+def lr_text(t: dict) -> str:
+    """The peak learning rate; 'dense / sparse' where the sparse stages ran at their own."""
+    return f"{t['lr']:g}" + (f" / {t['sparse_lr']:g}" if t.get("sparse_lr") is not None else "")
+
+
+def recipe_of(name: str) -> str:
+    """A run's recipe: its name without the seed suffix (runs of one recipe differ only in --seed)."""
+    return re.sub(r"_seed\d+$", "", name)
+
+
+def means(runs) -> list[str]:
+    """One row per recipe with two or more seeds: the mean dense and pruned scores and the gap's mean and spread."""
+    groups = {}
+    for name, d in runs:
+        groups.setdefault(recipe_of(name), []).append(d)
+    rows = []
+    for rec, ds in groups.items():
+        if len(ds) < 2:
+            continue
+        dense = [d["metrics"]["dense"]["value"] for d in ds]
+        pruned = [d["metrics"]["pruned"]["value"] for d in ds]
+        gaps = [a - b for a, b in zip(dense, pruned)]
+        seeds = ",".join(str(d["training"].get("seed", 0)) for d in sorted(ds, key=lambda d: d["training"].get("seed", 0)))
+        rows.append((statistics.mean(gaps), f"| {rec} | {seeds} | {statistics.mean(dense):.2f} | "
+                     f"{statistics.mean(pruned):.2f} | {statistics.mean(gaps):+.2f} | {statistics.stdev(gaps):.2f} |"))
+    return [r for _, r in sorted(rows)]
+
+
 def row(name, d) -> str:
     t = d["training"]
     sp = {k: v["sparsity"] for k, v in d["plan"]["matrices"].items()}
@@ -34,7 +64,7 @@ def row(name, d) -> str:
     dense_ep = f"{t['dense_epochs']:g} + " if t.get("dense_epochs") else ""
     tile = "x".join(str(v) for v in d["plan"]["tile"])
     return (f"| {name} | {d['method']} | {target} | {tile} | {t['max_len']} "
-            f"| {weighted_tile_sparsity(d['sparsity']):.1%} | {t['lr']:g} "
+            f"| {weighted_tile_sparsity(d['sparsity']):.1%} | {lr_text(t)} "
             f"| {t.get('seed', 0)} | {data} | {'yes' if t.get('distill_hidden') else 'no'} | {t.get('kd', 0):g} "
             f"| {t['batch_size']} | {dense_ep}{t['epochs']:g} | {dv:.2f} | {pv:.2f} | {dv - pv:+.2f} | {d['seconds']:.0f} |")
 
@@ -57,11 +87,18 @@ def main(paths):
         print(f"## {task.upper().replace('STSB', 'STS-B').replace('SST2', 'SST-2')} ({metric})\n")
         print(TASK_NOTE.get(task, "") + ".\n")
         print("| run | method | target | tile | length | zero tiles | lr | seed | data | every layer | kd | batch "
-              "| epochs | dense | pruned | gap | seconds |")
+              "| epochs | dense | pruned | gap | seconds |")  # lr: dense / sparse where they differ
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, d in sel:
             print(row(name, d))
         print()
+        by_recipe = means(sel)
+        if by_recipe:
+            print("By recipe, over its seeds (gap = dense − pruned of each seed, then mean and standard deviation):\n")
+            print("| recipe | seeds | mean dense | mean pruned | mean gap | gap sd |")
+            print("|---|---|---|---|---|---|")
+            print("\n".join(by_recipe))
+            print()
 
 
 if __name__ == "__main__":

@@ -215,9 +215,10 @@ def test_prune_with_a_new_task_head(glue_dir, tmp_path, capsys):
     assert run("prune", "--task", "sst2", "--pattern", "tile", "--sparsity", 0.5, "--out", out, "--head",
                "--dense-epochs", 1, "--kd", 1, "--distill-hidden", "--max-steps", 3, "--batch-size", 8,
                "--max-len", 24, "--train-limit", 32, "--eval-limit", 64, "--glue-dir", glue_dir,
-               "--device", "cpu") == 0
+               "--device", "cpu", "--sparse-lr", 1e-4) == 0
     meta = json.loads((out / "etformer.json").read_text())
     assert meta["training"]["new_head"] is True and meta["training"]["kd"] == 1.0
+    assert meta["training"]["lr"] == 3e-4 and meta["training"]["sparse_lr"] == 1e-4
     assert meta["metrics"]["dense"]["method"] == "task head" and meta["metrics"]["pruned"]["method"] == "task head"
     assert AutoConfig.from_pretrained(out).architectures == ["BertForSequenceClassification"]
     j = tmp_path / "r.json"

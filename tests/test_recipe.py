@@ -230,3 +230,31 @@ def test_task_head_distillation_terms(glue_dir):
     assert tr2.teacher is None
     tr2.snapshot_teacher()
     assert torch.equal(tr2.teacher.classifier.weight, model.classifier.weight)
+
+
+def test_sparse_stages_take_their_own_learning_rate(glue_dir, monkeypatch):
+    """sparse_lr sets the peak rate of the gradual-prune and retrain stages; the dense fine-tune keeps lr; without
+    it every stage runs at lr. A rate that is not positive is refused."""
+    import dataclasses
+
+    import pytest
+
+    from etformer.errors import EtformerError
+    from etformer.models import load_model
+    from etformer.pruning import recipe
+
+    seen = []
+    monkeypatch.setattr(recipe, "_train_steps", lambda model, params, stage, steps, next_loss, lr, *a: seen.append(
+        (stage, lr)))
+    cfg = recipe.RecipeConfig(plan=PruningPlan.uniform("tile", 0.5, (16, 16)), task="mrpc", method="gmp",
+                              glue_dir=glue_dir, dense_epochs=1.0, lr=3e-4, sparse_lr=5e-5, kd=1.0, train_limit=16,
+                              batch_size=8, max_len=16)
+    model, tok = load_model(None, with_head=True, num_labels=2)
+    recipe.run_recipe(model, tok, cfg)
+    assert seen == [("dense", 3e-4), ("gradual", 5e-5), ("retrain", 5e-5)]
+    seen.clear()
+    recipe.run_recipe(model, tok, dataclasses.replace(cfg, sparse_lr=None))
+    assert seen == [("dense", 3e-4), ("gradual", 3e-4), ("retrain", 3e-4)]
+    for bad in (0.0, -1e-4):
+        with pytest.raises(EtformerError, match="sparse_lr"):
+            dataclasses.replace(cfg, sparse_lr=bad)

@@ -59,7 +59,7 @@ def prune(args, console) -> dict:
     check_out_dir(args.out, args.overwrite)
     device = _device(args.device)
     cfg = RecipeConfig(plan=plan, task=args.task, method=args.method, dense_epochs=args.dense_epochs,
-                       epochs=args.epochs, lr=args.lr, lam=args.lam, rho=args.rho, batch_size=args.batch_size,
+                       epochs=args.epochs, lr=args.lr, sparse_lr=args.sparse_lr, lam=args.lam, rho=args.rho, batch_size=args.batch_size,
                        max_len=args.max_len,
                        max_steps=args.max_steps, train_limit=args.train_limit, seed=args.seed, device=device,
                        glue_dir=args.glue_dir, distill_tasks=_task_list(args.distill_tasks),
@@ -108,7 +108,7 @@ def prune(args, console) -> dict:
     meta = {
         "etformer_version": _version(), "base_model": model_path, "task": cfg.task, "method": cfg.method,
         "plan": plan.to_json(),
-        "training": {**{k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "lam", "eps", "refresh_every",
+        "training": {**{k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "sparse_lr", "lam", "eps", "refresh_every",
                                                       "rho", "batch_size", "max_len", "max_steps", "train_limit",
                                                       "distill_tasks", "distill_limit", "distill_hidden", "kd",
                                                       "seed")}, "new_head": head},
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--epochs", type=float, default=1.0, help="passes over the data per sparse stage")
     pr.add_argument("--dense-epochs", type=float, default=0.0)
     pr.add_argument("--lr", type=float, default=RecipeConfig.lr, help="peak learning rate (AdamW, warm-up, decay)")
+    pr.add_argument("--sparse-lr", type=float, default=None,
+                    help="peak learning rate of the sparse stages (default: --lr); the dense fine-tune keeps --lr")
     pr.add_argument("--lam", type=float, default=RecipeConfig.lam, help="group-lasso strength")
     pr.add_argument("--rho", type=float, default=RecipeConfig.rho, help="ADMM penalty (method admm)")
     pr.add_argument("--batch-size", type=int, default=32)

@@ -40,6 +40,9 @@ class RecipeConfig:
     dense_epochs: float = 0.0
     epochs: float = 1.0  # length of each sparse stage (regularize or gradual prune; retrain), in passes over the data
     lr: float = 3e-4  # best of 1e-4 / 3e-4 on MiniLM STS-B (benchmarks/results/cpu/methods.md)
+    # Peak learning rate of the sparse stages (regularize or gradual prune, then retrain); None: lr. A model with a
+    # task head can fine-tune densely at one rate and prune at a lower one, staying closer to its teacher.
+    sparse_lr: float | None = None
     lam: float = 2e-4
     eps: float = 1e-3
     rho: float = 1e-2  # ADMM penalty
@@ -83,6 +86,8 @@ class RecipeConfig:
                                     f"split is what it is scored on")
         if self.distill_limit is not None and self.distill_limit < 1:
             raise EtformerError("distill_limit must be at least 1")
+        if self.sparse_lr is not None and self.sparse_lr <= 0:
+            raise EtformerError(f"sparse_lr must be positive, not {self.sparse_lr}")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 0 or self.dense_epochs < 0 or self.lam < 0 or self.kd < 0:
             raise EtformerError("lr and batch size must be positive; epochs, lambda and kd must not be negative")
 
@@ -260,7 +265,8 @@ class _Trainer:
             on_tick: Callable[[int], None] | None = None) -> None:
         it = self._batches(labelled_only=stage == "dense")
         params = [p for p in self.model.parameters() if p.requires_grad]
-        _train_steps(self.model, params, stage, steps, lambda: self.loss(*next(it)), self.cfg.lr, 0.01, reg, keeper,
+        lr = self.cfg.lr if stage == "dense" or self.cfg.sparse_lr is None else self.cfg.sparse_lr
+        _train_steps(self.model, params, stage, steps, lambda: self.loss(*next(it)), lr, 0.01, reg, keeper,
                      on_tick, self.on_step, self.cfg.history)
 
 
