@@ -480,6 +480,32 @@ def test_pruned_v_attention(dtype, H, D, keep):
         assert torch.equal(y[:, pruned_cols], bv[pruned_cols].to(dtype).expand(y.shape[0], -1))
 
 
+def test_v_block_is_never_narrower_than_the_qk_block_on_the_gpu():
+    """The launchers' V block: on the GPU at least the Q/K block (narrower ones faulted in the one-pass kernel on the
+    H200), in the interpreter the narrowest power of two from MIN_BLOCK_DV."""
+    from etformer.kernels.attention import MIN_BLOCK_DV, v_block
+
+    assert [v_block(dv, 64, True) for dv in (16, 32, 48, 64)] == [64, 64, 64, 64]
+    assert v_block(32, 32, True) == 32 and v_block(16, 128, True) == 128 and v_block(200, 256, True) == 256
+    assert [v_block(dv, 64, False) for dv in (8, 16, 32, 48)] == [max(MIN_BLOCK_DV, 8), 16, 32, 64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("DV", [16, 32])
+def test_narrow_v_heads_at_one_pass_lengths(dtype, DV):
+    """Compact V narrower than the Q/K heads at lengths the one-pass kernel takes with 128-key blocks (a V block of
+    16 or 32 columns there faulted on the H200; the launcher now pads it to MIN_BLOCK_DV on the GPU)."""
+    H, D, lens = 2, 64, [128, 65, 128]
+    T = sum(lens)
+    qkv = torch.randn(T, 2 * H * D + H * DV, device=DEVICE, dtype=torch.float64)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    y = attention(qkv.to(dtype), cu, max(lens), H, D, v_head_dim=DV, backend="triton")
+    assert y.shape == (T, H * DV)
+    ref = attention_reference(qkv, cu, H, D, v_head_dim=DV)
+    peer = _sdpa_peer(qkv.to(dtype), cu, H, D, DV, False, None)
+    assert_close(y, peer, ref, f"attention DV={DV}")
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("M", [16, 128, 1024])
 def test_tile_linear_captures_in_cuda_graph(M):

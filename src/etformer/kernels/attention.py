@@ -34,6 +34,19 @@ if HAS_TRITON:
 SHORT_MAX = 128
 # Query rows a program of the one-pass kernel takes on the GPU (module switch, for sweeps).
 SHORT_BLOCK_M = 64
+# On the GPU a V block is never narrower than the Q/K block (compact pruned V heads are masked up to it). On the
+# H200 with Triton 3.6 the one-pass kernel (S <= 128, 128-key blocks) with 64-wide Q/K blocks and a 16- or 32-wide
+# V block hit an illegal memory access; a 64-wide V block ran correctly (DV = 16 and 32, B = 8, S = 128: relative
+# error 2.9e-4; benchmarks/results/h200/reorder/narrow_v_diag.log). Equal widths are every dense model's case. The
+# interpreter keeps the narrow blocks (MIN_BLOCK_DV), so the CPU tests still exercise them.
+MIN_BLOCK_DV = 16
+
+
+def v_block(DV: int, block_d: int, on_gpu: bool) -> int:
+    """BLOCK_DV for a V head of DV columns beside Q/K blocks of block_d."""
+    return max(block_d if on_gpu else MIN_BLOCK_DV, next_pow2(DV))
+
+
 MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
 LOG2E = 1.4426950408889634
 
@@ -265,7 +278,8 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
         out = torch.empty(T, H * DV, device=qkv.device, dtype=qkv.dtype)
     if T == 0 or max_seqlen == 0:
         return out
-    bd, bdv = max(16, next_pow2(D)), max(16, next_pow2(DV))
+    bd = max(16, next_pow2(D))
+    bdv = v_block(DV, bd, qkv.is_cuda)
     one, bm, bn, warps, stages = _config or _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda)
     grid = (triton.cdiv(max_seqlen, bm), H, B)
     pdl = pdl_on(qkv)

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import EtformerError
 from ._common import HAS_TRITON, check_tensor, interpreting, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
-from .attention import LOG2E, attention_reference, check_attention_inputs
+from .attention import LOG2E, attention_reference, check_attention_inputs, v_block
 
 if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
@@ -160,7 +160,8 @@ def attention_proj_partials(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     bm, bn, nch, bno, warps, stages = _config or _launch(max_seqlen, qkv.is_cuda)
     cw = triton.cdiv(HID, max(1, nch) * bno) * bno  # the kernel's chunk width; no chunk is left empty
     nch = triton.cdiv(HID, cw)
-    bdv = max(16, next_pow2(DV))
+    bd = max(16, next_pow2(D))
+    bdv = v_block(DV, bd, qkv.is_cuda)
     pdl = pdl_on(qkv)
     prefetch = qkv.is_cuda and not interpreting()
     line = 128 // qkv.element_size()
@@ -169,7 +170,7 @@ def attention_proj_partials(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     _attn_proj_kernel[grid](
         qkv, cu_seqlens, w_o, out, kb if kb is not None else qkv, T, kb.stride(0) if kb is not None else 0,
         scale * LOG2E,
-        H=H, D=D, DV=DV, HID=HID, QKV_W=QKV_W, BM=bm, BN=bn, BD=max(16, next_pow2(D)), BDV=bdv, NCH=nch, BNO=bno,
+        H=H, D=D, DV=DV, HID=HID, QKV_W=QKV_W, BM=bm, BN=bn, BD=bd, BDV=bdv, NCH=nch, BNO=bno,
         CAUSAL=causal, HAS_BIAS=kb is not None, KEY_MASK=key_mask is not None,
         FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda, PDL=pdl, PREFETCH=prefetch,
         LINES=max(1, bdv // line), LINE=line, num_warps=warps, num_stages=stages, **pdl_kwargs(pdl),

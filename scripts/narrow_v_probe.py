@@ -1,0 +1,35 @@
+"""Attention with V heads narrower than Q/K on the GPU, one configuration per process (an illegal memory access
+ends the CUDA context, so a sweep runs this once per line):
+
+    python3 scripts/narrow_v_probe.py DV S B MIN_BLOCK_DV
+
+12 heads of 64, fp16, B sequences of S tokens; MIN_BLOCK_DV overrides the launcher's narrowest V block. Prints the
+relative error against attention_reference, or the error raised.
+(benchmarks/results/h200/reorder/narrow_v_diag.log)
+"""
+import importlib
+import sys
+
+import torch
+
+A = importlib.import_module("etformer.kernels.attention")  # the module (etformer.kernels re-exports the function)
+
+
+def main(DV: int, S: int, B: int, min_block_dv: int) -> None:
+    A.MIN_BLOCK_DV = min_block_dv
+    torch.manual_seed(0)
+    H, D, T = 12, 64, B * S
+    qkv = torch.randn(T, 2 * H * D + H * DV, device="cuda", dtype=torch.float16)
+    cu = torch.arange(0, T + 1, S, device="cuda", dtype=torch.int32)
+    tag = f"DV={DV} S={S} B={B} MIN_BLOCK_DV={min_block_dv}"
+    try:
+        y = A.attention(qkv, cu, S, H, D, v_head_dim=DV)
+        torch.cuda.synchronize()
+        r = A.attention_reference(qkv, cu, H, D, v_head_dim=DV)
+        print(f"{tag}: rel {float((y.float() - r.float()).norm() / r.float().norm()):.2e}")
+    except Exception as e:  # the failure is the result
+        print(f"{tag}: {type(e).__name__} {str(e).splitlines()[0][:80]}")
+
+
+if __name__ == "__main__":
+    main(*map(int, sys.argv[1:5]))
