@@ -53,6 +53,11 @@ for part in "$@"; do
       python3 scripts/flat_ab.py "$OUT/flat" 2>&1 | grep -v -i warn | tail -70 ;;
     flattests)  # the tile-kernel tests alone (the persistent kernel among them), on the GPU
       timeout 300 python3 -m pytest -q -x tests/test_kernels.py -k "tile_linear or flat" 2>&1 | tail -3 ;;
+    reorder)  # the pruned-V reordering against full-width V (V rows at 50%, 25%, 75%), then the narrow-V probe
+      python3 scripts/reorder_ab.py "$OUT/reorder" 2>&1 | grep -v -i warn | tail -25
+      for a in "16 128 8 16" "16 128 8 64" "32 128 8 16" "32 512 8 16" "48 128 8 16"; do
+        timeout 60 python3 scripts/narrow_v_probe.py $a 2>&1 | grep "^DV="
+      done | tee "$OUT/reorder/narrow_v_probe.log" ;;
     sparsemin)  # dense copy against tiles for pruned matrices from 512 to 8192 tokens (SPARSE_MIN_TOKENS[_LOW])
       python3 scripts/sparse_min_tokens_ab.py "$OUT/sparsemin" 2>&1 | grep -v -i warn | tail -20 ;;
     varlenerr)  # relative error of padded batches against HF fp32 with one engine switch flipped at a time
