@@ -59,8 +59,8 @@ def prune(args, console) -> dict:
     check_out_dir(args.out, args.overwrite)
     device = _device(args.device)
     cfg = RecipeConfig(plan=plan, task=args.task, method=args.method, dense_epochs=args.dense_epochs,
-                       epochs=args.epochs, lr=args.lr, sparse_lr=args.sparse_lr, lam=args.lam, rho=args.rho, batch_size=args.batch_size,
-                       max_len=args.max_len,
+                       epochs=args.epochs, lr=args.lr, sparse_lr=args.sparse_lr, lam=args.lam, rho=args.rho,
+                       batch_size=args.batch_size, max_len=args.max_len,
                        max_steps=args.max_steps, train_limit=args.train_limit, seed=args.seed, device=device,
                        glue_dir=args.glue_dir, distill_tasks=_task_list(args.distill_tasks),
                        distill_limit=args.distill_limit,
@@ -108,10 +108,10 @@ def prune(args, console) -> dict:
     meta = {
         "etformer_version": _version(), "base_model": model_path, "task": cfg.task, "method": cfg.method,
         "plan": plan.to_json(),
-        "training": {**{k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "sparse_lr", "lam", "eps", "refresh_every",
-                                                      "rho", "batch_size", "max_len", "max_steps", "train_limit",
-                                                      "distill_tasks", "distill_limit", "distill_hidden", "kd",
-                                                      "seed")}, "new_head": head},
+        "training": {**{k: getattr(cfg, k) for k in ("dense_epochs", "epochs", "lr", "sparse_lr", "lam", "eps",
+                                                      "refresh_every", "rho", "batch_size", "max_len", "max_steps",
+                                                      "train_limit", "distill_tasks", "distill_limit", "distill_hidden",
+                                                      "kd", "seed")}, "new_head": head},
         "metrics": {"dense": _clean(dense), "pruned": _clean(pruned)},
         "sparsity": report, "pruned_matrices": sorted(masks), "seconds": round(elapsed, 1), "machine": machine_line(device),
     }
