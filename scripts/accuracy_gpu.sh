@@ -13,6 +13,13 @@ run() {
   cp "/tmp/acc-$name/etformer.json" "$OUT/$name.json" 2>/dev/null
   grep -E "^dense|pruned \(|wrote|rror|real" "$OUT/$name.log" | sed "s/^/$name: /"
 }
+# MRPC with a new head (gmp, 3 dense epochs, logit and hidden-state distillation), the sparse stages also distilling
+# on the unlabelled pairs of AUG: aug NAME ARGS...
+AUG=stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test
+aug() {
+  local name=$1; shift
+  TASK=mrpc run "$name" --method gmp --head --dense-epochs 3 --kd 1 --distill-hidden --distill-tasks "$AUG" "$@"
+}
 case ${SET:-methods} in
   methods)  # RGL and ADMM on the larger corpus, batch 128 (and RGL distilling every layer)
     run rgl_corpus --method rgl --distill-tasks "$CORPUS" --distill-limit "$LIMIT" --batch-size 128 --epochs "$EPOCHS" &
@@ -109,72 +116,53 @@ case ${SET:-methods} in
             # (STS-B and RTE train and test, QNLI dev and test; MRPC's own test split is left out), 1 and 2 epochs
             # over that larger set
     for seed in 0 1 2; do
-      for e in 1 2; do
-        TASK=mrpc run mrpc_head_gmp50_aug_e${e}_seed$seed --method gmp --head --dense-epochs 3 --epochs $e --kd 1 \
-          --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --seed $seed &
-      done
+      for e in 1 2; do aug mrpc_head_gmp50_aug_e${e}_seed$seed --epochs $e --seed $seed & done
     done ;;
   mrpcaug2)  # the mrpcaug corpus, 2 epochs, seeds 0-2: with 32x32 tiles, and with attention at 34% and the FFN at 60%
     for seed in 0 1 2; do
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e2_seed$seed --method gmp --head --dense-epochs 3 --epochs 2 --kd 1 \
-        --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 --seed $seed &
-      TASK=mrpc run mrpc_head_gmp_attn34_ffn60_aug_e2_seed$seed --method gmp --head --dense-epochs 3 --epochs 2 \
-        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test \
-        --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e2_seed$seed --epochs 2 --tile 32x32 --seed $seed &
+      aug mrpc_head_gmp_attn34_ffn60_aug_e2_seed$seed --epochs 2 --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
     done ;;
   mrpcaug3)  # the mrpcaug corpus with 32x32 tiles, seeds 0-2: also attention 34% / FFN 60%; and 3 epochs, uniform
     for seed in 0 1 2; do
-      TASK=mrpc run mrpc_head_gmp_attn34_ffn60_t32_aug_e2_seed$seed --method gmp --head --dense-epochs 3 --epochs 2 \
-        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
+      aug mrpc_head_gmp_attn34_ffn60_t32_aug_e2_seed$seed --epochs 2 --tile 32x32 \
         --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e3_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 --kd 1 \
-        --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e3_seed$seed --epochs 3 --tile 32x32 --seed $seed &
     done ;;
   mrpcaug4)  # the mrpcaug corpus with 32x32 tiles, seeds 0-2: 4 and 5 epochs (3 gave 80.25 against 81.63)
     for seed in 0 1 2; do
-      for e in 4 5; do
-        TASK=mrpc run mrpc_head_gmp50_t32_aug_e${e}_seed$seed --method gmp --head --dense-epochs 3 --epochs $e --kd 1 \
-          --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 --seed $seed &
-      done
+      for e in 4 5; do aug mrpc_head_gmp50_t32_aug_e${e}_seed$seed --epochs $e --tile 32x32 --seed $seed & done
     done ;;
   mrpcaug5)  # the best mrpcaug recipe (32x32 tiles, 3 epochs) with the dense fine-tune at lr 1e-4 (85.04 mean F1 at
             # seeds 0-2 against 81.63 at 3e-4): the sparse stages at 3e-4 (seeds 0-4) and at 1e-4 (seeds 0-2)
     for seed in 0 1 2 3 4; do
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr3e-4_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 \
-        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
-        --lr 1e-4 --sparse-lr 3e-4 --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr3e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 3e-4 \
+        --seed $seed &
     done
     for seed in 0 1 2; do
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e3_lr1e-4_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 \
-        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
-        --lr 1e-4 --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --seed $seed &
     done ;;
   mrpcaug6)  # as mrpcaug5's better recipe (dense at 1e-4, sparse at 3e-4; 83.75 against 85.39 over seeds 0-4):
             # 4 sparse epochs (seeds 0-4), and the sparse stages at 2e-4 (3 epochs, seeds 0-2)
     for seed in 0 1 2 3 4; do
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e4_lr1e-4_slr3e-4_seed$seed --method gmp --head --dense-epochs 3 --epochs 4 \
-        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
-        --lr 1e-4 --sparse-lr 3e-4 --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e4_lr1e-4_slr3e-4_seed$seed --epochs 4 --tile 32x32 --lr 1e-4 --sparse-lr 3e-4 \
+        --seed $seed &
     done
     for seed in 0 1 2; do
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 \
-        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
-        --lr 1e-4 --sparse-lr 2e-4 --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 \
+        --seed $seed &
     done ;;
   mrpcaug7)  # dense at 1e-4, sparse at 2e-4 (mrpcaug6: 83.91 against 85.04 over seeds 0-2): seeds 3 and 4; 4 sparse
             # epochs (seeds 0-2); and the sparse stages at 1.5e-4 (3 epochs, seeds 0-2)
     for seed in 3 4; do
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --method gmp --head --dense-epochs 3 --epochs 3 \
-        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
-        --lr 1e-4 --sparse-lr 2e-4 --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 \
+        --seed $seed &
     done
     for seed in 0 1 2; do
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e4_lr1e-4_slr2e-4_seed$seed --method gmp --head --dense-epochs 3 --epochs 4 \
-        --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
-        --lr 1e-4 --sparse-lr 2e-4 --seed $seed &
-      TASK=mrpc run mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr1.5e-4_seed$seed --method gmp --head --dense-epochs 3 \
-        --epochs 3 --kd 1 --distill-hidden --distill-tasks stsb,rte,qnli:dev,qnli:test,stsb:test,rte:test --tile 32x32 \
-        --lr 1e-4 --sparse-lr 1.5e-4 --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e4_lr1e-4_slr2e-4_seed$seed --epochs 4 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 \
+        --seed $seed &
+      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr1.5e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 1.5e-4 \
+        --seed $seed &
     done ;;
 esac
 wait
