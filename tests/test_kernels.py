@@ -176,6 +176,8 @@ def _sdpa_peer(qkv, cu, H, D, DV, causal, bias):
     ([33], 1, 200, True, False),            # head dim 200: padded to 256 inside
     ([50, 9], 2, 80, False, True),
     ([300], 1, 96, False, False),
+    ([128, 100], 2, 128, False, True),      # one-pass with a 128-key block, at the other head widths
+    ([120, 3], 2, 32, True, False),
 ])
 def test_attention(dtype, lens, H, D, causal, bias):
     qkv, cu = _qkv(lens, H, D, dtype)
