@@ -18,10 +18,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_bert(layers=2, hidden=64, heads=4, inter=128, seed=0, **kw):
+def tiny_bert(layers=2, hidden=64, heads=4, inter=128, seed=0, positions=64, **kw):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=inter, max_position_embeddings=64, **kw)
+                     intermediate_size=inter, max_position_embeddings=positions, **kw)
     return BertModel(cfg).eval()

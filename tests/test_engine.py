@@ -126,6 +126,35 @@ def test_cli_eval_engine_et(glue_dir, tmp_path):
 
 
 @needs_triton
+def test_compact_v_at_one_pass_lengths():
+    """Heads of 64 with a quarter of V's rows kept (compact width 16) at 100 and 128 tokens: the one-pass attention
+    kernel's 128-key block beside a V narrower than Q/K, which faulted on the H200 before the V block was padded to
+    the Q/K block there. Against HF, and against the same engine with V at full width."""
+    from conftest import tiny_bert
+
+    model = tiny_bert(layers=1, hidden=128, heads=2, inter=256, positions=128)
+    plan = PruningPlan.attention_aware(0.5, (16, 16), v_sparsity=0.75)
+    with torch.no_grad():
+        for p, mask in hard_masks(model, plan).values():
+            p.mul_(mask)
+        model.encoder.layer[0].attention.self.value.weight.view(2, 64, 128)[:, 16:] = 0  # 16 rows a head kept
+    dt = torch.float16 if DEVICE == "cuda" else torch.float32
+    enc = optimize(model, plan, dtype=dt, device=DEVICE, backend="triton")
+    full = optimize(model, plan, dtype=dt, device=DEVICE, backend="triton", pruned_v=False)
+    assert enc.layers[0].v_width == 16 and full.layers[0].v_width == 64
+    ids = torch.randint(1, 100, (2, 128))
+    mask = torch.ones(2, 128, dtype=torch.long)
+    mask[1, 100:] = 0
+    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for e in (enc, full):
+        e.sync_free_max_tokens = 0
+    y = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.float().cpu()
+    y_full = full(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.float().cpu()
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert _rel_on_tokens(y, ref, mask) < tol and _rel_on_tokens(y, y_full, mask) < tol
+
+
+@needs_triton
 @pytest.mark.parametrize("plan", [PruningPlan.uniform("tile", 0.5, (16, 16)), PruningPlan.attention_aware(0.6, (16, 16))])
 @pytest.mark.parametrize("fused", ["", "ffn", "layer", "attn"], ids=["", "fused-ffn", "fused-layer", "attn-proj"])
 def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
