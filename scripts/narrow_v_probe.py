@@ -4,7 +4,7 @@ ends the CUDA context, so a sweep runs this once per line):
     python3 scripts/narrow_v_probe.py DV S B V_BLOCK_MIN
 
 12 heads of 64, fp16, B sequences of S tokens. The V block is max(V_BLOCK_MIN, next_pow2(DV)), replacing the
-launcher's rule (attention.v_block, which never goes below the Q/K block on the GPU), so the configurations that
+launcher's rule (attention.head_blocks, whose V block never goes below the Q/K block on the GPU), so the configurations that
 faulted before the fix can still be run. Prints the relative error against attention_reference, or the error raised.
 (benchmarks/results/h200/reorder/narrow_v_diag.log)
 """
@@ -17,7 +17,7 @@ A = importlib.import_module("etformer.kernels.attention")  # the module (etforme
 
 
 def main(DV: int, S: int, B: int, v_block_min: int) -> None:
-    A.v_block = lambda dv, block_d, on_gpu: max(v_block_min, A.next_pow2(dv))
+    A.head_blocks = lambda d, dv, on_gpu: (max(16, A.next_pow2(d)), max(v_block_min, A.next_pow2(dv)))
     torch.manual_seed(0)
     H, D, T = 12, 64, B * S
     qkv = torch.randn(T, 2 * H * D + H * DV, device="cuda", dtype=torch.float16)

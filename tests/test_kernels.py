@@ -485,10 +485,13 @@ def test_pruned_v_attention(dtype, H, D, keep):
 def test_v_block_is_never_narrower_than_the_qk_block_on_the_gpu():
     """The launchers' V block: on the GPU at least the Q/K block (narrower ones faulted in the one-pass kernel on the
     H200), in the interpreter the narrowest power of two from MIN_BLOCK_DV."""
-    from etformer.kernels.attention import MIN_BLOCK_DV, v_block
+    from etformer.kernels.attention import MIN_BLOCK_DV, head_blocks
+
+    def v_block(dv, d, on_gpu):
+        return head_blocks(d, dv, on_gpu)[1]
 
     assert [v_block(dv, 64, True) for dv in (16, 32, 48, 64)] == [64, 64, 64, 64]
-    assert v_block(32, 32, True) == 32 and v_block(16, 128, True) == 128 and v_block(200, 256, True) == 256
+    assert v_block(32, 32, True) == 32 and v_block(16, 128, True) == 128 and v_block(200, 200, True) == 256
     assert [v_block(dv, 64, False) for dv in (8, 16, 32, 48)] == [max(MIN_BLOCK_DV, 8), 16, 32, 64]
 
 

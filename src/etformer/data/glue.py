@@ -83,15 +83,21 @@ def load_split(task: str, split: str = "dev", glue_dir: str | None = None, limit
     return rows[:limit] if limit else rows
 
 
-def load_inputs(source: str, glue_dir: str | None = None) -> tuple[TaskSpec, list[tuple[str, ...]]]:
-    """Unlabelled inputs of one split, for distillation: source is "task" (its train split) or "task:split" with
-    split train, dev or test (GLUE test splits carry no labels, and only their texts are read here)."""
+def parse_source(source: str) -> tuple[TaskSpec, str]:
+    """A data source, "task" (its train split) or "task:split" with split train, dev or test: (task spec, split)."""
     task, _, split = source.partition(":")
     spec, split = task_spec(task), split or "train"
+    if split not in ("train", "dev", "test"):
+        raise EtformerError(f"{source!r}: the split after ':' must be train, dev or test")
+    return spec, split
+
+
+def load_inputs(source: str, glue_dir: str | None = None) -> tuple[TaskSpec, list[tuple[str, ...]]]:
+    """Unlabelled inputs of one split, for distillation: source as parse_source takes it (GLUE test splits carry no
+    labels, and only their texts are read here)."""
+    spec, split = parse_source(source)
     if split in ("train", "dev"):
-        return spec, [e.texts for e in load_split(task, split, glue_dir)]
-    if split != "test":
-        raise EtformerError(f"{source!r}: split must be train, dev or test")
+        return spec, [e.texts for e in load_split(spec.name, split, glue_dir)]
     root = find_glue_dir(glue_dir)
     path = os.path.join(root, spec.folder, "test.tsv") if root else None
     if not (path and os.path.isfile(path)):

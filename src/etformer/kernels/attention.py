@@ -42,9 +42,18 @@ SHORT_BLOCK_M = 64
 MIN_BLOCK_DV = 16
 
 
-def v_block(DV: int, block_d: int, on_gpu: bool) -> int:
-    """BLOCK_DV for a V head of DV columns beside Q/K blocks of block_d."""
-    return max(block_d if on_gpu else MIN_BLOCK_DV, next_pow2(DV))
+def head_blocks(D: int, DV: int, on_gpu: bool) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DV): the blocks a program holds for Q/K heads of D columns and V heads of DV."""
+    bd = max(16, next_pow2(D))
+    return bd, max(bd if on_gpu else MIN_BLOCK_DV, next_pow2(DV))
+
+
+def key_args(qkv: torch.Tensor, key_bias, key_mask) -> tuple:
+    """The attention kernels' key arguments: (bias or mask pointer, its row stride, HAS_BIAS, KEY_MASK); without
+    either, qkv stands in for the pointer the kernel never reads."""
+    kb = key_bias if key_bias is not None else key_mask
+    return (kb if kb is not None else qkv, kb.stride(0) if kb is not None else 0, kb is not None,
+            key_mask is not None)
 
 
 MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64)
@@ -278,19 +287,18 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
         out = torch.empty(T, H * DV, device=qkv.device, dtype=qkv.dtype)
     if T == 0 or max_seqlen == 0:
         return out
-    bd = max(16, next_pow2(D))
-    bdv = v_block(DV, bd, qkv.is_cuda)
+    bd, bdv = head_blocks(D, DV, qkv.is_cuda)
     one, bm, bn, warps, stages = _config or _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda)
     grid = (triton.cdiv(max_seqlen, bm), H, B)
     pdl = pdl_on(qkv)
-    kb = key_bias if key_bias is not None else key_mask
+    kb, stride_bb, has_bias, is_mask = key_args(qkv, key_bias, key_mask)
     _attn_kernel[grid](
-        qkv, out, cu_seqlens, kb if kb is not None else qkv,
-        qkv.stride(0), out.stride(0), kb.stride(0) if kb is not None else 0, q_col, k_col, v_col,
+        qkv, out, cu_seqlens, kb,
+        qkv.stride(0), out.stride(0), stride_bb, q_col, k_col, v_col,
         D, DV, scale * LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ONE_PASS=one, CAUSAL=causal,
-        HAS_BIAS=kb is not None, FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda,
-        num_warps=warps, num_stages=stages, PDL=pdl, KEY_MASK=key_mask is not None, **pdl_kwargs(pdl),
+        HAS_BIAS=has_bias, FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda,
+        num_warps=warps, num_stages=stages, PDL=pdl, KEY_MASK=is_mask, **pdl_kwargs(pdl),
     )
     return out
 

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import EtformerError
 from ._common import HAS_TRITON, check_tensor, interpreting, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
-from .attention import LOG2E, attention_reference, check_attention_inputs, v_block
+from .attention import LOG2E, attention_reference, check_attention_inputs, head_blocks, key_args
 
 if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
@@ -160,18 +160,16 @@ def attention_proj_partials(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     bm, bn, nch, bno, warps, stages = _config or _launch(max_seqlen, qkv.is_cuda)
     cw = triton.cdiv(HID, max(1, nch) * bno) * bno  # the kernel's chunk width; no chunk is left empty
     nch = triton.cdiv(HID, cw)
-    bd = max(16, next_pow2(D))
-    bdv = v_block(DV, bd, qkv.is_cuda)
+    bd, bdv = head_blocks(D, DV, qkv.is_cuda)
     pdl = pdl_on(qkv)
     prefetch = qkv.is_cuda and not interpreting()
     line = 128 // qkv.element_size()
-    kb = key_bias if key_bias is not None else key_mask
+    kb, stride_bb, has_bias, is_mask = key_args(qkv, key_bias, key_mask)
     grid = (triton.cdiv(max_seqlen, bm), H, B * nch)
     _attn_proj_kernel[grid](
-        qkv, cu_seqlens, w_o, out, kb if kb is not None else qkv, T, kb.stride(0) if kb is not None else 0,
-        scale * LOG2E,
+        qkv, cu_seqlens, w_o, out, kb, T, stride_bb, scale * LOG2E,
         H=H, D=D, DV=DV, HID=HID, QKV_W=QKV_W, BM=bm, BN=bn, BD=bd, BDV=bdv, NCH=nch, BNO=bno,
-        CAUSAL=causal, HAS_BIAS=kb is not None, KEY_MASK=key_mask is not None,
+        CAUSAL=causal, HAS_BIAS=has_bias, KEY_MASK=is_mask,
         FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda, PDL=pdl, PREFETCH=prefetch,
         LINES=max(1, bdv // line), LINE=line, num_warps=warps, num_stages=stages, **pdl_kwargs(pdl),
     )

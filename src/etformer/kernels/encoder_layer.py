@@ -34,7 +34,7 @@ import torch
 
 from ..errors import EtformerError
 from ._common import HAS_TRITON, check_tensor, interpreting, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
-from .attention import LOG2E, attention_reference, v_block
+from .attention import LOG2E, attention_reference, head_blocks
 from .layernorm import add_layernorm_reference
 from .tile_linear import _act_code, tile_linear_reference
 
@@ -307,13 +307,13 @@ def encoder_layer(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, nu
     pdl = pdl_on(x)
     prefetch = PREFETCH and x.is_cuda and not interpreting()
     fp32_dot = x.dtype == torch.float32 and not x.is_cuda
-    bd = max(16, next_pow2(D))
+    bd, bdv = head_blocks(D, DV, x.is_cuda)
     _encoder_layer_kernel[(P,)](
         x, cu_seqlens, wts[0], b_qkv, wts[1], b_o, ln1[0], ln1[1], wts[2], b_1, wts[3], b_2, ln2[0], ln2[1],
         qkv, h, f, ws, y, counter, _timings if _timings is not None else counter,
         T, cu_seqlens.numel() - 1, max(1, int(max_seqlen)), LOG2E / math.sqrt(D), eps,
         H=H, D=D, DV=DV, HID=HID, INTER=INTER, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-        BM_ATT=cfg["BM_ATT"], BN_ATT=cfg["BN_ATT"], BD=bd, BDV=v_block(DV, bd, x.is_cuda),
+        BM_ATT=cfg["BM_ATT"], BN_ATT=cfg["BN_ATT"], BD=bd, BDV=bdv,
         NCH=cfg["NCH"], BNO=cfg["BNO"], BLOCK_HID=next_pow2(HID), SPLIT=split, ACT=act, FP32_DOT=fp32_dot,
         PDL=pdl, PREFETCH=prefetch, LINE=128 // x.element_size(), TIMING=_timings is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(pdl),

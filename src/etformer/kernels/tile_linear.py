@@ -442,7 +442,7 @@ FLAT_LAUNCH: dict[tuple, tuple[int, int, int]] = {
     ((64, 64), 4096): (128, 4, 6), ((64, 64), 16384): (128, 4, 5),
 }
 # Programs of the persistent kernel in the interpreter (no SMs to count): small and odd, so lists hold several items
-# and the snake order is exercised.
+# and the greedy dealing is exercised.
 INTERPRETER_SMS = 3
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..data import load_inputs, load_split, task_spec
+from ..data import load_inputs, load_split, parse_source, task_spec
 from ..errors import EtformerError
 from ..evaluate import batches, mean_pool
 from ..models import Matrix, base_model, has_task_head, matrices
@@ -78,11 +78,8 @@ class RecipeConfig:
         task_spec(self.task)
         self.distill_tasks = tuple(dict.fromkeys(t for t in self.distill_tasks if t != self.task))
         for t in self.distill_tasks:
-            task, _, split = t.partition(":")
-            task_spec(task)
-            if split not in ("", "train", "dev", "test"):
-                raise EtformerError(f"distill task {t!r}: the split after ':' must be train, dev or test")
-            if task_spec(task).name == task_spec(self.task).name and split in ("", "train", "dev"):
+            spec, split = parse_source(t)
+            if spec.name == task_spec(self.task).name and split in ("train", "dev"):
                 raise EtformerError(f"distill task {t!r}: the task's own train split is already in, and its dev "
                                     f"split is what it is scored on")
         if self.distill_limit is not None and self.distill_limit < 1:
@@ -154,28 +151,26 @@ def _training_items(cfg: RecipeConfig, distill: bool) -> list[tuple]:
     rng = random.Random(cfg.seed)
     if cfg.train_limit:
         ex = rng.sample(ex, min(cfg.train_limit, len(ex)))
+
+    def capped(extra: list) -> list:  # one distillation source, sampled down to distill_limit if set
+        return rng.sample(extra, cfg.distill_limit) if cfg.distill_limit and len(extra) > cfg.distill_limit else extra
+
     if distill:  # sentences one by one, as an embedding model sees them
         sentences = {t for e in ex for t in e.texts}
         for source in cfg.distill_tasks:
-            extra = sorted({t for texts in load_inputs(source, cfg.glue_dir)[1] for t in texts})
-            if cfg.distill_limit and len(extra) > cfg.distill_limit:
-                extra = rng.sample(extra, cfg.distill_limit)
-            sentences.update(extra)
+            sentences.update(capped(sorted({t for texts in load_inputs(source, cfg.glue_dir)[1] for t in texts})))
         return [((t,), None) for t in sorted(sentences)]
     items = [(e.texts, e.label) for e in ex]
     if cfg.distill_tasks and not (cfg.kd > 0 or cfg.distill_hidden):
         raise EtformerError("with a task head, distill_tasks adds unlabelled examples that learn from the dense model "
                             "only: set kd and/or distill_hidden")
     for source in cfg.distill_tasks:
-        other = task_spec(source.partition(":")[0])
+        other = parse_source(source)[0]
         if other.is_pair != spec.is_pair:
             form = {True: "sentence pairs", False: "single sentences"}
             raise EtformerError(f"{source} gives {form[other.is_pair]} but {spec.name} takes {form[spec.is_pair]}; a "
                                 f"task head's distillation data must have its task's form")
-        extra = sorted(set(load_inputs(source, cfg.glue_dir)[1]))
-        if cfg.distill_limit and len(extra) > cfg.distill_limit:
-            extra = rng.sample(extra, cfg.distill_limit)
-        items.extend((t, None) for t in extra)
+        items.extend((t, None) for t in capped(sorted(set(load_inputs(source, cfg.glue_dir)[1]))))
     return items
 
 
