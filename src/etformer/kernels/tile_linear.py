@@ -189,21 +189,23 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
         TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
+        BIAS_EARLY: tl.constexpr = True,
     ):
         pid_m, r, lo, hi = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M, GROUP_M, DENSE_W)
         # The small-batch path (DENSE_W) fetches the bias, a parameter and no kernel's output, before the PDL wait and
         # the K loop: its kernels are latency-bound chains (small_latency_bias.json: 258.0 -> 243.6 us at B=1, S=32,
         # 369.7 -> 357.2 at 1 x 256). The tile kernels keep the load in the epilogue: a later kernels run had the
         # short-loop, low-density shapes 7-17% slower with it there (kernels_bias_early/), not measured side by side.
-        if HAS_BIAS and DENSE_W:
+        # BIAS_EARLY=False reads it in the epilogue in every form (the earlier kernel, for scripts/small_latency_ab.py).
+        if HAS_BIAS and DENSE_W and BIAS_EARLY:
             bcols = r * BN + tl.arange(0, BN)
             bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
                         BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
-        if HAS_BIAS and DENSE_W:
+        if HAS_BIAS and DENSE_W and BIAS_EARLY:
             acc += bias[None, :]
         _epilogue(acc, pid_m * BLOCK_M, r * BN, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
-                  BLOCK_M, BN, HAS_BIAS and not DENSE_W, ACT, HAS_RES, TMA_STORE)
+                  BLOCK_M, BN, HAS_BIAS and not (DENSE_W and BIAS_EARLY), ACT, HAS_RES, TMA_STORE)
 
 
     @triton.jit
