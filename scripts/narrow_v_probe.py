@@ -7,6 +7,12 @@ ends the CUDA context, so a sweep runs this once per line):
 launcher's rule (attention.head_blocks, whose V block never goes below the Q/K block on the GPU), so the configurations that
 faulted before the fix can still be run. Prints the relative error against attention_reference, or the error raised.
 (benchmarks/results/h200/reorder/narrow_v_diag.log)
+
+    python3 scripts/narrow_v_probe.py --ptx
+
+No GPU needed: compiles the one-pass kernel (64 query rows, 128-key block, heads of 64, 4 warps) for sm_90 with V
+blocks of 16, 32 and 64 and prints how the compiled forms differ: shared memory, the shared layouts' swizzle widths
+and the PV product's wgmma shape (benchmarks/results/cpu/narrow_v_ptx.log).
 """
 import importlib
 import sys
@@ -32,5 +38,32 @@ def main(DV: int, S: int, B: int, v_block_min: int) -> None:
         print(f"{tag}: {type(e).__name__} {str(e).splitlines()[0][:80]}")
 
 
+def ptx_forms() -> None:
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    C = "constexpr"
+    sig = {"qkv_ptr": "*fp16", "out_ptr": "*fp16", "cu_ptr": "*i32", "bias_ptr": "*fp16", "stride_t": "i32",
+           "stride_o": "i32", "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C, "DV": C,
+           "qk_scale": "fp32", "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C,
+           "HAS_BIAS": C, "FP32_DOT": C, "PDL": C, "KEY_MASK": C}
+    for bdv in (16, 32, 64):
+        k = triton.compile(ASTSource(fn=A._attn_kernel, signature=sig, constexprs={
+            "D": 64, "DV": min(bdv, 32), "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64, "BLOCK_DV": bdv,
+            "ONE_PASS": True, "CAUSAL": False, "HAS_BIAS": False, "FP32_DOT": False, "PDL": True,
+            "KEY_MASK": False}), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
+        ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
+        swizzles = sorted({int(x) for x in re.findall(r"swizzlingByteWidth = (\d+)", ttgir)})
+        shapes = re.findall(r"instrShape = \[([\d, ]+)\]", ttgir)
+        print(f"Triton {triton.__version__}, BLOCK_DV {bdv}: shared {k.metadata.shared} bytes, swizzle widths "
+              f"{swizzles}, wgmma instruction shapes {shapes}, {ptx.count('wgmma.mma_async')} wgmma in the PTX")
+
+
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:5]))
+    if sys.argv[1:] == ["--ptx"]:
+        ptx_forms()
+    else:
+        main(*map(int, sys.argv[1:5]))

@@ -14,18 +14,13 @@ import sys
 
 import torch
 
-from etformer.bench.run import make_inputs, model_shape
+from etformer.bench.run import _rel as rel, make_inputs, model_shape
 from etformer.bench.timing import env_info
 from etformer.engine import optimize
 from etformer.sparse.tiles import atomic_write_json
 
 E = importlib.import_module("etformer.engine.encoder")
 KC = importlib.import_module("etformer.kernels._common")
-
-
-def rel(y, ref, mask):
-    m = mask.bool()
-    return float((y.float()[m] - ref[m]).norm() / ref[m].norm())
 
 
 def main(out_dir):

@@ -482,7 +482,7 @@ def test_pruned_v_attention(dtype, H, D, keep):
         assert torch.equal(y[:, pruned_cols], bv[pruned_cols].to(dtype).expand(y.shape[0], -1))
 
 
-def test_v_block_is_never_narrower_than_the_qk_block_on_the_gpu():
+def test_head_blocks_v_never_narrower_than_qk_on_the_gpu():
     """The launchers' V block: on the GPU at least the Q/K block (narrower ones faulted in the one-pass kernel on the
     H200), in the interpreter the narrowest power of two from MIN_BLOCK_DV."""
     from etformer.kernels.attention import MIN_BLOCK_DV, head_blocks
