@@ -68,7 +68,7 @@ def test_plan_sparsity_by_kind():
     names = encoder_linears(model)
     for name, (p, m) in hard_masks(model, plan).items():
         assert float((~m).float().mean()) == plan.sparsity(names[name][0])
-    for bad, why in (("qq=0.5", "KIND=VALUE"), ("ffn", "KIND=VALUE"), ("q=half", "value"), ("q=1.5", "")):
+    for bad, why in (("qq=0.5", "KIND=VALUE"), ("ffn", "KIND=VALUE"), ("q=half", "value"), ("q=1.5", r"in \[0, 1\)")):
         with pytest.raises(EtformerError, match=why):
             PruningPlan.uniform("tile", 0.5).with_sparsities(bad)
 
