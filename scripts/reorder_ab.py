@@ -12,7 +12,6 @@ half their 64x64 tiles) and with V at 25% and 75%. Both engines are checked agai
     python3 scripts/reorder_ab.py OUT_DIR
 """
 import copy
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from etformer.bench.run import GATE, _rel, make_inputs, model_shape
 from etformer.bench.timing import env_info, time_cuda
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
-from etformer.sparse.tiles import atomic_write, atomic_write_json
+from etformer.sparse.tiles import atomic_write_json, atomic_write_text
 
 SHAPES = [(1, 128, False), (8, 128, False), (32, 128, False), (8, 512, False), (32, 512, False), (32, 512, True)]
 V_SPARSITIES = (0.5, 0.25, 0.75)
@@ -73,7 +72,7 @@ def main(out_dir: str) -> int:
     md += [f"| {r['v_sparsity']:.0%} | {r['compact_v_width']} | {r['batch']} | {r['seq']} | "
            f"{'yes' if r['varlen'] else 'no'} | {r['reordered_us']:.1f} | {r['plain_us']:.1f} | {r['speedup']:.3f} |"
            for r in rows]
-    atomic_write(os.path.join(out_dir, "reorder_ab.md"), "\n".join(md) + "\n")
+    atomic_write_text(os.path.join(out_dir, "reorder_ab.md"), "\n".join(md) + "\n")
     if bad:
         print(f"{bad} engine outputs failed the gate")
     return 1 if bad else 0

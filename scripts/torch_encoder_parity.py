@@ -24,7 +24,7 @@ from torch import nn
 from etformer import optimize
 from etformer.bench.timing import env_info
 from etformer.bench.torch_encoders import prune_tiles, torch_encoder
-from etformer.sparse.tiles import atomic_write_json
+from etformer.sparse.tiles import atomic_write_json, atomic_write_text
 
 D, HEADS, FFN, LAYERS, TILE = 800, 4, 3200, 2, (128, 64)
 LENGTHS = [128, 64, 97, 128, 5, 128, 77, 1]
@@ -108,10 +108,7 @@ def main(out_dir):
                      f"{'yes' if a['ok'] and b['ok'] else 'NO'} |")
     lines += ["", f"All within the bar: {'yes' if ok else 'NO'}."]
 
-    def wm(tmp):
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    atomic_write(os.path.join(out_dir, "torch_encoder_parity.md"), wm)
+    atomic_write_text(os.path.join(out_dir, "torch_encoder_parity.md"), "\n".join(lines) + "\n")
     print("all ok" if ok else "SOME CONFIGURATIONS MISSED THE BAR", f"({time.time() - t0:.0f} s)")
     return 0 if ok else 1
 

@@ -134,3 +134,17 @@ def test_atomic_write_json_keeps_the_old_file_on_failure(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
     atomic_write_json(str(p), {"b": [2, 3]}, indent=2)
     assert json.loads(p.read_text()) == {"b": [2, 3]}
+
+
+def test_atomic_write_text_replaces_whole_and_rejects_non_text(tmp_path):
+    """atomic_write_text writes the string exactly, replaces an older file, and refuses bytes without touching it."""
+    from etformer.sparse.tiles import atomic_write_text
+
+    p = tmp_path / "r.md"
+    atomic_write_text(str(p), "| a |\n|---|\n")
+    atomic_write_text(str(p), "second\n")
+    assert p.read_text() == "second\n"
+    with pytest.raises(TypeError, match="str"):
+        atomic_write_text(str(p), b"bytes")
+    assert p.read_text() == "second\n"
+    assert [f.name for f in tmp_path.iterdir()] == ["r.md"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..kernels.attention import attention, attention_flops
 from ..kernels.tile_linear import flops as tl_flops
 from ..kernels.tile_linear import min_bytes, tile_linear
-from ..sparse.tiles import TileSparseWeight, atomic_write, atomic_write_json
+from ..sparse.tiles import TileSparseWeight, atomic_write_json, atomic_write_text
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 
 SHAPES = {"qkv": (768, 2304), "ffn_in": (768, 3072), "ffn_out": (3072, 768)}
@@ -167,11 +167,7 @@ def main(argv=None):
     atomic_write_json(os.path.join(a.out, "kernels.json"), res)
     md = to_markdown(res)
 
-    def wm(tmp):
-        with open(tmp, "w") as f:
-            f.write(md)
-
-    atomic_write(os.path.join(a.out, "kernels.md"), wm)
+    atomic_write_text(os.path.join(a.out, "kernels.md"), md)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import EtformerError
 from ..pruning import PruningPlan, apply_plan
 from ..pruning.plan import DEFAULT_TILE
-from ..sparse.tiles import atomic_write, atomic_write_json
+from ..sparse.tiles import atomic_write, atomic_write_json, atomic_write_text
 from . import peers as P
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 
@@ -220,11 +220,7 @@ def write_reports(res: dict, out: str, command: str) -> None:
     atomic_write_json(os.path.join(out, "bench.json"), res)
     md = to_markdown(res)
 
-    def wm(tmp):
-        with open(tmp, "w") as f:
-            f.write(md)
-
-    atomic_write(os.path.join(out, "bench.md"), wm)
+    atomic_write_text(os.path.join(out, "bench.md"), md)
     try:
         plots(res, out)
     except Exception as e:  # a plot is not worth losing the numbers for

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..engine.torch_encoder import optimize_torch_encoder
-from ..sparse.tiles import atomic_write, atomic_write_json
+from ..sparse.tiles import atomic_write_json, atomic_write_text
 from .peers import GraphCache, TorchLayerStack
 from .timing import env_info, floor_us, measure_peaks, time_cuda
 from .torch_encoders import prune_tiles, torch_encoder
@@ -124,11 +124,7 @@ def main(argv=None):
                      + (f"{r['median_us']:.1f} | {r['floor_us']:.1f} | {r['speedup_vs_best_peer']:.2f} | |" if r["ok"]
                         else f"– | – | – | {r['error']} |"))
 
-    def wm(tmp):
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
-
-    atomic_write(os.path.join(a.out, "transformer800.md"), wm)
+    atomic_write_text(os.path.join(a.out, "transformer800.md"), "\n".join(lines) + "\n")
     return 0
 
 

@@ -230,6 +230,17 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a string to path through atomic_write."""
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text takes a str, not {type(text).__name__}")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def atomic_write_json(path: str, obj, indent: int = 1) -> None:
     """json.dump obj to path through atomic_write."""
     import json
