@@ -36,7 +36,8 @@ def recipe_of(name: str) -> str:
 
 
 def means(runs) -> list[str]:
-    """One row per recipe with two or more seeds: the mean dense and pruned scores and the gap's mean and spread."""
+    """One row per recipe with two or more seeds: the mean dense and pruned scores, the gap's mean, standard deviation
+    and standard error (sd / sqrt(seeds)), and how many seeds' gaps are at most one point."""
     groups = {}
     for name, d in runs:
         groups.setdefault(recipe_of(name), []).append(d)
@@ -48,8 +49,11 @@ def means(runs) -> list[str]:
         pruned = [d["metrics"]["pruned"]["value"] for d in ds]
         gaps = [a - b for a, b in zip(dense, pruned)]
         seeds = ",".join(str(d["training"].get("seed", 0)) for d in sorted(ds, key=lambda d: d["training"].get("seed", 0)))
+        sd = statistics.stdev(gaps)
+        within = sum(g <= 1.0 for g in gaps)
         rows.append((statistics.mean(gaps), f"| {rec} | {seeds} | {statistics.mean(dense):.2f} | "
-                     f"{statistics.mean(pruned):.2f} | {statistics.mean(gaps):+.2f} | {statistics.stdev(gaps):.2f} |"))
+                     f"{statistics.mean(pruned):.2f} | {statistics.mean(gaps):+.2f} | {sd:.2f} | "
+                     f"{sd / len(gaps) ** 0.5:.2f} | {within} of {len(gaps)} |"))
     return [r for _, r in sorted(rows)]
 
 
@@ -94,9 +98,10 @@ def main(paths):
         print()
         by_recipe = means(sel)
         if by_recipe:
-            print("By recipe, over its seeds (gap = dense − pruned of each seed, then mean and standard deviation):\n")
-            print("| recipe | seeds | mean dense | mean pruned | mean gap | gap sd |")
-            print("|---|---|---|---|---|---|")
+            print("By recipe, over its seeds (gap = dense − pruned of each seed, then its mean, standard deviation and "
+                  "standard error; the seeds whose gap is at most one point):\n")
+            print("| recipe | seeds | mean dense | mean pruned | mean gap | gap sd | gap s.e. | seeds within a point |")
+            print("|---|---|---|---|---|---|---|---|")
             print("\n".join(by_recipe))
             print()
 
