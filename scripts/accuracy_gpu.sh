@@ -20,6 +20,11 @@ aug() {
   local name=$1; shift
   TASK=mrpc run "$name" --method gmp --head --dense-epochs 3 --kd 1 --distill-hidden --distill-tasks "$AUG" "$@"
 }
+# aug_seeds "SEEDS" NAME ARGS...: aug NAME_seedS ARGS --seed S for each seed, side by side
+aug_seeds() {
+  local seeds=$1 name=$2 seed; shift 2
+  for seed in $seeds; do aug "${name}_seed$seed" "$@" --seed "$seed" & done
+}
 case ${SET:-methods} in
   methods)  # RGL and ADMM on the larger corpus, batch 128 (and RGL distilling every layer)
     run rgl_corpus --method rgl --distill-tasks "$CORPUS" --distill-limit "$LIMIT" --batch-size 128 --epochs "$EPOCHS" &
@@ -135,64 +140,33 @@ case ${SET:-methods} in
     done ;;
   mrpcaug5)  # the best mrpcaug recipe (32x32 tiles, 3 epochs) with the dense fine-tune at lr 1e-4 (85.04 mean F1 at
             # seeds 0-2 against 81.63 at 3e-4): the sparse stages at 3e-4 (seeds 0-4) and at 1e-4 (seeds 0-2)
-    for seed in 0 1 2 3 4; do
-      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr3e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 3e-4 \
-        --seed $seed &
-    done
-    for seed in 0 1 2; do
-      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --seed $seed &
-    done ;;
+    aug_seeds "0 1 2 3 4" mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr3e-4 --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 3e-4
+    aug_seeds "0 1 2" mrpc_head_gmp50_t32_aug_e3_lr1e-4 --epochs 3 --tile 32x32 --lr 1e-4 ;;
   mrpcaug6)  # as mrpcaug5's better recipe (dense at 1e-4, sparse at 3e-4; 83.75 against 85.39 over seeds 0-4):
             # 4 sparse epochs (seeds 0-4), and the sparse stages at 2e-4 (3 epochs, seeds 0-2)
-    for seed in 0 1 2 3 4; do
-      aug mrpc_head_gmp50_t32_aug_e4_lr1e-4_slr3e-4_seed$seed --epochs 4 --tile 32x32 --lr 1e-4 --sparse-lr 3e-4 \
-        --seed $seed &
-    done
-    for seed in 0 1 2; do
-      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 \
-        --seed $seed &
-    done ;;
+    aug_seeds "0 1 2 3 4" mrpc_head_gmp50_t32_aug_e4_lr1e-4_slr3e-4 --epochs 4 --tile 32x32 --lr 1e-4 --sparse-lr 3e-4
+    aug_seeds "0 1 2" mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4 --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 ;;
   mrpcaug7)  # dense at 1e-4, sparse at 2e-4 (mrpcaug6: 83.91 against 85.04 over seeds 0-2): seeds 3 and 4; 4 sparse
             # epochs (seeds 0-2); and the sparse stages at 1.5e-4 (3 epochs, seeds 0-2)
-    for seed in 3 4; do
-      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 \
-        --seed $seed &
-    done
-    for seed in 0 1 2; do
-      aug mrpc_head_gmp50_t32_aug_e4_lr1e-4_slr2e-4_seed$seed --epochs 4 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 \
-        --seed $seed &
-      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr1.5e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 1.5e-4 \
-        --seed $seed &
-    done ;;
+    aug_seeds "3 4" mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4 --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4
+    aug_seeds "0 1 2" mrpc_head_gmp50_t32_aug_e4_lr1e-4_slr2e-4 --epochs 4 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4
+    aug_seeds "0 1 2" mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr1.5e-4 --epochs 3 --tile 32x32 --lr 1e-4 \
+      --sparse-lr 1.5e-4 ;;
   mrpcaug8)  # dense at 1e-4, sparse at 2e-4, 3 epochs (83.97 against 85.39 over seeds 0-4, uniform 50% in 32x32):
             # attention at 34% and the FFN at 60% (seeds 0-4), and uniform 50% in 16x16 tiles (seeds 0-2)
-    for seed in 0 1 2 3 4; do
-      aug mrpc_head_gmp_attn34_ffn60_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 \
-        --sparse-lr 2e-4 --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
-    done
-    for seed in 0 1 2; do
-      aug mrpc_head_gmp50_t16_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --tile 16x16 --lr 1e-4 --sparse-lr 2e-4 \
-        --seed $seed &
-    done ;;
+    aug_seeds "0 1 2 3 4" mrpc_head_gmp_attn34_ffn60_t32_aug_e3_lr1e-4_slr2e-4 --epochs 3 --tile 32x32 --lr 1e-4 \
+      --sparse-lr 2e-4 --sparsity-by-kind attention=0.34,ffn=0.6
+    aug_seeds "0 1 2" mrpc_head_gmp50_t16_aug_e3_lr1e-4_slr2e-4 --epochs 3 --tile 16x16 --lr 1e-4 --sparse-lr 2e-4 ;;
   mrpcaug9)  # mrpcaug8's attention-aware recipe (84.70 against 85.39 over seeds 0-4, 32x32 tiles): in the engine's
             # default 128x64 tiles (seeds 0-4), and in 32x32 at seeds 5-7
-    for seed in 0 1 2 3 4; do
-      aug mrpc_head_gmp_attn34_ffn60_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --lr 1e-4 --sparse-lr 2e-4 \
-        --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
-    done
-    for seed in 5 6 7; do
-      aug mrpc_head_gmp_attn34_ffn60_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 \
-        --sparse-lr 2e-4 --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
-    done ;;
+    aug_seeds "0 1 2 3 4" mrpc_head_gmp_attn34_ffn60_aug_e3_lr1e-4_slr2e-4 --epochs 3 --lr 1e-4 --sparse-lr 2e-4 \
+      --sparsity-by-kind attention=0.34,ffn=0.6
+    aug_seeds "5 6 7" mrpc_head_gmp_attn34_ffn60_t32_aug_e3_lr1e-4_slr2e-4 --epochs 3 --tile 32x32 --lr 1e-4 \
+      --sparse-lr 2e-4 --sparsity-by-kind attention=0.34,ffn=0.6 ;;
   mrpcaug10)  # mrpcaug9 at fresh seeds: the attention-aware recipe in 128x64 tiles at seeds 5-9 (84.40 against 85.39 at
              # 0-4); uniform 50% in 32x32 tiles (mrpcaug6/7's recipe) at seeds 5-7, where by kind in 32x32 fell 1.3-3.5 short
-    for seed in 5 6 7 8 9; do
-      aug mrpc_head_gmp_attn34_ffn60_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --lr 1e-4 --sparse-lr 2e-4 \
-        --sparsity-by-kind attention=0.34,ffn=0.6 --seed $seed &
-    done
-    for seed in 5 6 7; do
-      aug mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4_seed$seed --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 \
-        --seed $seed &
-    done ;;
+    aug_seeds "5 6 7 8 9" mrpc_head_gmp_attn34_ffn60_aug_e3_lr1e-4_slr2e-4 --epochs 3 --lr 1e-4 --sparse-lr 2e-4 \
+      --sparsity-by-kind attention=0.34,ffn=0.6
+    aug_seeds "5 6 7" mrpc_head_gmp50_t32_aug_e3_lr1e-4_slr2e-4 --epochs 3 --tile 32x32 --lr 1e-4 --sparse-lr 2e-4 ;;
 esac
 wait
