@@ -54,7 +54,8 @@ def optimize(model, plan=None, *, dtype="auto", device=None, tile=None, pruned_v
     shape; a dense model uses DEFAULT_TILE. kernel: None (choose per matrix by density), "tile" or "dense".
     pruned_v: where whole rows of W_V are zero, produce V compactly (kept columns only), run attention on them and
     feed the result to the O projection with W_O gathered and the pruned columns' constants folded into its bias
-    (exact; 1.2-3.1% faster than full-width V at V rows 50% on the H200, benchmarks/results/h200/reorder/).
+    (exact; against full-width V on the H200, two runs: 1.00-1.03x at V rows 50%, 1.03-1.24x at 75%;
+    benchmarks/results/h200/reorder/).
     """
     if isinstance(model, torch.nn.TransformerEncoder):
         from .torch_encoder import optimize_torch_encoder
