@@ -1,0 +1,75 @@
+"""Launch sweep of the attention kernel (12 heads of 64, fp16) on variable-length and full batches, against SDPA
+flash on the padded batch. Lengths as in the kernels bench (uniform in 1..S, seeded by B*1000+S). For each case:
+every (one_pass, BLOCK_M, BLOCK_N, num_warps, num_stages) candidate, checked against fp32 math, timed as the median
+of CUDA-graph replays; prints the five best and the launch the current rule picks. JSON to OUT_DIR.
+
+    python3 scripts/tune_attention_varlen.py OUT_DIR
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from etformer.bench.timing import env_info, time_cuda
+from etformer.kernels.attention import _blocks, attention, attention_reference
+from etformer.sparse.tiles import atomic_write_json
+
+H, D = 12, 64
+CASES = [(32, 128, True), (32, 128, False), (8, 128, True), (32, 384, True), (32, 512, True)]
+
+
+def candidates(S):
+    c = [(False, bm, bn, w, st) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)
+         for st in (1, 2, 3) if (w == 8) == (bm == 128) or bm == 64]
+    if S <= 128:
+        c += [(True, bm, 128, w, 1) for bm in (16, 32, 64) for w in (4, 8)]
+    return c
+
+
+def main(out_dir):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for B, S, varlen in CASES:
+        g = torch.Generator().manual_seed(B * 1000 + S)
+        lens = torch.randint(1, S + 1, (B,), generator=g).tolist() if varlen else [S] * B
+        T = sum(lens)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        qkv = torch.randn(T, 3 * H * D, device="cuda", dtype=torch.float16)
+        o = torch.empty(T, H * D, device="cuda", dtype=torch.float16)
+        q = torch.randn(B, H, S, D, device="cuda", dtype=torch.float16)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            sdpa = time_cuda(lambda: F.scaled_dot_product_attention(q, q, q), graph=True, min_ms=30)["median_us"]
+        ref = attention_reference(qkv.float(), cu, H, D)
+        cur = _blocks(max(lens), 64, True)
+        res = []
+        for c in candidates(max(lens)):
+            try:
+                attention(qkv, cu, max(lens), H, D, out=o, _config=c)
+                torch.cuda.synchronize()
+                err = float((o.float() - ref).norm() / ref.norm())
+                t = time_cuda(lambda: attention(qkv, cu, max(lens), H, D, out=o, _config=c), graph=True,
+                              min_ms=15)["median_us"]
+            except Exception as e:  # out of resources
+                print(f"  {c}: {type(e).__name__}", flush=True)
+                continue
+            res.append({"config": list(c), "us": t, "err": err})
+        bad = [r for r in res if not r["err"] < 1e-2]
+        res.sort(key=lambda r: r["us"])
+        current = [r for r in res if tuple(r["config"]) == cur]
+        rows.append({"B": B, "S": S, "varlen": varlen, "tokens": T, "mean_len": T / B, "sdpa_padded_us": sdpa,
+                     "best": res[:8], "current": current, "all": res, "bad": bad})
+        print(f"B={B} S={S} varlen={varlen} T={T}: SDPA padded {sdpa:.1f} us; current {cur} "
+              f"{current[0]['us'] if current else float('nan'):.1f}; best:", flush=True)
+        for r in res[:5]:
+            print(f"   {r['config']} {r['us']:.1f} us (x{sdpa / r['us']:.2f} SDPA) err {r['err']:.1e}", flush=True)
+        if bad:
+            print(f"   WRONG: {[(r['config'], r['err']) for r in bad]}", flush=True)
+    atomic_write_json(os.path.join(out_dir, "tune_attention_varlen.json"),
+                      {"env": env_info(), "command": "python3 scripts/tune_attention_varlen.py " + " ".join(sys.argv[1:]),
+                       "rows": rows})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
