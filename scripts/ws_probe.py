@@ -1,0 +1,126 @@
+"""Isolates the warp-specialised tile loop's failures on the GPU: each case runs in its own process under a timeout
+(a deadlocked kernel cannot be interrupted from inside), and reports ok / wrong / error / hang with its error and time.
+
+    python3 scripts/ws_probe.py OUT_DIR            all cases, one line each, JSON to OUT_DIR/ws_probe.json
+    python3 scripts/ws_probe.py --case NAME        one case, in this process
+
+Cases go from a minimal dense TMA GEMM with a warp-specialised loop (constant trip count) up to tile_linear itself
+(data-dependent trip counts, empty block-rows, PDL, L2 prefetch, bias/GELU/residual epilogue).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+CASES = ["minimal_dense", "minimal_tiles", "minimal_tiles_empty_row", "tile_linear_dense_nopdl",
+         "tile_linear_dense", "tile_linear_half_nopdl", "tile_linear_half", "tile_linear_small_m"]
+
+
+def _minimal(case):
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def k(x_desc, w_desc, y_ptr, row_ptr, col_idx, N, K, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+          BN: tl.constexpr, BK: tl.constexpr):
+        pid_m = tl.program_id(0)
+        r = tl.program_id(1)
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        if MODE == 0:
+            for t in tl.range(0, K // BK, warp_specialize=True):
+                acc = tl.dot(x_desc.load([pid_m * BLOCK_M, t * BK]), w_desc.load([r * BN, t * BK]).T, acc)
+        else:
+            lo = tl.load(row_ptr + r)
+            hi = tl.load(row_ptr + r + 1)
+            for i in tl.range(0, hi - lo, warp_specialize=True):
+                t = lo + i
+                kc = tl.load(col_idx + t)
+                acc = tl.dot(x_desc.load([pid_m * BLOCK_M, kc * BK]), w_desc.load([t * BN, 0]).T, acc)
+        om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        on = r * BN + tl.arange(0, BN)
+        tl.store(y_ptr + om[:, None] * N + on[None, :], acc.to(tl.float16))
+
+    from etformer.bench.kernels import random_tile_weight
+    from etformer.sparse.tiles import TileSparseWeight
+    M, K, N, BM, BN, BK = 4096, 768, 2304, 128, 128, 64
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    W = random_tile_weight(K, N, (BN, BK), 1.0 if case == "minimal_dense" else 0.5, torch.float16)
+    if case == "minimal_tiles_empty_row":
+        W[:BN] = 0
+    y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+    xd = TensorDescriptor(x, [M, K], [K, 1], [BM, BK])
+    if case == "minimal_dense":
+        wd = TensorDescriptor(W, [N, K], [K, 1], [BN, BK])
+        args = (xd, wd, y, x, x, N, K, 0)
+    else:
+        w = TileSparseWeight.from_dense(W, (BN, BK))
+        vals = w.values.view(-1, BK)
+        wd = TensorDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK])
+        args = (xd, wd, y, w.row_ptr, w.col_idx, N, K, 1)
+    run = lambda: k[(M // BM, N // BN)](*args, BLOCK_M=BM, BN=BN, BK=BK, num_warps=4, num_stages=3)  # noqa: E731
+    return run, y, x.float() @ W.float().t()
+
+
+def _tile_linear(case):
+    import importlib
+    from etformer.bench.kernels import random_tile_weight
+    from etformer.kernels import _common
+    from etformer.sparse.tiles import TileSparseWeight
+    T = importlib.import_module("etformer.kernels.tile_linear")
+    if case.endswith("_nopdl"):
+        _common.USE_PDL = False
+    M = 64 if case == "tile_linear_small_m" else 4096
+    K, N = 768, 2304
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    W = random_tile_weight(K, N, (128, 64), 1.0 if "dense" in case else 0.5, torch.float16)
+    w = TileSparseWeight.from_dense(W, (128, 64))
+    b = torch.randn(N, device="cuda", dtype=torch.float16)
+    y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+    run = lambda: T.tile_linear(x, w, b, out=y, warp_specialize=True, _config=(128, 4, 3))  # noqa: E731
+    return run, y, x.float() @ W.float().t() + b.float()
+
+
+def one(case):
+    run, y, ref = (_minimal if case.startswith("minimal") else _tile_linear)(case)
+    run()
+    torch.cuda.synchronize()
+    err = float((y.float() - ref).norm() / ref.norm())
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    st.record()
+    for _ in range(20):
+        run()
+    en.record()
+    torch.cuda.synchronize()
+    print(json.dumps({"case": case, "status": "ok" if err < 1e-2 else "wrong", "rel_err": err,
+                      "us": st.elapsed_time(en) * 1000 / 20}))
+
+
+def main(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    res = []
+    for case in CASES:
+        t0 = time.time()
+        try:
+            p = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, timeout=30)
+            last = [l for l in p.stdout.splitlines() if l.startswith("{")]
+            r = json.loads(last[-1]) if last else {"case": case, "status": "error", "rc": p.returncode,
+                                                   "stderr": p.stderr[-1500:]}
+        except subprocess.TimeoutExpired:
+            r = {"case": case, "status": "hang (30 s)"}
+        r["wall_s"] = round(time.time() - t0, 1)
+        res.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "stderr"}),
+              ("\n" + r["stderr"][-600:]) if "stderr" in r else "", flush=True)
+    with open(os.path.join(out_dir, "ws_probe.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--case":
+        one(sys.argv[2])
+    else:
+        main(sys.argv[1])
