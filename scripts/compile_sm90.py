@@ -44,10 +44,10 @@ for tma in (False, True):
          {"x_src": xs, "w_src": ws, "w_ptr": p16, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
           "y_ptr": p16, "y_desc": "tensordesc<fp16[128,128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32",
           "out_col": "i32", "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
-          "FP32_DOT": C, "TMA": C, "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "WS": C},
+          "FP32_DOT": C, "TMA": C, "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C},
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
-          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "WS": False},
+          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True},
          f"tile_linear tma={tma} tma_store={tma}", stages=4)
     xs = "tensordesc<fp16[64,64]>" if tma else p16
     comp(T._tile_linear_splitk_kernel,
@@ -57,37 +57,6 @@ for tma in (False, True):
          {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False, "TMA": tma, "DENSE_W": False, "PDL": tma,
           "PREFETCH": 2 if tma else 0, "LINE": 64},
          f"tile_linear split-K tma={tma}")
-# the warp-specialised tile loop (tile_linear(warp_specialize=True)): where this Triton is meant to build it
-# (T.ws_available()), it must compile into producer and consumer partitions; elsewhere the launcher never asks for it
-def comp_ws(block_m, stages):
-    global ok
-    sig = {"x_src": "tensordesc<fp16[%d,64]>" % block_m, "w_src": "tensordesc<fp16[128,64]>", "w_ptr": p16,
-           "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16,
-           "y_desc": p16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
-           "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C,
-           "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C, "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C,
-           "LINE": C, "BIAS_EARLY": C, "WS": C}
-    consts = {"BN": 128, "BK": 64, "BLOCK_M": block_m, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": True,
-              "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": False, "PDL": True, "PREFETCH": 0,
-              "LINE": 64, "BIAS_EARLY": True, "WS": True}
-    name = f"tile_linear warp-specialised BLOCK_M={block_m} stages={stages}"
-    try:
-        k = triton.compile(ASTSource(fn=T._tile_linear_kernel, signature=sig, constexprs=consts), target=tgt,
-                           options={"num_warps": 4, "num_stages": stages})
-    except Exception as e:
-        if T.ws_available():
-            ok = False
-            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        else:
-            print(f"{name}: not built by Triton {triton.__version__} (expected; the launcher does not ask for it)")
-        return
-    parts = k.asm["ttgir"].count("ttg.warp_specialize")
-    print(f"{name}: compiled, warp_specialize ops {parts}, setmaxnreg {k.asm['ptx'].count('setmaxnreg')}")
-    if T.ws_available() and not parts:
-        ok = False
-        print(f"{name}: the loop was not partitioned")
-for bm, st in ((128, 4), (128, 3), (64, 4)):
-    comp_ws(bm, st)
 # the persistent flattened tile kernel (large M): TMA loads and stores, 128x64 tiles; its K steps must be pipelined
 # (bulk copies issued for later steps while the wgmma of the current one runs)
 flat_sig = {"x_src": "tensordesc<fp16[128,64]>", "w_src": "tensordesc<fp16[128,64]>", "step_ptr": i32, "steps": i32,
@@ -108,9 +77,9 @@ comp(T._tile_linear_kernel,
       "order_ptr": p16, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "y_desc": p16, "M": "i32", "N": "i32",
       "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C,
       "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C, "TMA_STORE": C,
-      "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "WS": C},
+      "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C},
      {"BN": 64, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 1, "HAS_RES": False,
-      "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True, "PDL": True, "PREFETCH": 1, "LINE": 64, "BIAS_EARLY": True, "WS": False},
+      "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True, "PDL": True, "PREFETCH": 1, "LINE": 64, "BIAS_EARLY": True},
      "tile_linear dense W", stages=4)
 comp(F._ffn_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w1_src": "tensordesc<fp16[128,64]>", "b1_ptr": p16,

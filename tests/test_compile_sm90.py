@@ -28,12 +28,8 @@ def test_kernels_compile_for_sm90(toolchain):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compile_sm90.py")], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = [l for l in r.stdout.splitlines() if ": compiled" in l and "warp-specialised" not in l]
+    lines = [l for l in r.stdout.splitlines() if ": compiled" in l]
     assert len(lines) == 18, r.stdout
-    ws = [l for l in r.stdout.splitlines() if l.startswith("tile_linear warp-specialised")]
-    assert len(ws) == 3, r.stdout
-    if toolchain == "triton36":  # the GPU machines' Triton builds the producer/consumer partition at every launch
-        assert all("compiled, warp_specialize ops 1" in l for l in ws), r.stdout
     for name in ("tile_linear tma=False tma_store=False:", "tile_linear tma=True tma_store=True:",
                  "tile_linear split-K tma=False:", "tile_linear split-K tma=True:", "attention one_pass=True:",
                  "attention one_pass=False:", "tile_linear dense W:", "fused FFN:", "encoder layer (persistent):",

@@ -105,20 +105,6 @@ def test_tile_linear_persistent(dtype, M, K, N, tile, density, tma):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N,tile,density", [
-    (1, 64, 96, (16, 16), 0.5),
-    (70, 96, 160, (32, 32), 0.6),     # ragged edges, an empty block-row
-    (130, 256, 256, (128, 64), 0.5),  # the default tile
-    (17, 64, 64, (16, 64), 1.0),
-])
-def test_tile_linear_warp_specialized(dtype, M, K, N, tile, density):
-    """The grid kernel with its K loop warp-specialised (on the GPU where this Triton builds it; the same loop in
-    the interpreter), with bias, GELU and residual into a column slice."""
-    _check_into_slice(dtype, M, K, N, tile, "gelu", 8, f"warp-specialised {tile} d={density} M={M}",
-                      density=density, warp_specialize=True, tma=True, _config=(64, 4, 3))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_tile_linear_writes_column_slice_only(dtype):
     d = 64
     x = torch.randn(20, d, device=DEVICE, dtype=dtype)

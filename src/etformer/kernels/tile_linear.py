@@ -87,7 +87,7 @@ if HAS_TRITON:
     def _tile_dot(x_src, w_src, w_ptr, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
                   TMA: tl.constexpr, DENSE_W: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, X_CACHE: tl.constexpr, WS: tl.constexpr):
+                  LINE: tl.constexpr, X_CACHE: tl.constexpr):
         """X[row0 : row0+BLOCK_M, tiles lo..hi) . W_tiles^T in fp32: the K loop over one block-row's kept tiles.
 
         First the weights (no earlier kernel's output) are prefetched to L2 from w_ptr, the raw values: by every
@@ -98,10 +98,7 @@ if HAS_TRITON:
         pointers, and the loads are pointer gathers.
         DENSE_W: w_src is a plain dense W [N, K] (descriptor or pointer) and lo..hi count K blocks of rows
         w_row .. w_row+BN: the small-batch path, which needs no tile copy of a dense matrix.
-        X_CACHE: the pointer loads' cache modifier for X (".cg" where X was written by the same launch).
-        WS: warp-specialise the loop (Triton's automatic producer/consumer split: a producer warp issues the bulk
-        copies, the program's warps run the wgmma). Compiles on Triton 3.6 for sm_90 with TMA loads, 4 warps and
-        a pointer-store epilogue; see WS_OK."""
+        X_CACHE: the pointer loads' cache modifier for X (".cg" where X was written by the same launch)."""
         if PREFETCH == 2 or (PREFETCH == 1 and row0 == 0):
             _prefetch_w(w_ptr, lo, hi, w_row, N, K, BN, BK, DENSE_W, LINE)
         pdl_enter(PDL)
@@ -111,7 +108,7 @@ if HAS_TRITON:
         tile_offs = tl.arange(0, BN)[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
         rows_w = w_row + tl.arange(0, BN)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        for i in tl.range(0, hi - lo, warp_specialize=WS):
+        for i in range(0, hi - lo):
             t = lo + i
             if DENSE_W:
                 kc = t
@@ -192,7 +189,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
         TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
-        BIAS_EARLY: tl.constexpr = True, WS: tl.constexpr = False,
+        BIAS_EARLY: tl.constexpr = True,
     ):
         pid_m, r, lo, hi = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M, GROUP_M, DENSE_W)
         # The small-batch path (DENSE_W) fetches the bias, a parameter and no kernel's output, before the PDL wait and
@@ -204,7 +201,7 @@ if HAS_TRITON:
             bcols = r * BN + tl.arange(0, BN)
             bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", WS)
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
         if HAS_BIAS and DENSE_W and BIAS_EARLY:
             acc += bias[None, :]
         _epilogue(acc, pid_m * BLOCK_M, r * BN, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
@@ -234,7 +231,7 @@ if HAS_TRITON:
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", False)
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = r * BN + tl.arange(0, BN)
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
@@ -429,21 +426,6 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 # 64x64 (-19% to +8%). A persistent launch (1 or 2 programs per SM striding over the work items) was measured in the
 # same run and lost (1 per SM: 1.3-1.8x slower; 2 per SM: even), so every work item is its own program.
 TMA_STORE_MIN_BN = 128
-
-
-# Warp-specialised K loop (tile_linear(warp_specialize=True)): Triton's automatic producer/consumer partition of the
-# grid kernel's tile loop, so a producer warp keeps the bulk copies running while the program's four warps issue the
-# wgmma and run the epilogue. Triton 3.6 builds it for sm_90 with TMA loads, 4 warps and the pointer-store epilogue
-# (its NVGPUWarpSpecialization pass fails on a loop whose kernel ends in a descriptor store, and leaves 8-warp loops
-# unpartitioned); Triton 3.9 fails on the same loop (it splits the X block in two and the descriptor no longer
-# matches). Hence the version gate: elsewhere the request falls back to the plain loop.
-WS_TRITON_VERSIONS = ("3.6.",)
-USE_WS = False  # the default for warp_specialize=None on TMA launches of a TileSparseWeight
-
-
-def ws_available() -> bool:
-    """Whether this Triton builds the warp-specialised tile loop (see WS_TRITON_VERSIONS)."""
-    return HAS_TRITON and triton.__version__.startswith(WS_TRITON_VERSIONS)
 
 
 # Persistent flattened kernel (_tile_linear_flat_kernel): FLAT_PROGRAMS_PER_SM programs per SM each run a list of K
@@ -692,15 +674,12 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
                 backend: str = "auto", _config: tuple[int, int, int] | None = None,
                 split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None,
-                persistent: bool | None = None, warp_specialize: bool | None = None) -> torch.Tensor:
+                persistent: bool | None = None) -> torch.Tensor:
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N].
 
     w: a TileSparseWeight (the kernel visits its kept tiles only) or a dense [N, K] tensor (read in place as
     DENSE_TILE blocks: the small-batch path, for the fused epilogues).
     persistent: run the persistent flattened kernel (True), the grid kernel (False), or choose by FLAT_MIN_ROWS (None).
-    warp_specialize: the grid kernel's warp-specialised K loop (USE_WS when None). Taken only where it builds: TMA
-    loads, 4 warps, a Triton in WS_TRITON_VERSIONS on the GPU (always in the interpreter, where it is the same loop);
-    it writes Y with pointer stores.
     _config: (BLOCK_M, num_warps, num_stages), plus programs per SM for the persistent kernel."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -754,11 +733,9 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         _config, per_sm = _config[:3], _config[3]
     L = _plan(x, w, tma, _config)
     x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
-    ws = (USE_WS and not L.dense) if warp_specialize is None else warp_specialize
-    ws = bool(ws) and not flat and L.tma and L.warps == 4 and (interpreting() or ws_available())
     if tma_store is None:
         tma_store = L.BN >= TMA_STORE_MIN_BN
-    tma_store = tma_store and L.tma and _aligned(out, out_col) and not ws
+    tma_store = tma_store and L.tma and _aligned(out, out_col)
     y_desc = TensorDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [L.block_m, L.BN]) if tma_store else dummy
     if flat:
         sms = _sm_count(x.device.index) if x.is_cuda else INTERPRETER_SMS
@@ -779,7 +756,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        TMA_STORE=tma_store, DENSE_W=L.dense, WS=ws, num_warps=L.warps, num_stages=L.stages, **_extras(x, L),
+        TMA_STORE=tma_store, DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages, **_extras(x, L),
     )
     return out
 
