@@ -1,7 +1,8 @@
 """Launch sweep of the attention kernel (12 heads of 64, fp16) on variable-length and full batches, against SDPA
 flash on the padded batch. Lengths as in the kernels bench (uniform in 1..S, seeded by B*1000+S). For each case:
 every (one_pass, BLOCK_M, BLOCK_N, num_warps, num_stages) candidate, checked against fp32 math, timed as the median
-of CUDA-graph replays; prints the five best and the launch the current rule picks. JSON to OUT_DIR.
+of CUDA-graph replays of PER_GRAPH back-to-back calls (PDL off, as for the peer); prints the five best and the launch
+the current rule picks. JSON to OUT_DIR.
 
     python3 scripts/tune_attention_varlen.py OUT_DIR
 """
@@ -16,6 +17,7 @@ from etformer.kernels.attention import _blocks, attention, attention_reference
 from etformer.sparse.tiles import atomic_write_json
 
 H, D = 12, 64
+PER_GRAPH = 20
 CASES = [(32, 128, True), (32, 128, False), (8, 128, True), (32, 384, True), (32, 512, True)]
 
 
@@ -29,6 +31,9 @@ def candidates(S):
 
 def main(out_dir):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from etformer.kernels import _common
+    _common.USE_PDL = False
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for B, S, varlen in CASES:
@@ -40,7 +45,8 @@ def main(out_dir):
         o = torch.empty(T, H * D, device="cuda", dtype=torch.float16)
         q = torch.randn(B, H, S, D, device="cuda", dtype=torch.float16)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            sdpa = time_cuda(lambda: F.scaled_dot_product_attention(q, q, q), graph=True, min_ms=30)["median_us"]
+            sdpa = time_cuda(lambda: F.scaled_dot_product_attention(q, q, q), graph=True, min_ms=30,
+                             per_graph=PER_GRAPH)["median_us"]
         ref = attention_reference(qkv.float(), cu, H, D)
         cur = _blocks(max(lens), 64, True)
         res = []
@@ -50,7 +56,7 @@ def main(out_dir):
                 torch.cuda.synchronize()
                 err = float((o.float() - ref).norm() / ref.norm())
                 t = time_cuda(lambda: attention(qkv, cu, max(lens), H, D, out=o, _config=c), graph=True,
-                              min_ms=15)["median_us"]
+                              min_ms=15, per_graph=PER_GRAPH)["median_us"]
             except Exception as e:  # out of resources
                 print(f"  {c}: {type(e).__name__}", flush=True)
                 continue
@@ -68,7 +74,7 @@ def main(out_dir):
             print(f"   WRONG: {[(r['config'], r['err']) for r in bad]}", flush=True)
     atomic_write_json(os.path.join(out_dir, "tune_attention_varlen.json"),
                       {"env": env_info(), "command": "python3 scripts/tune_attention_varlen.py " + " ".join(sys.argv[1:]),
-                       "rows": rows})
+                       "per_graph": PER_GRAPH, "pdl": False, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -40,13 +40,13 @@ def random_tile_weight(K, N, tile, density, dtype, balanced=True, seed=0):
     return W
 
 
-def bench_linear(peaks, Ms, tiles, densities, shapes, dtype=torch.float16):
+def bench_linear(peaks, Ms, tiles, densities, shapes, dtype=torch.float16, per_graph=1):
     rows = []
     for name, (K, N) in shapes.items():
         for M in Ms:
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             Wd = torch.randn(N, K, device="cuda", dtype=dtype) / math.sqrt(K)
-            dense = time_cuda(lambda: F.linear(x, Wd), graph=True)
+            dense = time_cuda(lambda: F.linear(x, Wd), graph=True, per_graph=per_graph)
             for tile in tiles:
                 for d in densities:
                     W = random_tile_weight(K, N, tile, d, dtype)
@@ -54,7 +54,7 @@ def bench_linear(peaks, Ms, tiles, densities, shapes, dtype=torch.float16):
                     y = tile_linear(x, w)
                     ref = F.linear(x.float(), W.float())
                     err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)) if d > 0 else float((y.float() - ref).abs().max())
-                    ours = time_cuda(lambda: tile_linear(x, w), graph=True)
+                    ours = time_cuda(lambda: tile_linear(x, w), graph=True, per_graph=per_graph)
                     bsr = {"median_us": None, "error": None}
                     try:
                         Wb = W.to_sparse_bsr(tile)
@@ -76,7 +76,7 @@ def bench_linear(peaks, Ms, tiles, densities, shapes, dtype=torch.float16):
     return rows
 
 
-def bench_attention(peaks, cases, H=12, D=64, dtype=torch.float16):
+def bench_attention(peaks, cases, H=12, D=64, dtype=torch.float16, per_graph=1):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = []
@@ -87,11 +87,11 @@ def bench_attention(peaks, cases, H=12, D=64, dtype=torch.float16):
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
         qkv = torch.randn(T, 3 * H * D, device="cuda", dtype=dtype)
         out = torch.empty(T, H * D, device="cuda", dtype=dtype)
-        ours = time_cuda(lambda: attention(qkv, cu, max(lens), H, D, out=out), graph=True)
+        ours = time_cuda(lambda: attention(qkv, cu, max(lens), H, D, out=out), graph=True, per_graph=per_graph)
         q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            peer = time_cuda(lambda: F.scaled_dot_product_attention(q, k, v), graph=True)
+            peer = time_cuda(lambda: F.scaled_dot_product_attention(q, k, v), graph=True, per_graph=per_graph)
         fl = floor_us(attention_flops(lens, H, D), 2 * T * 4 * H * D, peaks)
         # correctness on this very input, against fp32 math
         from ..kernels.attention import attention_reference
@@ -109,14 +109,27 @@ def bench_attention(peaks, cases, H=12, D=64, dtype=torch.float16):
     return rows
 
 
+def replay_floor(per_graph: int) -> dict:
+    """µs a call of a trivial kernel (one 4-byte add) in graphs of 1 and of per_graph calls."""
+    t = torch.zeros(1, device="cuda")
+    return {str(r): time_cuda(lambda: t.add_(1.0), graph=True, per_graph=r, min_ms=50)["median_us"]
+            for r in sorted({1, per_graph})}
+
+
 def to_markdown(res: dict) -> str:
     e = res["env"]
     lines = [f"# etformer kernels on {e['gpu']}", "",
              f"torch {e['torch']}, Triton {e['triton']}, CUDA {e['cuda']}, {e['date']}. "
              f"Measured peaks this run: {res['peaks']['matmul_tflops']:.0f} TFLOP/s fp16 matmul, "
              f"{res['peaks']['copy_tbs']:.2f} TB/s copy.", "", f"Command: `{res['command']}`", "",
-             "Times are medians of CUDA-event-timed CUDA-graph replays (µs). Speed-ups are ratios measured side by "
-             "side in this process. Floor = max(FLOPs / peak, bytes / bandwidth) with the peaks above.", "",
+             f"Times are medians of CUDA-event-timed CUDA-graph replays (µs), each replay {res['per_graph']} "
+             f"back-to-back calls of the operation, divided by {res['per_graph']}; etformer's kernels launched "
+             f"{'with' if res['pdl'] else 'without'} programmatic dependent launch. A graph of one trivial kernel "
+             f"replays in {res['replay_floor']['1']:.1f} µs when it holds one call and "
+             f"{res['replay_floor'][str(res['per_graph'])]:.1f} µs a call when it holds {res['per_graph']}: the "
+             "host's submission cost, which one-call graphs would add to every short operation. Speed-ups are "
+             "ratios measured side by side in this process. Floor = max(FLOPs / peak, bytes / bandwidth) with the "
+             "peaks above.", "",
              "## Tile-sparse linear (fp16, X[M,K] · W[N,K]ᵀ)", "",
              "| matrix | M | tile | density | etformer µs | cuBLAS dense µs | × cuBLAS | BSR µs | × BSR | floor µs | % floor |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -147,6 +160,11 @@ def main(argv=None):
     ap.add_argument("--ms", default="128,4096,16384")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-linear", action="store_true")
+    ap.add_argument("--per-graph", type=int, default=20,
+                    help="calls of the operation in each timed CUDA graph (1: one call a graph)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="launch etformer's kernels with programmatic dependent launch (off: each call waits for the "
+                         "previous one, as the peers' kernels do)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("etformer.bench.kernels needs a CUDA GPU; nothing was timed.")
@@ -155,13 +173,19 @@ def main(argv=None):
     dens = [float(v) for v in a.densities.split(",")]
     Ms = [int(v) for v in a.ms.split(",")]
     shapes = {"ffn_in": SHAPES["ffn_in"]} if a.quick else SHAPES
+    if a.per_graph < 1:
+        ap.error("--per-graph must be at least 1")
+    from ..kernels import _common
+    _common.USE_PDL = a.pdl
     peaks = measure_peaks()
     print(f"peaks: {peaks}", flush=True)
-    res = {"env": env_info(), "peaks": peaks, "command": "python -m etformer.bench.kernels " + " ".join(argv or sys.argv[1:])}
-    res["linear"] = [] if a.skip_linear else bench_linear(peaks, Ms, tiles, dens, shapes)
+    res = {"env": env_info(), "peaks": peaks, "command": "python -m etformer.bench.kernels " + " ".join(argv or sys.argv[1:]),
+           "per_graph": a.per_graph, "pdl": a.pdl, "replay_floor": replay_floor(a.per_graph)}
+    print(f"replay of a trivial kernel, us a call by calls a graph: {res['replay_floor']}", flush=True)
+    res["linear"] = [] if a.skip_linear else bench_linear(peaks, Ms, tiles, dens, shapes, per_graph=a.per_graph)
     cases = [(32, 128, False), (32, 384, False), (32, 512, False), (1, 128, False), (8, 512, False),
              (32, 128, True), (32, 384, True), (32, 512, True)]
-    res["attention"] = [] if a.skip_attention else bench_attention(peaks, cases)
+    res["attention"] = [] if a.skip_attention else bench_attention(peaks, cases, per_graph=a.per_graph)
     os.makedirs(a.out, exist_ok=True)
 
     atomic_write_json(os.path.join(a.out, "kernels.json"), res)
