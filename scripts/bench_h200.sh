@@ -32,6 +32,10 @@ for part in "$@"; do
       python3 -m etformer.bench.transformer --out "$OUT/t800" 2>&1 | grep -v -i warn | tail -50 ;;
     kernels)  # operators alone: tile linear vs cuBLAS and BSR; attention vs SDPA
       python3 -m etformer.bench.kernels --out "$OUT/kernels" --tiles 64x64,128x64 2>&1 | tail -45 ;;
+    attnvarlen)  # attention launch sweep on ragged and full batches at S <= 512 (RAGGED_SHORT_LAUNCH)
+      python3 scripts/tune_attention_varlen.py "$OUT/attnvarlen" 2>&1 | grep -v "^  (" | tail -50 ;;
+    wsprobe)  # does this Triton's automatic warp specialisation run on the GPU (three minimal kernels, 30 s each)
+      python3 scripts/ws_probe.py "$OUT/wsprobe" 2>&1 | grep "^{" ;;
     torchparity)  # every nn.TransformerEncoder configuration through the kernels vs PyTorch's own fp16/bf16 run
       python3 scripts/torch_encoder_parity.py "$OUT/torchparity" 2>&1 | grep -v -i warn | tail -40 ;;
     accuracy)  # 50% tiles on MiniLM / STS-B: longer recipes, the larger distillation corpus, RGL and ADMM

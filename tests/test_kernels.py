@@ -178,6 +178,7 @@ def _sdpa_peer(qkv, cu, H, D, DV, causal, bias):
     ([300], 1, 96, False, False),
     ([128, 100], 2, 128, False, True),      # one-pass with a 128-key block, at the other head widths
     ([120, 3], 2, 32, True, False),
+    ([128, 5, 60, 1, 33], 2, 64, False, True),  # ragged short batch: on the GPU the online kernel, 32-key blocks
 ])
 def test_attention(dtype, lens, H, D, causal, bias):
     qkv, cu = _qkv(lens, H, D, dtype)
@@ -191,6 +192,19 @@ def test_attention(dtype, lens, H, D, causal, bias):
     ref = attention_reference(qkv.double(), cu, H, D, causal=causal, key_bias=kb.double() if kb is not None else None)
     peer = _sdpa_peer(qkv, cu, H, D, D, causal, kb)
     assert_close(out, peer, ref, f"attention lens={lens} D={D}")
+
+
+def test_attention_launch_rule():
+    """Which kernel and blocks the GPU launch takes: one pass up to SHORT_MAX keys, the online kernel with 32-key
+    blocks for ragged short batches (heads up to 64 wide), online beyond."""
+    import importlib
+    A = importlib.import_module("etformer.kernels.attention")
+    assert A._blocks(128, 64, True)[0] and A._blocks(128, 64, True, fill=0.61)[0]
+    assert A._blocks(128, 64, True, fill=0.5) == A.RAGGED_SHORT_LAUNCH
+    assert A._blocks(64, 32, True, fill=0.3) == A.RAGGED_SHORT_LAUNCH
+    assert A._blocks(128, 128, True, fill=0.5)[0]   # wider heads: not swept, one pass stays
+    assert not A._blocks(384, 64, True, fill=0.5)[0]
+    assert A._blocks(128, 64, False, fill=0.5)[0]   # the interpreter keeps its own blocks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
