@@ -1,0 +1,86 @@
+"""Launch sweep of the tile-sparse linear at 128 rows (the kernels bench's M=128 rows), timed as graphs of PER_GRAPH
+back-to-back calls with PDL off, beside cuBLAS timed the same way.
+
+    python3 scripts/tune_small_m.py OUT_DIR
+
+BERT-base shapes (QKV 2304x768, FFN-in 3072x768, FFN-out 768x3072), fp16, tiles 128x64 and 64x64, densities 1, 0.5
+and 0.25. Candidates: the grid kernel at (BLOCK_M, 4 warps, stages) for BLOCK_M in {16, 32, 64} and 3-6 stages, and
+split-K over 2, 3, 4 or 6 programs a block (the tabled launch, reduced by the split-K epilogue kernel). Every output
+is checked against fp32 math. Prints each case's best and, per tile, the candidate with the best geometric-mean
+speed-up over the tabled launch; JSON to OUT_DIR/tune_small_m.json.
+"""
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from etformer.bench.kernels import SHAPES, random_tile_weight
+from etformer.bench.timing import env_info, time_cuda
+from etformer.kernels import _common
+from etformer.kernels.tile_linear import tile_linear
+from etformer.sparse.tiles import TileSparseWeight, atomic_write_json
+
+M = 128
+PER_GRAPH = 20
+GRID = [(bm, 4, st) for bm in (16, 32, 64) for st in (3, 4, 5, 6)]
+SPLITS = (2, 3, 4, 6)
+
+
+def main(out_dir):
+    _common.USE_PDL = False
+    os.makedirs(out_dir, exist_ok=True)
+    rows, bad = [], []
+    for tile in ((128, 64), (64, 64)):
+        for name, (K, N) in SHAPES.items():
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            Wd = torch.randn(N, K, device="cuda", dtype=torch.float16) / math.sqrt(K)
+            cublas = time_cuda(lambda: F.linear(x, Wd), graph=True, min_ms=30, per_graph=PER_GRAPH)["median_us"]
+            for d in (1.0, 0.5, 0.25):
+                W = random_tile_weight(K, N, tile, d, torch.float16)
+                w = TileSparseWeight.from_dense(W, tile)
+                ref = F.linear(x.float(), W.float())
+                cands = {"table": {}}
+                cands.update({f"grid {c[0]}/{c[1]}/{c[2]}": {"_config": c} for c in GRID})
+                cands.update({f"split {s}": {"split_k": s} for s in SPLITS})
+                res = {}
+                for key, kw in cands.items():
+                    try:
+                        y = tile_linear(x, w, **kw)
+                        torch.cuda.synchronize()
+                        err = float((y.float() - ref).norm() / ref.norm())
+                        us = time_cuda(lambda: tile_linear(x, w, **kw), graph=True, min_ms=15,
+                                       per_graph=PER_GRAPH)["median_us"]
+                    except Exception as e:  # out of resources: recorded
+                        res[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+                        continue
+                    res[key] = {"us": us, "err": err}
+                    if not err < 1e-2:
+                        bad.append((tile, name, d, key, err))
+                ok = {k: v["us"] for k, v in res.items() if "us" in v}
+                best = min(ok, key=ok.get)
+                rows.append({"tile": f"{tile[0]}x{tile[1]}", "matrix": name, "K": K, "N": N, "density": d,
+                             "cublas_us": cublas, "results": res, "best": best})
+                print(f"{tile} {name:7s} d={d:.2f}: cuBLAS {cublas:5.1f}  table {ok['table']:5.1f} "
+                      f"(x{cublas / ok['table']:.2f})  best {best} {ok[best]:5.1f} (x{cublas / ok[best]:.2f})",
+                      flush=True)
+    summary = {}
+    for tile in ("128x64", "64x64"):
+        sel = [r for r in rows if r["tile"] == tile]
+        keys = set.intersection(*[{k for k, v in r["results"].items() if "us" in v} for r in sel])
+        gm = {k: math.exp(sum(math.log(r["results"]["table"]["us"] / r["results"][k]["us"]) for r in sel) / len(sel))
+              for k in keys}
+        b = max(gm, key=gm.get)
+        summary[tile] = {"best": b, "geomean_vs_table": gm[b], "all": gm}
+        print(f"{tile}: best by geometric mean {b} ({gm[b]:.3f}x the tabled launch)", flush=True)
+    atomic_write_json(os.path.join(out_dir, "tune_small_m.json"),
+                      {"env": env_info(), "command": "python3 scripts/tune_small_m.py " + " ".join(sys.argv[1:]),
+                       "per_graph": PER_GRAPH, "pdl": False, "rows": rows, "summary": summary, "wrong": bad})
+    if bad:
+        print("WRONG:", bad)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
