@@ -42,9 +42,10 @@ SHORT_BLOCK_M = 64
 MIN_BLOCK_DV = 16
 # Ragged short batches: when packed sequences fill at most RAGGED_SHORT_FILL of B x max_seqlen (max_seqlen <=
 # SHORT_MAX, heads up to 64 wide), the online kernel with 32-key blocks replaces the one-pass kernel, whose 128-key
-# score block costs a short sequence as much as a full one. Swept on the H200 (tune_attention_varlen.json: 12 heads
-# of 64, fp16, graphs of 20 calls, PDL off): B=32 with lengths uniform in 1..128 (fill 0.48) 7.46 us against 7.89
-# (SDPA flash on the padded batch: 13.0); B=8 (fill 0.38) 4.13 against 4.34; full batches 10.64 against 9.69.
+# score block costs a short sequence as much as a full one. Swept on the H200 (attention_varlen/
+# tune_attention_varlen.json: 12 heads of 64, fp16, graphs of 20 calls, PDL off), this launch against one pass:
+# B=32, lengths uniform in 1..128 (fill 0.50): 7.44 us against 7.88 (SDPA flash on the padded batch 12.9); B=8
+# (fill 0.51): 4.18 against 4.34; fill 0.79: 9.76 against 9.24; 0.87: 10.46 against 9.37; full: 10.63 against 9.66.
 RAGGED_SHORT_FILL = 0.6
 RAGGED_SHORT_LAUNCH = (False, 64, 32, 4, 3)
 
