@@ -88,10 +88,11 @@ comp(F._ffn_kernel,
      {"BLOCK_M": 64, "BI": 128, "BK": 64, "BD": 128, "ACT": 1, "HAS_B1": True, "FP32_DOT": False, "TMA": True},
      "fused FFN")
 comp(T._splitk_epilogue_kernel,
-     {"ws_ptr": "*fp32", "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "M": "i32", "N": "i32", "SPLIT": "i32",
-      "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BLOCK_M": C, "BLOCK_N": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
-      "PDL": C},
-     {"BLOCK_M": 32, "BLOCK_N": 128, "HAS_BIAS": True, "ACT": 2, "HAS_RES": True, "PDL": True}, "split-K epilogue")
+     {"ws_ptr": "*fp32", "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "M": "i32", "N": "i32",
+      "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "SPLIT": C, "BLOCK_M": C, "BLOCK_N": C, "HAS_BIAS": C,
+      "ACT": C, "HAS_RES": C, "PDL": C},
+     {"SPLIT": 4, "BLOCK_M": 32, "BLOCK_N": 128, "HAS_BIAS": True, "ACT": 2, "HAS_RES": True, "PDL": True},
+     "split-K epilogue")
 # the persistent layer kernel (BERT-base: 12 heads of 64, d = 768, FFN 3072); its grid barrier must use gpu-scope
 # release/acquire atomics
 el_sig = {n: p16 for n in ("x_ptr", "wqkv_ptr", "bqkv_ptr", "wo_ptr", "bo_ptr", "ln1w_ptr", "ln1b_ptr", "w1_ptr",

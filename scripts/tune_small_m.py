@@ -5,7 +5,8 @@ back-to-back calls with PDL off, beside cuBLAS timed the same way.
 
 BERT-base shapes (QKV 2304x768, FFN-in 3072x768, FFN-out 768x3072), fp16, tiles 128x64 and 64x64, densities 1, 0.5
 and 0.25. Candidates: the grid kernel at (BLOCK_M, 4 warps, stages) for BLOCK_M in {16, 32, 64} and 3-6 stages, and
-split-K over 2, 3, 4 or 6 programs a block (the tabled launch, reduced by the split-K epilogue kernel). Every output
+split-K over 2, 3, 4 or 6 programs a block (the tabled launch, reduced by the split-K epilogue kernel); "table" is
+the direct launch (split_k=1), whatever tile_linear would choose by itself. Every output
 is checked against fp32 math. Prints each case's best and, per tile, the candidate with the best geometric-mean
 speed-up over the tabled launch; JSON to OUT_DIR/tune_small_m.json.
 """
@@ -41,8 +42,8 @@ def main(out_dir):
                 W = random_tile_weight(K, N, tile, d, torch.float16)
                 w = TileSparseWeight.from_dense(W, tile)
                 ref = F.linear(x.float(), W.float())
-                cands = {"table": {}}
-                cands.update({f"grid {c[0]}/{c[1]}/{c[2]}": {"_config": c} for c in GRID})
+                cands = {"table": {"split_k": 1}}
+                cands.update({f"grid {c[0]}/{c[1]}/{c[2]}": {"_config": c, "split_k": 1} for c in GRID})
                 cands.update({f"split {s}": {"split_k": s} for s in SPLITS})
                 res = {}
                 for key, kw in cands.items():

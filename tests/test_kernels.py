@@ -620,6 +620,30 @@ def test_tile_linear_launch_table_choice():
     assert tl_mod._launch_params(16384, (128, 64), True, True, 3072, 1.0) == tl_mod.TUNED_TMA[((128, 64), 16384)]
 
 
+def test_tile_linear_auto_split_rule():
+    """Split-K is taken by itself only for a TileSparseWeight on the GPU at few rows, long K, nearly dense."""
+    import importlib
+    from types import SimpleNamespace
+    tl_mod = importlib.import_module("etformer.kernels.tile_linear")
+    W = torch.randn(96, 2048)
+    dense_w = TileSparseWeight.from_dense(W, (32, 64))
+    half = TileSparseWeight.from_dense(_sparse_weight(96, 2048, (32, 64), 0.5, torch.float32), (32, 64))
+    short = TileSparseWeight.from_dense(torch.randn(96, 768), (32, 64))
+    gpu = lambda m: SimpleNamespace(is_cuda=True, shape=(m, 2048))  # noqa: E731
+    assert tl_mod._auto_split_k(gpu(128), dense_w) == tl_mod.SPLIT_AUTO
+    assert tl_mod._auto_split_k(gpu(129), dense_w) == 1
+    assert tl_mod._auto_split_k(gpu(64), half) == 1
+    assert tl_mod._auto_split_k(SimpleNamespace(is_cuda=True, shape=(64, 768)), short) == 1
+    assert tl_mod._auto_split_k(gpu(64), W) == 1  # a dense tensor (the small-batch path) keeps its launch
+    assert tl_mod._auto_split_k(torch.randn(64, 2048), dense_w) == 1  # the interpreter
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_linear_long_k_few_rows(dtype):
+    """A long-K, dense tile weight at few rows (on the GPU: the automatic split-K), with bias, GELU and residual."""
+    _check_into_slice(dtype, 9, 2048, 256, (32, 64), "gelu", 8, "long K, few rows", density=1.0)  # 7 of 8 rows kept
+
+
 def _layer_chain(x, ws, ln, H, D, cu, rounds):
     """A post-LN layer's kernels on dense weights, `rounds` times: QKV, attention, O partials + add&LN, FFN-in with
     GELU, FFN-out partials + add&LN (the small-batch path's launches, each consuming the one before)."""

@@ -291,17 +291,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _splitk_epilogue_kernel(
-        ws_ptr, bias_ptr, res_ptr, y_ptr, M, N, SPLIT, stride_ym, stride_rm, out_col,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+        ws_ptr, bias_ptr, res_ptr, y_ptr, M, N, stride_ym, stride_rm, out_col,
+        SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
         HAS_RES: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        """Y = sum of the SPLIT partial sums (+ bias, activation, + residual). SPLIT is a compile-time constant, so
+        the partial loads unroll and are all issued before the first add (as add_layernorm's are)."""
         pdl_enter(PDL)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m[:, None] < M) & (cols[None, :] < N)
         base = ws_ptr + offs_m[:, None].to(tl.int64) * N + cols[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(0, SPLIT):
+        for s in tl.static_range(SPLIT):
             acc += tl.load(base + s * M * N, mask=mask, other=0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -418,9 +420,26 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 }
 
 
-# Split-K is opt-in (tile_linear(split_k=n)). A same-run A/B on the H200 at M=128 (tune_tma.json, "splitk") found the
-# direct launch faster in 17 of 18 cases (e.g. FFN-out dense, 128x64 tiles, TMA: 14.7 us direct, 23.9 split), because
-# the second launch and the fp32 workspace round trip cost more than the extra parallelism brings.
+# Split-K (tile_linear(split_k=n)). A same-run A/B on the H200 at M=128 (tune_tma.json, "splitk") had found the
+# direct launch faster in 17 of 18 cases, but it timed graphs of one call, where the host's ~8 us submission cost
+# hides a short kernel's own time. Timed as graphs of 20 calls (small_m/tune_small_m.json), split-K still loses 2-8 us
+# wherever K = 768 or the weight is at most half dense (the second launch and the fp32 workspace round trip), and wins
+# for long K when nearly dense: FFN-out (K = 3072), dense, 128x64 tiles 11.6 us in 4 splits against 16.5 direct
+# (cuBLAS 6.8), 64x64 11.0 in 3 against 15.7; at half density even (9.7 against 9.8). Hence the split is automatic
+# for a TileSparseWeight at up to SPLIT_AUTO_MAX_ROWS rows, K >= SPLIT_AUTO_MIN_K and density >= SPLIT_AUTO_MIN_DENSITY
+# on the GPU; split_k=1 turns it off.
+SPLIT_AUTO_MAX_ROWS = 128
+SPLIT_AUTO_MIN_K = 2048
+SPLIT_AUTO_MIN_DENSITY = 0.75
+SPLIT_AUTO = 4
+
+
+def _auto_split_k(x: torch.Tensor, w) -> int:
+    """The split tile_linear takes when split_k is None (1: the direct launch)."""
+    if (isinstance(w, TileSparseWeight) and x.is_cuda and x.shape[0] <= SPLIT_AUTO_MAX_ROWS
+            and w.in_features >= SPLIT_AUTO_MIN_K and w.density >= SPLIT_AUTO_MIN_DENSITY):
+        return SPLIT_AUTO
+    return 1
 # Y is written through a tensor descriptor (a bulk copy out of shared memory) when the tile's output side is at least
 # this wide. Same-run A/B on the H200 (tune_store_persistent.json): 1-10% faster for 128x64 tiles in all 12 cases, mixed for
 # 64x64 (-19% to +8%). A persistent launch (1 or 2 programs per SM striding over the work items) was measured in the
@@ -680,6 +699,8 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     w: a TileSparseWeight (the kernel visits its kept tiles only) or a dense [N, K] tensor (read in place as
     DENSE_TILE blocks: the small-batch path, for the fused epilogues).
     persistent: run the persistent flattened kernel (True), the grid kernel (False), or choose by FLAT_MIN_ROWS (None).
+    split_k: split each block-row's tiles over that many programs and reduce their fp32 partial sums in a second
+    kernel (None: SPLIT_AUTO for long-K, nearly dense weights at few rows, see _auto_split_k; 1: never).
     _config: (BLOCK_M, num_warps, num_stages), plus programs per SM for the persistent kernel."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -715,12 +736,14 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         return out
     dummy = x
     act = _act_code(activation)
+    if split_k is None and not persistent:
+        split_k = _auto_split_k(x, w)
     if split_k is not None and split_k > 1:
         ws = _partials(x, w, N, K, split_k, tma, _config)
         pdl = pdl_on(x)
         _splitk_epilogue_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 128))](
             ws, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
-            M, N, split_k, out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
+            M, N, out.stride(0), residual.stride(0) if residual is not None else 0, out_col, SPLIT=split_k,
             BLOCK_M=32, BLOCK_N=128, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, num_warps=4,
             PDL=pdl, **pdl_kwargs(pdl))
         return out
