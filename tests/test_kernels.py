@@ -627,12 +627,12 @@ def test_tile_linear_auto_split_rule():
     tl_mod = importlib.import_module("etformer.kernels.tile_linear")
     W = torch.randn(96, 2048)
     dense_w = TileSparseWeight.from_dense(W, (32, 64))
-    half = TileSparseWeight.from_dense(_sparse_weight(96, 2048, (32, 64), 0.5, torch.float32), (32, 64))
+    quarter = TileSparseWeight.from_dense(_sparse_weight(96, 2048, (32, 64), 0.2, torch.float32), (32, 64))
     short = TileSparseWeight.from_dense(torch.randn(96, 768), (32, 64))
     gpu = lambda m: SimpleNamespace(is_cuda=True, shape=(m, 2048))  # noqa: E731
     assert tl_mod._auto_split_k(gpu(128), dense_w) == tl_mod.SPLIT_AUTO
     assert tl_mod._auto_split_k(gpu(129), dense_w) == 1
-    assert tl_mod._auto_split_k(gpu(64), half) == 1
+    assert quarter.density < tl_mod.SPLIT_AUTO_MIN_DENSITY and tl_mod._auto_split_k(gpu(64), quarter) == 1
     assert tl_mod._auto_split_k(SimpleNamespace(is_cuda=True, shape=(64, 768)), short) == 1
     assert tl_mod._auto_split_k(gpu(64), W) == 1  # a dense tensor (the small-batch path) keeps its launch
     assert tl_mod._auto_split_k(torch.randn(64, 2048), dense_w) == 1  # the interpreter

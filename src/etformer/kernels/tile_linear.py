@@ -422,15 +422,17 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 
 # Split-K (tile_linear(split_k=n)). A same-run A/B on the H200 at M=128 (tune_tma.json, "splitk") had found the
 # direct launch faster in 17 of 18 cases, but it timed graphs of one call, where the host's ~8 us submission cost
-# hides a short kernel's own time. Timed as graphs of 20 calls (small_m/tune_small_m.json), split-K still loses 2-8 us
-# wherever K = 768 or the weight is at most half dense (the second launch and the fp32 workspace round trip), and wins
-# for long K when nearly dense: FFN-out (K = 3072), dense, 128x64 tiles 11.6 us in 4 splits against 16.5 direct
-# (cuBLAS 6.8), 64x64 11.0 in 3 against 15.7; at half density even (9.7 against 9.8). Hence the split is automatic
-# for a TileSparseWeight at up to SPLIT_AUTO_MAX_ROWS rows, K >= SPLIT_AUTO_MIN_K and density >= SPLIT_AUTO_MIN_DENSITY
-# on the GPU; split_k=1 turns it off.
+# hides a short kernel's own time. Timed as graphs of 20 calls, with the epilogue's split count a compile-time
+# constant (small_m/tune_small_m.json, 128 rows, BERT-base shapes): for K = 768 (QKV, FFN-in) split-K loses 0.6-6 us
+# at every density; for FFN-out (K = 3072) 4 splits win when at least half the tiles are kept — 128x64 tiles: dense
+# 10.0 us against 16.6 direct, half 8.2 against 9.7 (cuBLAS dense 6.8); 64x64: 9.4 against 15.7, 7.8 against 9.1 —
+# and lose at a quarter (7.3 against 6.2). Hence the split is automatic for a TileSparseWeight at up to
+# SPLIT_AUTO_MAX_ROWS rows, K >= SPLIT_AUTO_MIN_K and density >= SPLIT_AUTO_MIN_DENSITY on the GPU; split_k=1 turns
+# it off. (The run before the constant split count, small_m/tune_small_m_runtime_split.json: dense FFN-out 11.6 us in
+# 4 splits, half 9.9.)
 SPLIT_AUTO_MAX_ROWS = 128
 SPLIT_AUTO_MIN_K = 2048
-SPLIT_AUTO_MIN_DENSITY = 0.75
+SPLIT_AUTO_MIN_DENSITY = 0.4
 SPLIT_AUTO = 4
 
 
