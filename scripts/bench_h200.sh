@@ -34,6 +34,8 @@ for part in "$@"; do
       python3 -m etformer.bench.kernels --out "$OUT/kernels" --tiles 64x64,128x64 2>&1 | tail -45 ;;
     attnvarlen)  # attention launch sweep on ragged and full batches at S <= 512 (RAGGED_SHORT_LAUNCH)
       python3 scripts/tune_attention_varlen.py "$OUT/attnvarlen" 2>&1 | grep -v "^  (" | tail -50 ;;
+    raggedab)  # the ragged short-batch attention launch on and off in the whole encoder (BERT-base, S=128)
+      python3 scripts/ragged_attention_ab.py "$OUT/raggedab" 2>&1 | grep -v -i "warn\|Loading weights" | tail -12 ;;
     smallm)  # launch sweep of the tile kernel at 128 rows (grid blocks, split-K), graphs of 20 calls
       python3 scripts/tune_small_m.py "$OUT/smallm" 2>&1 | grep -v -i warn | tail -25 ;;
     wsprobe)  # does this Triton's automatic warp specialisation run on the GPU (three minimal kernels, 30 s each)
