@@ -38,6 +38,8 @@ for part in "$@"; do
       python3 scripts/ragged_attention_ab.py "$OUT/raggedab" 2>&1 | grep -v -i "warn\|Loading weights" | tail -12 ;;
     smallm)  # launch sweep of the tile kernel at 128 rows (grid blocks, split-K), graphs of 20 calls
       python3 scripts/tune_small_m.py "$OUT/smallm" 2>&1 | grep -v -i warn | tail -25 ;;
+    m4096)  # the same sweep at 4096 rows (BLOCK_M 64 / 128, 4 or 8 warps, 3-6 stages), 128x64 tiles
+      python3 scripts/tune_small_m.py "$OUT/m4096" --m 4096 2>&1 | grep -v -i warn | tail -12 ;;
     wsprobe)  # does this Triton's automatic warp specialisation run on the GPU (three minimal kernels, 30 s each)
       python3 scripts/ws_probe.py "$OUT/wsprobe" 2>&1 | grep "^{" ;;
     torchparity)  # every nn.TransformerEncoder configuration through the kernels vs PyTorch's own fp16/bf16 run

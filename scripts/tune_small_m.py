@@ -1,11 +1,12 @@
-"""Launch sweep of the tile-sparse linear at 128 rows (the kernels bench's M=128 rows), timed as graphs of PER_GRAPH
-back-to-back calls with PDL off, beside cuBLAS timed the same way.
+"""Launch sweep of the tile-sparse linear at 128 rows (the kernels bench's M=128 rows), or at --m rows, timed as graphs
+of PER_GRAPH back-to-back calls with PDL off, beside cuBLAS timed the same way.
 
-    python3 scripts/tune_small_m.py OUT_DIR
+    python3 scripts/tune_small_m.py OUT_DIR [--m 4096]
 
 BERT-base shapes (QKV 2304x768, FFN-in 3072x768, FFN-out 768x3072), fp16, tiles 128x64 and 64x64, densities 1, 0.5
 and 0.25. Candidates: the grid kernel at (BLOCK_M, 4 warps, stages) for BLOCK_M in {16, 32, 64} and 3-6 stages, and
-split-K over 2, 3, 4 or 6 programs a block (the tabled launch, reduced by the split-K epilogue kernel); "table" is
+split-K over 2, 3, 4 or 6 programs a block (the tabled launch, reduced by the split-K epilogue kernel); above 128 rows
+128x64 tiles only, BLOCK_M 64 with 4 warps and 128 with 4 or 8, 3-6 stages, and no split-K; "table" is
 the direct launch (split_k=1), whatever tile_linear would choose by itself. Every output
 is checked against fp32 math. Prints each case's best and, per tile, the candidate with the best geometric-mean
 speed-up over the tabled launch; JSON to OUT_DIR/tune_small_m.json.
@@ -23,17 +24,20 @@ from etformer.kernels import _common
 from etformer.kernels.tile_linear import tile_linear
 from etformer.sparse.tiles import TileSparseWeight, atomic_write_json
 
-M = 128
 PER_GRAPH = 20
-GRID = [(bm, 4, st) for bm in (16, 32, 64) for st in (3, 4, 5, 6)]
-SPLITS = (2, 3, 4, 6)
 
 
-def main(out_dir):
+def main(out_dir, M=128):
+    if M <= 128:
+        GRID = [(bm, 4, st) for bm in (16, 32, 64) for st in (3, 4, 5, 6)]
+        SPLITS = (2, 3, 4, 6)
+    else:
+        GRID = [(bm, w, st) for bm, w in ((64, 4), (128, 4), (128, 8)) for st in (3, 4, 5, 6)]
+        SPLITS = ()
     _common.USE_PDL = False
     os.makedirs(out_dir, exist_ok=True)
     rows, bad = [], []
-    for tile in ((128, 64), (64, 64)):
+    for tile in ((128, 64), (64, 64)) if M <= 128 else ((128, 64),):
         for name, (K, N) in SHAPES.items():
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             Wd = torch.randn(N, K, device="cuda", dtype=torch.float16) / math.sqrt(K)
@@ -67,7 +71,7 @@ def main(out_dir):
                       f"(x{cublas / ok['table']:.2f})  best {best} {ok[best]:5.1f} (x{cublas / ok[best]:.2f})",
                       flush=True)
     summary = {}
-    for tile in ("128x64", "64x64"):
+    for tile in sorted({r["tile"] for r in rows}):
         sel = [r for r in rows if r["tile"] == tile]
         keys = set.intersection(*[{k for k, v in r["results"].items() if "us" in v} for r in sel])
         gm = {k: math.exp(sum(math.log(r["results"]["table"]["us"] / r["results"][k]["us"]) for r in sel) / len(sel))
@@ -75,13 +79,14 @@ def main(out_dir):
         b = max(gm, key=gm.get)
         summary[tile] = {"best": b, "geomean_vs_table": gm[b], "all": gm}
         print(f"{tile}: best by geometric mean {b} ({gm[b]:.3f}x the tabled launch)", flush=True)
-    atomic_write_json(os.path.join(out_dir, "tune_small_m.json"),
+    atomic_write_json(os.path.join(out_dir, "tune_small_m.json" if M == 128 else f"tune_m{M}.json"),
                       {"env": env_info(), "command": "python3 scripts/tune_small_m.py " + " ".join(sys.argv[1:]),
-                       "per_graph": PER_GRAPH, "pdl": False, "rows": rows, "summary": summary, "wrong": bad})
+                       "M": M, "per_graph": PER_GRAPH, "pdl": False, "rows": rows, "summary": summary, "wrong": bad})
     if bad:
         print("WRONG:", bad)
         raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    main(args[0], int(args[args.index("--m") + 1]) if "--m" in args else 128)
