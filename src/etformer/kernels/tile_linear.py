@@ -404,12 +404,14 @@ TUNED_TMA: dict[tuple, tuple[int, int, int]] = {
     ((128, 64), 128): (64, 4, 5), ((128, 64), 4096): (128, 4, 4), ((128, 64), 16384): (128, 4, 4),
     ((128, 128), 128): (64, 4, 6), ((128, 128), 4096): (128, 8, 5), ((128, 128), 16384): (128, 4, 5),
 }
-# Long K (FFN-out, K >= 2048) at up to 4096 rows, nearly dense: the same sweep's winner there was (128, 8, 5)
-# (37.2 us vs cuBLAS 29.6 dense). Measured side by side in kernels.md (FFN-out, M=4096): 0.74x cuBLAS dense with it,
-# 0.61x with the bucket's (128, 4, 4); but at 25% density 1.64x with it against 2.10x without, so it applies only from
-# LONG_K_MIN_DENSITY up.
-TUNED_TMA_LONG_K: dict[tuple, tuple[int, int, int]] = {((128, 64), 4096): (128, 8, 5)}
-LONG_K_MIN_DENSITY = 0.75
+# Long K (FFN-out, K >= 2048) at 129-4096 rows: 64-row blocks, 4 warps, 5 stages at every density. Swept with graphs
+# of 20 calls (small_m/tune_m4096.json, 128x64 tiles, M = 4096): dense 35.3 us against 41.0 for the earlier entry
+# (128, 8, 5), half density 18.4 against 25.3 for the bucket's (128, 4, 4), a quarter 10.9 against 13.3 (cuBLAS dense
+# 27.5); twice the programs (384 for N = 768) fill the SMs where 192 128-row blocks left a ragged single wave. The
+# K = 768 shapes keep the bucket's launch (64-row blocks 15-28% slower there), and so does M = 16384 (tune_m16384.json:
+# the table within 4% of the best everywhere). The earlier entry (128, 8, 5), from a sweep of graphs of one call,
+# served only density >= 0.75.
+TUNED_TMA_LONG_K: dict[tuple, tuple[int, int, int]] = {((128, 64), 4096): (64, 4, 5)}
 # Pointer-load kernel (GPUs before sm_90, unaligned operands), from the earlier sweep in the same file.
 TUNED: dict[tuple, tuple[int, int, int]] = {
     ((32, 32), 128): (64, 4, 3), ((32, 32), 4096): (128, 4, 3), ((32, 32), 16384): (128, 4, 3),
@@ -490,7 +492,7 @@ def _m_bucket(M: int) -> int:
 def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, K: int = 0,
                    density: float = 1.0) -> tuple[int, int, int]:
     mb = _m_bucket(M)
-    if tma and K >= 2048 and density >= LONG_K_MIN_DENSITY and (tile, mb) in TUNED_TMA_LONG_K:
+    if tma and K >= 2048 and (tile, mb) in TUNED_TMA_LONG_K:
         return TUNED_TMA_LONG_K[(tile, mb)]
     table = TUNED_TMA if tma else TUNED
     if (tile, mb) in table:
