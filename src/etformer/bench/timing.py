@@ -19,7 +19,7 @@ def time_cuda(fn, *, warmup: int = 10, reps: int = 100, graph: bool = False, min
     CUDA graph and its replays are timed (launch gaps removed), as a deployed engine would run it.
 
     per_graph (graph=True only): the graph holds that many back-to-back calls of fn and each replay's time is divided
-    by it. A graph of one short kernel is timed at the host's cost of submitting a replay (about 8-9 us on the H200's
+    by it. A graph of one short kernel is timed at the host's cost of submitting a replay (8-17 us on the H200's
     host, whatever the kernel), since the GPU waits for each submission; R calls in a row amortise that cost, so the
     figure is the kernel's own time, as inside a captured encoder."""
     if per_graph < 1 or (per_graph > 1 and not graph):
