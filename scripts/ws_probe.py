@@ -6,7 +6,8 @@ ok / wrong / error / hang, with the relative error against fp32 math and the tim
     python3 scripts/ws_probe.py OUT_DIR            all cases, one line each, JSON to OUT_DIR/ws_probe.json
     python3 scripts/ws_probe.py --case NAME        one case, in this process
 
-Cases: a minimal dense TMA GEMM (M=4096, N=2304, K=768, 128x128 blocks, 64-deep steps, 4 warps, 3 stages) whose K
+Cases: a control (the dense GEMM below with its loop not specialised, which must come back ok within the timeout, so
+a hang is the kernel's and not the harness's); a minimal dense TMA GEMM (M=4096, N=2304, K=768, 128x128 blocks, 64-deep steps, 4 warps, 3 stages) whose K
 loop is warp-specialised with a constant trip count; the same over the kept tiles of a 50% TileSparseWeight
 (128x64 tiles, data-dependent trip count, the tile loop of etformer's grid kernel); and that with one empty
 block-row (a zero-trip loop). Triton 3.6 compiles all three for sm_90 into producer and consumer partitions; on the
@@ -24,7 +25,7 @@ import torch
 from etformer.bench.timing import env_info
 from etformer.sparse.tiles import atomic_write_json
 
-CASES = ["minimal_dense", "minimal_tiles", "minimal_tiles_empty_row"]
+CASES = ["control_dense_plain_loop", "minimal_dense", "minimal_tiles", "minimal_tiles_empty_row"]
 
 
 def _minimal(case):
@@ -34,17 +35,17 @@ def _minimal(case):
 
     @triton.jit
     def k(x_desc, w_desc, y_ptr, row_ptr, col_idx, N, K, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
-          BN: tl.constexpr, BK: tl.constexpr):
+          BN: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr):
         pid_m = tl.program_id(0)
         r = tl.program_id(1)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         if MODE == 0:
-            for t in tl.range(0, K // BK, warp_specialize=True):
+            for t in tl.range(0, K // BK, warp_specialize=WS):
                 acc = tl.dot(x_desc.load([pid_m * BLOCK_M, t * BK]), w_desc.load([r * BN, t * BK]).T, acc)
         else:
             lo = tl.load(row_ptr + r)
             hi = tl.load(row_ptr + r + 1)
-            for i in tl.range(0, hi - lo, warp_specialize=True):
+            for i in tl.range(0, hi - lo, warp_specialize=WS):
                 t = lo + i
                 kc = tl.load(col_idx + t)
                 acc = tl.dot(x_desc.load([pid_m * BLOCK_M, kc * BK]), w_desc.load([t * BN, 0]).T, acc)
@@ -56,12 +57,13 @@ def _minimal(case):
     from etformer.sparse.tiles import TileSparseWeight
     M, K, N, BM, BN, BK = 4096, 768, 2304, 128, 128, 64
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-    W = random_tile_weight(K, N, (BN, BK), 1.0 if case == "minimal_dense" else 0.5, torch.float16)
+    dense = case in ("minimal_dense", "control_dense_plain_loop")
+    W = random_tile_weight(K, N, (BN, BK), 1.0 if dense else 0.5, torch.float16)
     if case == "minimal_tiles_empty_row":
         W[:BN] = 0
     y = torch.empty(M, N, device="cuda", dtype=torch.float16)
     xd = TensorDescriptor(x, [M, K], [K, 1], [BM, BK])
-    if case == "minimal_dense":
+    if dense:
         wd = TensorDescriptor(W, [N, K], [K, 1], [BN, BK])
         args = (xd, wd, y, x, x, N, K, 0)
     else:
@@ -69,7 +71,8 @@ def _minimal(case):
         vals = w.values.view(-1, BK)
         wd = TensorDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK])
         args = (xd, wd, y, w.row_ptr, w.col_idx, N, K, 1)
-    run = lambda: k[(M // BM, N // BN)](*args, BLOCK_M=BM, BN=BN, BK=BK, num_warps=4, num_stages=3)  # noqa: E731
+    run = lambda: k[(M // BM, N // BN)](*args, BLOCK_M=BM, BN=BN, BK=BK,
+                         WS=case != "control_dense_plain_loop", num_warps=4, num_stages=3)  # noqa: E731
     return run, y, x.float() @ W.float().t()
 
 
