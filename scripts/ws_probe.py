@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from etformer.bench.timing import env_info
+from etformer.bench.timing import env_info, time_cuda
 from etformer.sparse.tiles import atomic_write_json
 
 CASES = ["control_dense_plain_loop", "minimal_dense", "minimal_tiles", "minimal_tiles_empty_row"]
@@ -81,14 +81,8 @@ def one(case):
     run()
     torch.cuda.synchronize()
     err = float((y.float() - ref).norm() / ref.norm())
-    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    st.record()
-    for _ in range(20):
-        run()
-    en.record()
-    torch.cuda.synchronize()
-    print(json.dumps({"case": case, "status": "ok" if err < 1e-2 else "wrong", "rel_err": err,
-                      "us": st.elapsed_time(en) * 1000 / 20}))
+    us = time_cuda(run, warmup=1, reps=20, min_ms=5)["median_us"]
+    print(json.dumps({"case": case, "status": "ok" if err < 1e-2 else "wrong", "rel_err": err, "us": us}))
 
 
 def main(out_dir):
