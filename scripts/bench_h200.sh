@@ -40,7 +40,8 @@ for part in "$@"; do
       python3 scripts/tune_small_m.py "$OUT/smallm" 2>&1 | grep -v -i warn | tail -25 ;;
     m4096)  # the same sweep at 4096 rows (BLOCK_M 64 / 128, 4 or 8 warps, 3-6 stages), 128x64 tiles
       python3 scripts/tune_small_m.py "$OUT/m4096" --m 4096 2>&1 | grep -v -i warn | tail -12 ;;
-    wsprobe)  # does this Triton's automatic warp specialisation run on the GPU (three minimal kernels, 30 s each)
+    wsprobe)  # does this Triton's automatic warp specialisation run on the GPU (a control, then three minimal
+              # warp-specialised kernels; 30 s each)
       python3 scripts/ws_probe.py "$OUT/wsprobe" 2>&1 | grep "^{" ;;
     torchparity)  # every nn.TransformerEncoder configuration through the kernels vs PyTorch's own fp16/bf16 run
       python3 scripts/torch_encoder_parity.py "$OUT/torchparity" 2>&1 | grep -v -i warn | tail -40 ;;

@@ -40,16 +40,18 @@ def main(out_dir: str) -> int:
                 ref = m32(input_ids=ids, attention_mask=mask).last_hidden_state
             row = {"variant": variant, "batch": B, "seq": S, "varlen": varlen,
                    "fill": float(mask.sum()) / (B * S), "ragged_us": [], "one_pass_us": []}
-            for _ in range(2):
-                for key, fill in (("ragged", shipped), ("one_pass", 0.0)):
-                    A.RAGGED_SHORT_FILL = fill
-                    with torch.no_grad():
-                        out, us = graphed_forward(enc, ids, mask)
-                    err = _rel(out, ref, mask)
-                    row[f"{key}_us"].append(us)
-                    row[f"{key}_rel_err"] = err
-                    bad += not err < GATE
-            A.RAGGED_SHORT_FILL = shipped
+            try:
+                for _ in range(2):
+                    for key, fill in (("ragged", shipped), ("one_pass", 0.0)):
+                        A.RAGGED_SHORT_FILL = fill
+                        with torch.no_grad():
+                            out, us = graphed_forward(enc, ids, mask)
+                        err = _rel(out, ref, mask)
+                        row[f"{key}_us"].append(us)
+                        row[f"{key}_rel_err"] = err
+                        bad += not err < GATE
+            finally:
+                A.RAGGED_SHORT_FILL = shipped
             row["speedup"] = min(row["one_pass_us"]) / min(row["ragged_us"])
             rows.append(row)
             print(f"{variant:6s} {B:3d}x{S} {'varlen' if varlen else 'full  '} fill {row['fill']:.2f}: ragged launch "

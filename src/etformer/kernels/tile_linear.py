@@ -408,8 +408,8 @@ TUNED_TMA: dict[tuple, tuple[int, int, int]] = {
 # of 20 calls (small_m/tune_m4096.json, 128x64 tiles, M = 4096): dense 35.3 us against 41.0 for the earlier entry
 # (128, 8, 5), half density 18.4 against 25.3 for the bucket's (128, 4, 4), a quarter 10.9 against 13.3 (cuBLAS dense
 # 27.5); twice the programs (384 for N = 768) fill the SMs where 192 128-row blocks left a ragged single wave. The
-# K = 768 shapes keep the bucket's launch (64-row blocks 15-28% slower there), and so does M = 16384 (tune_m16384.json:
-# the table within 4% of the best everywhere). The earlier entry (128, 8, 5), from a sweep of graphs of one call,
+# K = 768 shapes keep the bucket's launch (64-row blocks 10-28% slower there), and so does M = 16384 (tune_m16384.json:
+# the table within 5% of the best everywhere). The earlier entry (128, 8, 5), from a sweep of graphs of one call,
 # served only density >= 0.75.
 TUNED_TMA_LONG_K: dict[tuple, tuple[int, int, int]] = {((128, 64), 4096): (64, 4, 5)}
 # Pointer-load kernel (GPUs before sm_90, unaligned operands), from the earlier sweep in the same file.
@@ -425,7 +425,7 @@ TUNED: dict[tuple, tuple[int, int, int]] = {
 # Split-K (tile_linear(split_k=n)). A same-run A/B on the H200 at M=128 (tune_tma.json, "splitk") had found the
 # direct launch faster in 17 of 18 cases, but it timed graphs of one call, where the host's ~8 us submission cost
 # hides a short kernel's own time. Timed as graphs of 20 calls, with the epilogue's split count a compile-time
-# constant (small_m/tune_small_m.json, 128 rows, BERT-base shapes): for K = 768 (QKV, FFN-in) split-K loses 0.6-6 us
+# constant (small_m/tune_small_m.json, 128 rows, BERT-base shapes): for K = 768 (QKV, FFN-in) split-K loses 0.6-7.3 us
 # at every density; for FFN-out (K = 3072) 4 splits win when at least half the tiles are kept — 128x64 tiles: dense
 # 10.0 us against 16.6 direct, half 8.2 against 9.7 (cuBLAS dense 6.8); 64x64: 9.4 against 15.7, 7.8 against 9.1 —
 # and lose at a quarter (7.3 against 6.2). Hence the split is automatic for a TileSparseWeight at up to
@@ -444,6 +444,8 @@ def _auto_split_k(x: torch.Tensor, w) -> int:
             and w.in_features >= SPLIT_AUTO_MIN_K and w.density >= SPLIT_AUTO_MIN_DENSITY):
         return SPLIT_AUTO
     return 1
+
+
 # Y is written through a tensor descriptor (a bulk copy out of shared memory) when the tile's output side is at least
 # this wide. Same-run A/B on the H200 (tune_store_persistent.json): 1-10% faster for 128x64 tiles in all 12 cases, mixed for
 # 64x64 (-19% to +8%). A persistent launch (1 or 2 programs per SM striding over the work items) was measured in the
@@ -489,8 +491,7 @@ def _m_bucket(M: int) -> int:
     return 128 if M <= 128 else (4096 if M <= 4096 else 16384)
 
 
-def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, K: int = 0,
-                   density: float = 1.0) -> tuple[int, int, int]:
+def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, K: int = 0) -> tuple[int, int, int]:
     mb = _m_bucket(M)
     if tma and K >= 2048 and (tile, mb) in TUNED_TMA_LONG_K:
         return TUNED_TMA_LONG_K[(tile, mb)]
@@ -651,7 +652,7 @@ def _plan(x: torch.Tensor, w, tma, config) -> _Launch:
     elif dense:
         block_m, warps, stages = DENSE_LAUNCH[_dense_bucket(M)] if x.is_cuda else (32, 4, 1)
     else:
-        block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, K, w.density)
+        block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, K)
     row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)  # x: a placeholder the dense kernel ignores
     return _Launch(w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx)
 
@@ -704,7 +705,8 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     DENSE_TILE blocks: the small-batch path, for the fused epilogues).
     persistent: run the persistent flattened kernel (True), the grid kernel (False), or choose by FLAT_MIN_ROWS (None).
     split_k: split each block-row's tiles over that many programs and reduce their fp32 partial sums in a second
-    kernel (None: SPLIT_AUTO for long-K, nearly dense weights at few rows, see _auto_split_k; 1: never).
+    kernel (None: SPLIT_AUTO for long-K weights at least SPLIT_AUTO_MIN_DENSITY dense at few rows, see _auto_split_k;
+    1: never).
     _config: (BLOCK_M, num_warps, num_stages), plus programs per SM for the persistent kernel."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
