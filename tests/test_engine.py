@@ -292,6 +292,40 @@ def test_linear_routes(monkeypatch, small_path, small_sparse):
                 assert float((ws.sum(0) - lin_ref).norm() / lin_ref.norm()) < 2e-3
 
 
+@needs_triton
+def test_dense_activation_tiles(monkeypatch):
+    """A dense matrix built with act_tiles (FFN-in) keeps a density-1 tile copy and runs it, with the activation in
+    the epilogue, from SPARSE_MIN_TOKENS rows when called with an activation; without one, under that, with the
+    switch off, forced dense, or sparse, it does not. The tile route gives the product."""
+    import torch.nn.functional as F
+
+    from etformer.engine import encoder as E
+
+    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 48)  # small enough for the interpreter
+    dt = torch.float16 if DEVICE == "cuda" else torch.float32
+    torch.manual_seed(2)
+    W = torch.randn(256, 128, device=DEVICE, dtype=dt) / 12
+    b = torch.randn(256, device=DEVICE, dtype=dt)
+    lin = E.Linear(W, b, (64, 64), act_tiles=True)
+    assert lin.sparse is None and lin.act_tiles is not None and lin.act_tiles.density == 1.0
+    assert lin.act_tiles.tile == E.DENSE_ACT_TILE
+    assert E.Linear(W, b, (64, 64)).act_tiles is None
+    assert E.Linear(W, b, (64, 64), force="dense", act_tiles=True).act_tiles is None
+    Ws = W.clone()
+    Ws[:128] = 0
+    assert E.Linear(Ws, b, (64, 64), act_tiles=True).act_tiles is None  # sparse: its own tiles serve
+    bk = "auto" if DEVICE == "cuda" else "triton"
+    big, small = torch.randn(50, 128, device=DEVICE, dtype=dt), torch.randn(8, 128, device=DEVICE, dtype=dt)
+    assert lin._operand(big, bk, "gelu") is lin.act_tiles
+    assert lin._operand(big, bk) is None and lin._operand(big, "reference", "gelu") is None
+    assert lin._operand(small, bk, "gelu") is not lin.act_tiles
+    y = lin(big, activation="gelu", backend=bk)
+    ref = F.gelu(F.linear(big.double(), W.double(), b.double()))
+    assert float((y.double() - ref).norm() / ref.norm()) < (2e-3 if dt == torch.float16 else 1e-5)
+    monkeypatch.setattr(E, "DENSE_ACT_TILES", False)
+    assert lin._operand(big, bk, "gelu") is None
+
+
 def test_sparse_routes_by_density(monkeypatch):
     """A sparse matrix leaves its dense copy for its tiles from tile_min_rows(density) rows: SPARSE_MIN_TOKENS, or
     SPARSE_MIN_TOKENS_LOW at tile density up to SPARSE_LOW_DENSITY (never later than SPARSE_MIN_TOKENS). On a GPU

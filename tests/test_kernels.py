@@ -1,5 +1,6 @@
 """Every kernel against its reference on fresh random inputs: CPU through the Triton interpreter (fp32, fp16),
 and on a GPU in fp16 and bf16. Outputs are poisoned with NaN first so an unwritten element fails."""
+import importlib
 import math
 
 import pytest
@@ -11,6 +12,8 @@ from etformer.kernels import (CompactV, add_layernorm, attention, attention_proj
                               tile_linear_partials)
 from etformer.sparse import TileSparseWeight
 from kernel_utils import DEVICE, DTYPES, assert_close, needs_triton
+
+tl_mod = importlib.import_module("etformer.kernels.tile_linear")
 
 pytestmark = needs_triton
 
@@ -69,6 +72,39 @@ def _check_into_slice(dtype, M, K, N, tile, act, col, what, density=0.6, **kw):
     ref = g(x.double() @ W.double().t() + b.double()) + r.double()
     peer = g(torch.nn.functional.linear(x, W, b)) + r
     assert_close(out[:, col:col + N], peer, ref, what)
+
+
+@pytest.mark.parametrize("erf", ["poly", "libdevice"])
+def test_tile_linear_gelu_elementwise(erf, monkeypatch):
+    """The GELU epilogue element by element over [-12, 12] (and a wide tail), against the exact erf form in fp64:
+    within a few fp32 ulps in fp32, within the output's rounding in fp16 and bf16, whichever erf the kernel uses."""
+    monkeypatch.setattr(tl_mod, "GELU_ERF", erf)
+    z = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([-60.0, -30.0, -6.0, -1e-6, 0.0, 1e-6, 6.0, 30.0, 60.0])])
+    M = z.numel()
+    eye = torch.zeros(16, 16)
+    eye[0, 0] = 1.0
+    w = TileSparseWeight.from_dense(eye, (16, 16))
+    for dtype in DTYPES:
+        x = torch.zeros(M, 16, dtype=dtype, device=DEVICE)
+        x[:, 0] = z.to(dtype)
+        y = tile_linear(x, w.to(DEVICE, dtype), activation="gelu", backend="triton")[:, 0].double().cpu()
+        zz = x[:, 0].double().cpu()
+        ref = 0.5 * zz * (1 + torch.erf(zz / math.sqrt(2)))
+        # fp32: a few ulps; fp16 / bf16: one rounding of the output (half an ulp) plus slack
+        tol = 2e-6 * (1 + zz.abs()) if dtype == torch.float32 else torch.finfo(dtype).eps * (1 + ref.abs())
+        bad = (y - ref).abs() > tol
+        assert not bad.any(), f"{erf} {dtype}: GELU off at x={zz[bad][:5].tolist()}: {y[bad][:5].tolist()}"
+
+
+def test_gelu_codes(monkeypatch):
+    """'gelu' maps to the polynomial erf (3 on a GPU tensor, 4 in the interpreter) or libdevice's (1)."""
+    monkeypatch.setattr(tl_mod, "GELU_ERF", "poly")
+    assert tl_mod._act_code("gelu", torch.zeros(1)) == 4 and tl_mod._act_code("relu", torch.zeros(1)) == 2
+    monkeypatch.setattr(tl_mod, "GELU_ERF", "libdevice")
+    assert tl_mod._act_code("gelu", torch.zeros(1)) == 1
+    monkeypatch.setattr(tl_mod, "GELU_ERF", "tanh")
+    with pytest.raises(EtformerError, match="GELU_ERF"):
+        tl_mod._act_code("gelu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

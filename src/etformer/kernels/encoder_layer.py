@@ -273,7 +273,7 @@ def encoder_layer(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, nu
             raise EtformerError(f"{name} is {t.dtype}, x is {x.dtype}; convert one of them")
     if D > 256 or DV > 256 or H < 1 or D < 1:
         raise EtformerError(f"need 1 <= head_dim <= 256 and at least one head, got H={H}, D={D}, DV={DV}")
-    act = _act_code(activation)
+    act = _act_code(activation, x)
     if act == 0:
         raise EtformerError("the layer needs an activation: gelu or relu")
     if T > MAX_ROWS:

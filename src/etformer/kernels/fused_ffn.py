@@ -92,7 +92,7 @@ def fused_ffn_partials(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | Non
     check_tensor("x", x, dims=2)
     check_tensor("w1", w1, dims=2, device=x.device)
     check_tensor("w2", w2, dims=2, device=x.device)
-    act = _act_code(activation)
+    act = _act_code(activation, x)
     M, D = x.shape
     I = w1.shape[0]
     if w1.shape[1] != D or tuple(w2.shape) != (D, I):
