@@ -53,7 +53,7 @@ def kernel_rows():
             W = random_tile_weight(K, N, TILE, d, torch.float16)
             w = TileSparseWeight.from_dense(W, TILE)
             ref = F.gelu(x.float() @ W.float().t() + b.float())
-            row = {"M": M, "density": d, "table_launch": list(T._launch_params(M, TILE, True, True, K))}
+            row = {"M": M, "density": d, "table_launch": list(T._launch_params(M, TILE, True, True, N))}
             row["plain_us"] = t20(lambda: T.tile_linear(x, w, b))
             row["cublas_bias_us"] = t20(lambda: F.linear(x, W, b))
             row["cublas_gelu_us"] = t20(lambda: F.gelu(F.linear(x, W, b)))
@@ -68,7 +68,7 @@ def kernel_rows():
                     saved = dict(T.DENSE_TILE), dict(T.DENSE_LAUNCH)
                     try:
                         T.DENSE_TILE[T._dense_bucket(M)] = TILE
-                        T.DENSE_LAUNCH[T._dense_bucket(M)] = T._launch_params(M, TILE, True, True, K)
+                        T.DENSE_LAUNCH[T._dense_bucket(M)] = T._launch_params(M, TILE, True, True, N)
                         y = T.tile_linear(x, W, b, activation="gelu")
                         row[f"dense_w_gelu_{erf}_err"] = rel(y, ref)
                         row[f"dense_w_gelu_{erf}_us"] = t20(lambda: T.tile_linear(x, W, b, activation="gelu"))
@@ -128,7 +128,7 @@ def dense_w_rows():
         saved = dict(T.DENSE_TILE), dict(T.DENSE_LAUNCH)
         try:
             T.DENSE_TILE[bucket] = TILE
-            T.DENSE_LAUNCH[bucket] = T._launch_params(M, TILE, True, True, K)
+            T.DENSE_LAUNCH[bucket] = T._launch_params(M, TILE, True, True, N)
             row["dense_w_bias_early_err"] = rel(T.tile_linear(x, W, b, activation="gelu"), ref)
             row["dense_w_bias_early_us"] = t20(lambda: T.tile_linear(x, W, b, activation="gelu"))
             row["dense_w_no_bias_us"] = t20(lambda: T.tile_linear(x, W, None, activation="gelu"))

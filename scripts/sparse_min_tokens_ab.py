@@ -4,8 +4,8 @@
 
 BERT-base-shaped encoder (random weights), every matrix pruned to 50% and to 75% in the plan's default tiles, fp16.
 At B x S from 512 to 8192 tokens (fixed length), GPU time of one graphed forward (median of CUDA-graph replays) with
-the sparse matrices on their dense copies (cuBLAS: SPARSE_MIN_TOKENS and SPARSE_MIN_TOKENS_LOW above the batch) and
-on their tiles (both 0), beside the dense model through the same engine; outputs of the two routes compared. The
+the sparse matrices on their dense copies (cuBLAS: SPARSE_MIN_TOKENS, _MID and _LOW above the batch) and
+on their tiles (all 0), beside the dense model through the same engine; outputs of the two routes compared. The
 finite check is off (the packed path, no host read). Writes sparse_min_tokens_ab.json.
 """
 import copy
@@ -37,20 +37,26 @@ def main(out_dir):
                                                device="cuda")
     for enc in encs.values():
         enc.check_finite = False
-    saved = E.SPARSE_MIN_TOKENS, E.SPARSE_MIN_TOKENS_LOW
+    names = ("SPARSE_MIN_TOKENS", "SPARSE_MIN_TOKENS_MID", "SPARSE_MIN_TOKENS_LOW")
+    saved = [getattr(E, n) for n in names]
+
+    def route(rows):  # every threshold at rows, or back to the shipped ones (None)
+        for n, v in zip(names, saved if rows is None else [rows] * 3):
+            setattr(E, n, v)
+
     rows = []
     try:
         for B, S in SHAPES:
             ids, mask = make_inputs(B, S, False, 30522)
-            E.SPARSE_MIN_TOKENS, E.SPARSE_MIN_TOKENS_LOW = saved
+            route(None)
             _, dense = graphed_forward(encs["dense"], ids, mask, min_ms=100)
             for name in ("tile50", "tile75"):
                 t = {}
-                for route, smt in (("dense_copy", 1 << 30), ("tiles", 0), ("dense_copy", 1 << 30), ("tiles", 0)):
-                    E.SPARSE_MIN_TOKENS = E.SPARSE_MIN_TOKENS_LOW = smt
+                for form, smt in (("dense_copy", 1 << 30), ("tiles", 0), ("dense_copy", 1 << 30), ("tiles", 0)):
+                    route(smt)
                     out, us = graphed_forward(encs[name], ids, mask, min_ms=100)
-                    t.setdefault(route, []).append(us)
-                    t.setdefault("out_" + route, out)
+                    t.setdefault(form, []).append(us)
+                    t.setdefault("out_" + form, out)
                 diff = (t["out_tiles"] - t["out_dense_copy"]).abs().max().item()
                 row = {"B": B, "S": S, "tokens": B * S, "variant": name, "dense_model_us": dense,
                        "dense_copy_us": t["dense_copy"], "tiles_us": t["tiles"], "max_abs_diff": diff}
@@ -59,7 +65,7 @@ def main(out_dir):
                       f"(x{dense / min(t['tiles']):.2f} over the dense model on tiles), max|diff| {diff:.2e}",
                       flush=True)
     finally:
-        E.SPARSE_MIN_TOKENS, E.SPARSE_MIN_TOKENS_LOW = saved
+        route(None)
     atomic_write_json(os.path.join(out_dir, "sparse_min_tokens_ab.json"),
                       {"env": env_info(), "command": "python3 scripts/sparse_min_tokens_ab.py OUT_DIR",
                        "tile": DEFAULT_TILE, "sparse_min_tokens": saved[0], "rows": rows})

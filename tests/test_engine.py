@@ -335,9 +335,12 @@ def test_sparse_routes_by_density(monkeypatch):
     from etformer.engine import encoder as E
 
     monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 4096)
-    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS_LOW", 2048)
+    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS_MID", 2048)
+    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS_LOW", 1024)
     monkeypatch.setattr(E, "SPARSE_LOW_DENSITY", 0.3)
-    assert [E.tile_min_rows(d) for d in (0.1, 0.25, 0.3, 0.31, 0.5, 0.79)] == [2048] * 3 + [4096] * 3
+    monkeypatch.setattr(E, "SPARSE_MID_DENSITY", 0.55)
+    assert ([E.tile_min_rows(d) for d in (0.1, 0.25, 0.3, 0.31, 0.5, 0.55, 0.56, 0.79)]
+            == [1024] * 3 + [2048] * 3 + [4096] * 2)
     monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 1000)
     assert E.tile_min_rows(0.25) == 1000 and E.tile_min_rows(0.5) == 1000
     monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 4096)
@@ -349,7 +352,7 @@ def test_sparse_routes_by_density(monkeypatch):
     b = torch.randn(256, device="cuda", dtype=torch.float16)
     lin = E.Linear(W, b, (64, 64))
     assert lin.sparse.density == 0.25 and lin.dense_weight is not None
-    for M, want in ((1024, None), (2047, None), (2048, lin.sparse), (4096, lin.sparse)):  # None: cuBLAS, dense copy
+    for M, want in ((512, None), (1023, None), (1024, lin.sparse), (4096, lin.sparse)):  # None: cuBLAS, dense copy
         x = torch.randn(M, 128, device="cuda", dtype=torch.float16)
         assert lin._operand(x, "auto") is want, M
         ref = F.linear(x.float(), W.float(), b.float())

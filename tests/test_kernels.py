@@ -645,14 +645,18 @@ def test_tile_linear_tma_eligibility():
 
 
 def test_tile_linear_launch_table_choice():
-    """The long-K launch entry serves FFN-out-shaped matrices at up to 4096 rows, at every density."""
+    """The narrow entry serves matrices of few block-rows (the output projection, FFN-out) at up to 4096 rows, at
+    every density; wide ones and 16384 rows keep the bucket's launch."""
     import importlib
     tl_mod = importlib.import_module("etformer.kernels.tile_linear")
-    long_k = tl_mod.TUNED_TMA_LONG_K[((128, 64), 4096)]
+    narrow = tl_mod.TUNED_TMA_NARROW[((128, 64), 4096)]
     bucket = tl_mod.TUNED_TMA[((128, 64), 4096)]
-    assert tl_mod._launch_params(4096, (128, 64), True, True, 3072) == long_k != bucket  # whatever the density
-    assert tl_mod._launch_params(4096, (128, 64), True, True, 768) == bucket  # short K
-    assert tl_mod._launch_params(16384, (128, 64), True, True, 3072) == tl_mod.TUNED_TMA[((128, 64), 16384)]
+    assert tl_mod._launch_params(4096, (128, 64), True, True, 768) == narrow != bucket  # FFN-out, O
+    assert tl_mod._launch_params(4096, (128, 64), True, True, 8 * 128) == narrow
+    assert tl_mod._launch_params(4096, (128, 64), True, True, 8 * 128 + 1) == bucket
+    assert tl_mod._launch_params(4096, (128, 64), True, True, 2304) == bucket  # QKV
+    assert tl_mod._launch_params(4096, (128, 64), False, False, 768) == tl_mod.TUNED[((128, 64), 4096)]  # no TMA
+    assert tl_mod._launch_params(16384, (128, 64), True, True, 768) == tl_mod.TUNED_TMA[((128, 64), 16384)]
 
 
 def test_tile_linear_auto_split_rule():

@@ -44,13 +44,16 @@ DENSE_CUTOFF = 0.8
 # BERT-base 50% tiles, GPU time per forward, tiles vs all-cuBLAS: 584 vs 437 us at 128 tokens, 982 vs 580 at 512,
 # 1208 vs 935 at ~2048 (varlen 32x128), 1651 vs 1722 at 4096.
 SPARSE_MIN_TOKENS = 4096
-# Sparser matrices pay off earlier: a matrix at tile density up to SPARSE_LOW_DENSITY leaves its dense copy from
-# SPARSE_MIN_TOKENS_LOW rows. Same-run A/B on the H200 (benchmarks/results/h200/sparse_min_tokens/, BERT-base, every
-# matrix pruned in 128x64 tiles, GPU time per forward, dense copy -> tiles): at 75% (density 0.25) 648 -> 682 us at
-# 1024 tokens, 950 -> 839 at 16x128 and 1069 -> 953 at 4x512, 1633 -> 1226 at 4096; at 50% 957 -> 1096 at 16x128 and
-# 1071 -> 1207 at 4x512, 1666 -> 1567 at 4096 (so SPARSE_MIN_TOKENS stays).
+# Sparser matrices pay off earlier: a matrix at tile density up to SPARSE_MID_DENSITY leaves its dense copy from
+# SPARSE_MIN_TOKENS_MID rows, one up to SPARSE_LOW_DENSITY from SPARSE_MIN_TOKENS_LOW. Same-run A/Bs on the H200
+# (benchmarks/results/h200/sparse_min_tokens/, BERT-base, every matrix pruned in 128x64 tiles, GPU time per forward,
+# dense copy -> tiles). With the polynomial-erf GELU epilogue (after_gelu/): at half density 953 -> 855 us at 16x128
+# and 1070 -> 973 at 4x512 (2048 tokens), 652 -> 711 at 8x128; at a quarter 648 -> 548 at 1024 tokens, 504 -> 501 at
+# 512. Before it (libdevice erf, the first file), half density still lost at 2048 tokens (957 -> 1096 at 16x128).
+SPARSE_MID_DENSITY = 0.55  # the uniform 50% plan's matrices land at 0.5 give or take a tile
+SPARSE_MIN_TOKENS_MID = 2048
 SPARSE_LOW_DENSITY = 0.3
-SPARSE_MIN_TOKENS_LOW = 2048
+SPARSE_MIN_TOKENS_LOW = 1024
 # Under SPARSE_MIN_TOKENS rows, "triton" runs every matrix on etformer's kernels, reading a dense weight in place: the
 # FFN-in GEMM then carries the GELU, and the output projection and FFN-out write split-K partial sums that the
 # following add+LayerNorm reduces (7 launches a layer instead of 9). "cublas" keeps F.linear there. Same-run A/B on
@@ -139,8 +142,13 @@ GRAPH_ROW_ROUND_MAX_FILL = {128: 48, 256: 32}
 
 
 def tile_min_rows(density: float) -> int:
-    """Rows from which a sparse matrix of this tile density runs on its tiles rather than its dense copy."""
-    return min(SPARSE_MIN_TOKENS, SPARSE_MIN_TOKENS_LOW) if density <= SPARSE_LOW_DENSITY else SPARSE_MIN_TOKENS
+    """Rows from which a sparse matrix of this tile density runs on its tiles rather than its dense copy (never later
+    than SPARSE_MIN_TOKENS)."""
+    if density <= SPARSE_LOW_DENSITY:
+        return min(SPARSE_MIN_TOKENS, SPARSE_MIN_TOKENS_LOW)
+    if density <= SPARSE_MID_DENSITY:
+        return min(SPARSE_MIN_TOKENS, SPARSE_MIN_TOKENS_MID)
+    return SPARSE_MIN_TOKENS
 
 
 def graph_rows(T: int, x: torch.Tensor) -> int:

@@ -442,14 +442,19 @@ TUNED_TMA: dict[tuple, tuple[int, int, int]] = {
     ((128, 64), 128): (64, 4, 5), ((128, 64), 4096): (128, 4, 4), ((128, 64), 16384): (128, 4, 4),
     ((128, 128), 128): (64, 4, 6), ((128, 128), 4096): (128, 8, 5), ((128, 128), 16384): (128, 4, 5),
 }
-# Long K (FFN-out, K >= 2048) at 129-4096 rows: 64-row blocks, 4 warps, 5 stages at every density. Swept with graphs
-# of 20 calls (small_m/tune_m4096.json, 128x64 tiles, M = 4096): dense 35.3 us against 41.0 for the earlier entry
-# (128, 8, 5), half density 18.4 against 25.3 for the bucket's (128, 4, 4), a quarter 10.9 against 13.3 (cuBLAS dense
-# 27.5); twice the programs (384 for N = 768) fill the SMs where 192 128-row blocks left a ragged single wave. The
-# K = 768 shapes keep the bucket's launch (64-row blocks 10-28% slower there), and so does M = 16384 (tune_m16384.json:
-# the table within 5% of the best everywhere). The earlier entry (128, 8, 5), from a sweep of graphs of one call,
-# served only density >= 0.75.
-TUNED_TMA_LONG_K: dict[tuple, tuple[int, int, int]] = {((128, 64), 4096): (64, 4, 5)}
+# Few block-rows (N <= NARROW_BLOCK_ROWS tile heights: BERT-base's output projection and FFN-out, N = 768) at 129-4096
+# rows: 64-row blocks, 4 warps, 5 stages at every density. At 4096 rows 128-row blocks make only 192 programs for
+# N = 768, a ragged single wave on 132 SMs; 64-row blocks double them. Swept with graphs of 20 calls (128x64 tiles,
+# M = 4096): FFN-out (small_m/tune_m4096.json) dense 35.3 us against 41.0 for an earlier entry (128, 8, 5), half
+# density 18.4 against 25.3 for the bucket's (128, 4, 4), a quarter 10.9 against 13.3 (cuBLAS dense 27.5); the
+# output projection with its bias (small_m/tune_m4096_o_bias.json) 7.2 against 7.9 us at half density, 5.8 against
+# 6.2 at a quarter, dense 10.3-10.6 against 11.6 (1.10x the bucket's launch by geometric mean), and with a residual
+# (tune_m4096_o_ffn_out_residual.json) 7.9-8.1 against 9.3 at half density. QKV and FFN-in (18 and 24 block-rows)
+# keep the bucket's launch (64-row blocks 10-28% slower there), and so does M = 16384 (tune_m16384.json,
+# tune_m16384_o_bias.json: the table within 5% of the best everywhere). Until the output projection's sweep the rule
+# was K >= 2048 (FFN-out alone).
+NARROW_BLOCK_ROWS = 8
+TUNED_TMA_NARROW: dict[tuple, tuple[int, int, int]] = {((128, 64), 4096): (64, 4, 5)}
 # Pointer-load kernel (GPUs before sm_90, unaligned operands), from the earlier sweep in the same file.
 TUNED: dict[tuple, tuple[int, int, int]] = {
     ((32, 32), 128): (64, 4, 3), ((32, 32), 4096): (128, 4, 3), ((32, 32), 16384): (128, 4, 3),
@@ -529,10 +534,11 @@ def _m_bucket(M: int) -> int:
     return 128 if M <= 128 else (4096 if M <= 4096 else 16384)
 
 
-def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, K: int = 0) -> tuple[int, int, int]:
+def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, N: int = 0) -> tuple[int, int, int]:
+    """(BLOCK_M, warps, stages) for M rows of X against tiles of this shape and N output features."""
     mb = _m_bucket(M)
-    if tma and K >= 2048 and (tile, mb) in TUNED_TMA_LONG_K:
-        return TUNED_TMA_LONG_K[(tile, mb)]
+    if tma and 0 < N <= NARROW_BLOCK_ROWS * tile[0] and (tile, mb) in TUNED_TMA_NARROW:
+        return TUNED_TMA_NARROW[(tile, mb)]
     table = TUNED_TMA if tma else TUNED
     if (tile, mb) in table:
         return table[(tile, mb)]
@@ -690,7 +696,7 @@ def _plan(x: torch.Tensor, w, tma, config) -> _Launch:
     elif dense:
         block_m, warps, stages = DENSE_LAUNCH[_dense_bucket(M)] if x.is_cuda else (32, 4, 1)
     else:
-        block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, K)
+        block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, w.out_features)
     row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)  # x: a placeholder the dense kernel ignores
     return _Launch(w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx)
 
