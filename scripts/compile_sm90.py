@@ -135,18 +135,17 @@ for km in (False, True):
          attrs={(ap_order.index(n),): [["tt.divisibility", 16]] for n in ap_order if ap_sig[n].startswith("*")})
 comp(P._finish_kernel, {"x_ptr": p16, "m_ptr": "*i64", "y_ptr": p16, "st_ptr": i32, "N": "i32", "S": "i32",
                         "BLOCK": C, "PDL": C}, {"BLOCK": 1024, "PDL": True}, "finish padded")
-for rows in (1, 4):
-    comp(N._add_ln_kernel,
-         {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "M": "i32",
-          "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32",
-          "SPLIT": C, "BLOCK": C, "ROWS": C, "HAS_RES": C, "HAS_XB": C, "PDL": C},
-         {"SPLIT": 1, "BLOCK": 1024, "ROWS": rows, "HAS_RES": True, "HAS_XB": False, "PDL": False},
-         f"add_layernorm, {rows} rows a program", warps=4 if rows == 1 else 8)
 comp(N._add_ln_kernel,
-     {"x_ptr": "*fp32", "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "M": "i32",
-      "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32",
-      "SPLIT": C, "BLOCK": C, "ROWS": C, "HAS_RES": C, "HAS_XB": C, "PDL": C},
-     {"SPLIT": 3, "BLOCK": 1024, "ROWS": 1, "HAS_RES": True, "HAS_XB": True, "PDL": True},
+     {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
+      "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32", "SPLIT": C,
+      "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C},
+     {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": False},
+     "add_layernorm")
+comp(N._add_ln_kernel,
+     {"x_ptr": "*fp32", "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
+      "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32", "SPLIT": C,
+      "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C},
+     {"SPLIT": 3, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": True, "PDL": True},
      "add_layernorm of partial sums (PDL)")
 # Wide heads (E.T.'s Transformer: D = 200, padded to 256 on chip). D is a compile-time constant so that the head
 # offsets h*D are known multiples of 8 elements: the loads are then 16-byte vectors and K/V stream through cp.async.

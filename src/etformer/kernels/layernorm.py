@@ -28,49 +28,37 @@ def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None, o
 if HAS_TRITON:
 
     @triton.jit
-    def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, M, N, stride_x, stride_r, stride_y, eps,
-                       stride_s, SPLIT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                       HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, PDL: tl.constexpr = False):
-        # ROWS rows a program (the parameters loaded once for them). Every load is issued before any is used: the
-        # split-K partial sums (SPLIT a compile-time count, so the loop unrolls into one basic block), the biases,
-        # the residual and the LayerNorm weights are one round trip to memory, not one each (a 128-token forward is
-        # a chain of latency-bound launches).
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
-        cols = tl.arange(0, BLOCK)[None, :]
-        ok = (cols < N) & (rows < M)
-        w = tl.load(w_ptr + cols, mask=cols < N, other=1.0).to(tl.float32)  # parameters: no earlier kernel's output
-        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, N, stride_x, stride_r, stride_y, eps,
+                       stride_s, SPLIT: tl.constexpr,
+                       BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, PDL: tl.constexpr = False):
+        # Every load is issued before any is used: the split-K partial sums (SPLIT a compile-time count, so the
+        # loop unrolls into one basic block), the biases, the residual and the LayerNorm weights are one round trip
+        # to memory, not one each (a 128-token forward is a chain of latency-bound launches).
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < N
+        w = tl.load(w_ptr + cols, mask=ok, other=1.0).to(tl.float32)  # parameters: no earlier kernel's output
+        b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_XB:
-            xb = tl.load(xb_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+            xb = tl.load(xb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         pdl_enter(PDL)
-        h = tl.load(x_ptr + rows * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        h = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         for s in tl.static_range(1, SPLIT):  # further split-K partial sums
-            h += tl.load(x_ptr + s * stride_s + rows * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+            h += tl.load(x_ptr + s * stride_s + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_RES:
-            h += tl.load(r_ptr + rows * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+            h += tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_XB:
             h += xb
-        mean = tl.sum(h, 1)[:, None] / N
+        mean = tl.sum(h, 0) / N
         d = tl.where(ok, h - mean, 0.0)
-        var = tl.sum(d * d, 1)[:, None] / N
+        var = tl.sum(d * d, 0) / N
         inv = 1.0 / tl.sqrt(var + eps)
-        tl.store(y_ptr + rows * stride_y + cols, (d * inv * w + b).to(y_ptr.dtype.element_ty), mask=ok)
-
-
-# Rows a program by row count: one up to LN_ROWS_MIN_M rows (the latency-bound small batches), LN_ROWS above.
-LN_ROWS_MIN_M = 1024
-LN_ROWS = 1
-
-
-def _ln_launch(M: int, block: int, rows: int | None = None, warps: int | None = None) -> tuple[int, int]:
-    """(rows a program, warps) of the add+LayerNorm launch."""
-    rows = rows or (1 if M <= LN_ROWS_MIN_M else LN_ROWS)
-    return rows, warps or (4 if block * rows <= 1024 else 8)
+        tl.store(y_ptr + row * stride_y + cols, (d * inv * w + b).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
                   eps: float = 1e-12, out: torch.Tensor | None = None, backend: str = "auto", *,
-                  x_bias: torch.Tensor | None = None, _launch: tuple[int, int] | None = None) -> torch.Tensor:
+                  x_bias: torch.Tensor | None = None) -> torch.Tensor:
     """LN(x (+ x_bias) (+ residual)). x: [M, N], or fp32 partial sums [splits, M, N] (summed first; the output then
     takes the residual's dtype, or the weight's without a residual)."""
     partial = isinstance(x, torch.Tensor) and x.dim() == 3
@@ -104,11 +92,9 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     split, stride_s = (x.shape[0], x.stride(0)) if partial else (1, 0)
     stride_x = x.stride(1) if partial else x.stride(0)
     pdl = pdl_on(x)
-    rows, warps = _ln_launch(M, block, *(_launch or ()))
-    _add_ln_kernel[(triton.cdiv(M, rows),)](x, residual if residual is not None else x, weight, bias, out,
-                                            x_bias if x_bias is not None else weight, M, N, stride_x,
-                                            residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-                                            stride_s, SPLIT=split, BLOCK=block, ROWS=rows,
-                                            HAS_RES=residual is not None, HAS_XB=x_bias is not None,
-                                            num_warps=warps, PDL=pdl, **pdl_kwargs(pdl))
+    _add_ln_kernel[(M,)](x, residual if residual is not None else x, weight, bias, out,
+                         x_bias if x_bias is not None else weight, N, stride_x,
+                         residual.stride(0) if residual is not None else 0, out.stride(0), eps, stride_s, SPLIT=split,
+                         BLOCK=block, HAS_RES=residual is not None, HAS_XB=x_bias is not None,
+                         num_warps=4 if block <= 1024 else 8, PDL=pdl, **pdl_kwargs(pdl))
     return out
