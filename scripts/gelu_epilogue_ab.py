@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from etformer.bench.kernels import random_tile_weight
 from etformer.bench.run import make_inputs, model_shape
-from etformer.bench.timing import env_info, graphed_forward, time_cuda
+from etformer.bench.timing import env_info, forms_ab, time_cuda
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
 from etformer.sparse.tiles import TileSparseWeight, atomic_write_json
@@ -89,16 +89,12 @@ def engine_rows():
     rows = []
     for B in (32, 128):
         ids, mask = make_inputs(B, 128, False, base.config.vocab_size)
-        res = {"libdevice": [], "poly": []}
-        outs = {}
         try:
-            for _ in range(2):
-                for erf in ("libdevice", "poly"):
-                    T.GELU_ERF = erf
-                    outs[erf], us = graphed_forward(enc, ids, mask)
-                    res[erf].append(round(us, 1))
+            res, outs = forms_ab(enc, ids, mask, {e: (lambda e=e: setattr(T, "GELU_ERF", e))
+                                                  for e in ("libdevice", "poly")})
         finally:
             T.GELU_ERF = "poly"
+        res = {k: [round(u, 1) for u in v] for k, v in res.items()}
         diff = float((outs["poly"] - outs["libdevice"]).abs().max())
         row = {"B": B, "S": 128, "plan": "tile50", "gpu_us": res, "max_abs_diff": diff}
         print(row, flush=True)
@@ -155,16 +151,12 @@ def engine_dense_rows():
     rows = []
     for B, S in ((32, 128), (8, 512), (128, 128), (32, 512)):
         ids, mask = make_inputs(B, S, False, base.config.vocab_size)
-        res = {"tiles": [], "cublas": []}
-        outs = {}
         try:
-            for _ in range(2):
-                for form, on in (("cublas", False), ("tiles", True)):
-                    E.DENSE_ACT_TILES = on
-                    outs[form], us = graphed_forward(enc, ids, mask)
-                    res[form].append(round(us, 1))
+            res, outs = forms_ab(enc, ids, mask, {"cublas": lambda: setattr(E, "DENSE_ACT_TILES", False),
+                                                  "tiles": lambda: setattr(E, "DENSE_ACT_TILES", True)})
         finally:
             E.DENSE_ACT_TILES = True
+        res = {k: [round(u, 1) for u in v] for k, v in res.items()}
         diff = float((outs["tiles"] - outs["cublas"]).abs().max())
         row = {"B": B, "S": S, "plan": "dense", "gpu_us": res, "max_abs_diff": diff}
         print(row, flush=True)

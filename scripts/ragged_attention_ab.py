@@ -3,7 +3,8 @@
 BERT-base shape (12 x 768, random weights), dense and 50% tiles (128x64), variable-length batches at S = 128 (lengths
 uniform in 1..128, as in the bench) and one full batch as a control. For each: the engine's forward GPU time (a
 freshly captured CUDA graph, median of replays) with the ragged launch (attention.RAGGED_SHORT_FILL as shipped) and
-with it off (0: one pass at every fill), alternately, twice each; both outputs checked against the fp32 HF model.
+with it off (0: one pass at every fill), alternately, twice each (bench.timing.forms_ab); both forms' last outputs
+checked against the fp32 HF model.
 
     python3 scripts/ragged_attention_ab.py OUT_DIR
 """
@@ -16,7 +17,7 @@ import time
 import torch
 
 from etformer.bench.run import GATE, _rel, make_inputs, model_shape
-from etformer.bench.timing import env_info, graphed_forward
+from etformer.bench.timing import env_info, forms_ab
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
 from etformer.sparse.tiles import atomic_write_json
@@ -41,17 +42,17 @@ def main(out_dir: str) -> int:
             row = {"variant": variant, "batch": B, "seq": S, "varlen": varlen,
                    "fill": float(mask.sum()) / (B * S), "ragged_us": [], "one_pass_us": []}
             try:
-                for _ in range(2):
-                    for key, fill in (("ragged", shipped), ("one_pass", 0.0)):
-                        A.RAGGED_SHORT_FILL = fill
-                        with torch.no_grad():
-                            out, us = graphed_forward(enc, ids, mask)
-                        err = _rel(out, ref, mask)
-                        row[f"{key}_us"].append(us)
-                        row[f"{key}_rel_err"] = err
-                        bad += not err < GATE
+                with torch.no_grad():
+                    times, outs = forms_ab(enc, ids, mask, {
+                        "ragged": lambda: setattr(A, "RAGGED_SHORT_FILL", shipped),
+                        "one_pass": lambda: setattr(A, "RAGGED_SHORT_FILL", 0.0)})
             finally:
                 A.RAGGED_SHORT_FILL = shipped
+            for key in ("ragged", "one_pass"):
+                err = _rel(outs[key], ref, mask)
+                row[f"{key}_us"] = times[key]
+                row[f"{key}_rel_err"] = err
+                bad += not err < GATE
             row["speedup"] = min(row["one_pass_us"]) / min(row["ragged_us"])
             rows.append(row)
             print(f"{variant:6s} {B:3d}x{S} {'varlen' if varlen else 'full  '} fill {row['fill']:.2f}: ragged launch "

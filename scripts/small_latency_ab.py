@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from etformer.bench.run import make_inputs, model_shape
-from etformer.bench.timing import env_info, graphed_forward as timed, profile_kernels
+from etformer.bench.timing import env_info, forms_ab, graphed_forward as timed, profile_kernels
 from etformer.engine import optimize
 from etformer.kernels._common import pdl_enter
 from etformer.sparse.tiles import atomic_write_json
@@ -87,11 +87,7 @@ def swap_ab(enc, module, attr, forms: dict, what: str) -> list[dict]:
     try:
         for B, S in SHAPES:
             ids, mask = make_inputs(B, S, False, 30522)
-            t, outs = {}, {}
-            for name, kern in tuple(forms.items()) * 2:
-                setattr(module, attr, kern)
-                outs[name], us = timed(enc, ids, mask)
-                t.setdefault(name, []).append(us)
+            t, outs = forms_ab(enc, ids, mask, {n: (lambda k=k: setattr(module, attr, k)) for n, k in forms.items()})
             setattr(module, attr, shipped)
             diff = (outs[a] - outs[b]).abs().max().item()
             rows.append({"B": B, "S": S, **{f"{n}_us": t[n] for n in forms}, "max_abs_diff": diff})

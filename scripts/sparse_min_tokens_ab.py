@@ -16,7 +16,7 @@ import sys
 import torch
 
 from etformer.bench.run import make_inputs, model_shape
-from etformer.bench.timing import env_info, graphed_forward
+from etformer.bench.timing import env_info, forms_ab, graphed_forward
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
 from etformer.pruning.plan import DEFAULT_TILE
@@ -51,13 +51,9 @@ def main(out_dir):
             route(None)
             _, dense = graphed_forward(encs["dense"], ids, mask, min_ms=100)
             for name in ("tile50", "tile75"):
-                t = {}
-                for form, smt in (("dense_copy", 1 << 30), ("tiles", 0), ("dense_copy", 1 << 30), ("tiles", 0)):
-                    route(smt)
-                    out, us = graphed_forward(encs[name], ids, mask, min_ms=100)
-                    t.setdefault(form, []).append(us)
-                    t.setdefault("out_" + form, out)
-                diff = (t["out_tiles"] - t["out_dense_copy"]).abs().max().item()
+                t, outs = forms_ab(encs[name], ids, mask, {"dense_copy": lambda: route(1 << 30),
+                                                           "tiles": lambda: route(0)}, min_ms=100)
+                diff = (outs["tiles"] - outs["dense_copy"]).abs().max().item()
                 row = {"B": B, "S": S, "tokens": B * S, "variant": name, "dense_model_us": dense,
                        "dense_copy_us": t["dense_copy"], "tiles_us": t["tiles"], "max_abs_diff": diff}
                 rows.append(row)

@@ -69,6 +69,22 @@ def graphed_forward(enc, input_ids, attention_mask, *, min_ms: float = 80.0) -> 
     return out, time_cuda(enc.graph_replay_fn(input_ids, attention_mask), min_ms=min_ms)["median_us"]
 
 
+def forms_ab(enc, input_ids, attention_mask, forms: dict, *, rounds: int = 2,
+             min_ms: float = 80.0) -> tuple[dict, dict]:
+    """Same-run A/B of forms of one encoder on one batch. forms maps a name to a no-argument function that puts that
+    form in place (sets a module switch, swaps a kernel in). Each round runs every form in turn, each timed through a
+    freshly captured graph (graphed_forward), so the forms interleave. The caller restores its switches (try/finally
+    around the call). Returns ({name: [GPU µs, one a round]}, {name: fp32 output of its last round})."""
+    times: dict = {}
+    outs: dict = {}
+    for _ in range(rounds):
+        for name, put in forms.items():
+            put()
+            outs[name], us = graphed_forward(enc, input_ids, attention_mask, min_ms=min_ms)
+            times.setdefault(name, []).append(us)
+    return times, outs
+
+
 def profile_kernels(run, *, reps: int = 5, width: int = 70) -> list[tuple[str, float, int]]:
     """GPU time per call of each kernel that run() launches (profiled over reps calls after reps warm-up calls):
     (name cut to width characters, microseconds per call, launches per call), longest first."""
