@@ -49,6 +49,13 @@ def test_matches_hf_fp32(minilm, plan):
     assert y.shape == ref.shape
     assert _rel_on_tokens(y, ref, b["attention_mask"]) < 1e-5
     assert torch.all(y[~b["attention_mask"].bool()] == 0)
+    kinds = enc.summary()
+    if plan is None:  # every matrix dense: cuBLAS; no density-1 tile copy of FFN-in on the CPU (GPU kernels only)
+        assert kinds["layer0.qkv"]["kernel"].startswith("cuBLAS") and enc.layers[0].ffn_in.act_tiles is None
+        assert "density-1 tiles" not in kinds["layer0.ffn_in"]["kernel"]
+    elif plan.matrices["ffn_in"].pattern == "tile":  # half density: its tiles from 2048 tokens
+        k = kinds["layer0.ffn_in"]["kernel"]
+        assert k.startswith("tile (") and "under 2048 tokens" in k
     if plan is not None and plan.matrices["v"].pattern == "row":  # V compact when the widest head shrinks
         from etformer.kernels import CompactV
 

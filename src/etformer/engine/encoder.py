@@ -72,9 +72,9 @@ SMALL_KERNEL_MAX_TOKENS = 256
 # A dense matrix followed by an activation (FFN-in) runs on the tile kernel at density 1 from SPARSE_MIN_TOKENS rows,
 # with the GELU in its epilogue, instead of cuBLAS and a separate GELU kernel: same-run on the H200
 # (benchmarks/results/h200/gelu_epilogue/gelu_dense_w.json, BERT-base FFN-in with bias, graphs of 20 calls) 38.1
-# against 50.5 us at 4096 rows, 165.7 against 197.1 at 16384. The tiles are a second copy of that matrix
-# (128x64 tiles, DENSE_ACT_TILE; +2.4M fp16 values a BERT-base layer): the dense weight read in place took 50.9 and
-# 199.8 us there. False keeps one copy and cuBLAS.
+# against 50.5 us at 4096 rows, 165.7 against 197.1 at 16384. The tiles are a second copy of that matrix (128x64
+# tiles, DENSE_ACT_TILE; +2.4M fp16 values a BERT-base layer, kept on a GPU only): the dense weight read in place took
+# 50.9 and 199.8 us there. False keeps one copy and cuBLAS.
 DENSE_ACT_TILES = True
 DENSE_ACT_TILE = (128, 64)
 # Whether that small-batch path runs a sparse matrix on its tiles (True) or on its dense copy (False). Tiles were
@@ -271,7 +271,7 @@ class Linear:
         self.dense_weight = weight.contiguous() if (dense or force is None) else None
         if dense:
             self.sparse = None
-        # act_tiles: this dense matrix is called with an activation (FFN-in); at scale it runs as tiles (DENSE_ACT_TILES)
+        # act_tiles: a dense matrix called with an activation (FFN-in) keeps density-1 tiles (DENSE_ACT_TILES)
         self.act_tiles = (TileSparseWeight.from_dense(weight, DENSE_ACT_TILE)
                           if act_tiles and dense and force is None and DENSE_ACT_TILES else None)
 
@@ -660,20 +660,24 @@ class ETEncoder(torch.nn.Module):
 
     def summary(self) -> dict:
         out = {}
-        small = {"triton": "etformer kernels on the dense weight",
-                 "auto": f"etformer kernels on the dense weight up to {SMALL_KERNEL_MAX_TOKENS} tokens with PDL, "
-                         "else cuBLAS"}.get(SMALL_PATH, "cuBLAS") + f" under {SPARSE_MIN_TOKENS} tokens"
+
+        def small(rows):
+            return {"triton": "etformer kernels on the dense weight",
+                    "auto": f"etformer kernels on the dense weight up to {SMALL_KERNEL_MAX_TOKENS} tokens with PDL, "
+                            "else cuBLAS"}.get(SMALL_PATH, "cuBLAS") + f" under {rows} tokens"
+
         for i, L in enumerate(self.layers):
             for kind in ("qkv", "o", "ffn_in", "ffn_out"):
                 lin = getattr(L, kind)
                 if lin.sparse is None and lin.act_tiles is not None and DENSE_ACT_TILES:
-                    kernel = f"cuBLAS ({small}); tiles at density 1 with the activation fused from {SPARSE_MIN_TOKENS}"
+                    kernel = (f"cuBLAS ({small(SPARSE_MIN_TOKENS)}); density-1 tiles with the activation fused from "
+                              f"{SPARSE_MIN_TOKENS} tokens")
                 elif lin.sparse is None:
-                    kernel = f"cuBLAS ({small})"
+                    kernel = f"cuBLAS ({small(SPARSE_MIN_TOKENS)})"
                 elif lin.dense_weight is None or (SMALL_PATH != "cublas" and SMALL_SPARSE):
                     kernel = "tile"
                 else:
-                    kernel = f"tile ({small})"
+                    kernel = f"tile ({small(tile_min_rows(lin.density))})"
                 out[f"layer{i}.{kind}"] = {"density": lin.density, "kernel": kernel}
             out[f"layer{i}.v_width"] = L.v_width
         return out
