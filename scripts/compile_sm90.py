@@ -3,6 +3,7 @@
 Triton's bundled toolchain lowers each kernel to PTX and cubin, so a kernel that would fail to compile on the GPU
 fails here, in CI. Prints whether each kernel uses wgmma (Hopper's matrix instructions). Exit status 1 on failure.
 Run without TRITON_INTERPRET (the interpreter replaces the kernels).
+--tile-stats prints ptxas and SASS figures of the tile kernel's epilogue variants instead (tile_stats).
 """
 import importlib
 import re
@@ -37,14 +38,63 @@ def comp(fn, sig, consts, name, warps=4, stages=3, attrs=None):
         print(f"{name}: FAILED {type(e).__name__}: {str(e)[:600]}")
 p16, i32 = "*fp16", "*i32"
 C = "constexpr"
+
+
+def tile_sig(tma, bm=128):
+    """The grid tile kernel's signature, 128x64 tiles, bm-row blocks of X."""
+    return {"x_src": f"tensordesc<fp16[{bm},64]>" if tma else p16, "w_src": "tensordesc<fp16[128,64]>" if tma else p16,
+            "w_ptr": p16, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
+            "y_ptr": p16, "y_desc": f"tensordesc<fp16[{bm},128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32",
+            "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C,
+            "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
+            "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C}
+
+
+def tile_stats():
+    """--tile-stats: what ptxas and the SASS say about the grid tile kernel's epilogues and the dense-weight form
+    (TMA, 128-row blocks, bias, PDL and prefetch off): registers, spills, shared memory, FP32 and MUFU instructions
+    per output element a thread, and whether ptxas serialises the wgmma (C7515)."""
+    import collections
+    import os
+    import subprocess
+    import tempfile
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
+    cases = [("no activation", 0, False, False, 4, 4), ("GELU, libdevice erf", 1, False, False, 4, 4),
+             ("GELU, polynomial erf", 3, False, False, 4, 4), ("GELU, polynomial erf, 8 warps", 3, False, False, 8, 4),
+             ("residual", 0, True, False, 4, 4), ("dense weight in place, 4 stages", 3, False, True, 4, 4),
+             ("dense weight in place, 2 stages", 3, False, True, 4, 2)]
+    print(f"Triton {triton.__version__}, sm_90; grid tile kernel, 128x64 tiles, 128-row blocks, TMA, bias")
+    for name, act, res, dense, warps, stages in cases:
+        consts = {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
+                  "FP32_DOT": False, "TMA": True, "TMA_STORE": True, "DENSE_W": dense, "PDL": False, "PREFETCH": 0,
+                  "LINE": 64, "BIAS_EARLY": False}
+        k = triton.compile(ASTSource(fn=T._tile_linear_kernel, signature=tile_sig(True), constexprs=consts),
+                           target=tgt, options={"num_warps": warps, "num_stages": stages})
+        with tempfile.TemporaryDirectory() as d:
+            ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+            open(ptx, "w").write(k.asm["ptx"])
+            open(cubin, "wb").write(k.asm["cubin"])
+            info = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+                                  capture_output=True, text=True)
+            sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+        log = info.stdout + info.stderr
+        regs = re.search(r"Used (\d+) registers", log).group(1)
+        spill = re.search(r"(\d+) bytes spill stores", log).group(1)
+        ops = collections.Counter(m.group(1).split(".")[0] for m in
+                                  re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+        per = 128 * 128 / (32 * warps)  # output elements a thread holds
+        fp32 = sum(ops[o] for o in ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL"))
+        print(f"{name}: {regs} registers, {spill} bytes spilled, {k.metadata.shared} bytes shared, "
+              f"FP32 {fp32 / per:.1f} and MUFU {ops['MUFU'] / per:.1f} a thread's output element, "
+              f"{sum(ops.values())} SASS instructions, wgmma serialised (C7515): {'C7515' in log}")
+
+
+if "--tile-stats" in __import__("sys").argv:
+    tile_stats()
+    raise SystemExit(0)
 for tma in (False, True):
-    xs = "tensordesc<fp16[128,64]>" if tma else p16
     ws = "tensordesc<fp16[128,64]>" if tma else p16
-    comp(T._tile_linear_kernel,
-         {"x_src": xs, "w_src": ws, "w_ptr": p16, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
-          "y_ptr": p16, "y_desc": "tensordesc<fp16[128,128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32",
-          "out_col": "i32", "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C,
-          "FP32_DOT": C, "TMA": C, "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C},
+    comp(T._tile_linear_kernel, tile_sig(tma),
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": True,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
           "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True},

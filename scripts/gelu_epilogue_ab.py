@@ -17,6 +17,7 @@
 4. The dense BERT-base-shaped encoder with FFN-in on its density-1 tiles and the GELU fused (DENSE_ACT_TILES) or on
    cuBLAS and torch's GELU, GPU time of the graphed forward in alternating rounds, at 4096 to 16384 tokens.
 """
+import contextlib
 import copy
 import importlib
 import sys
@@ -30,9 +31,24 @@ from etformer.bench.timing import env_info, forms_ab, time_cuda
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
 from etformer.sparse.tiles import TileSparseWeight, atomic_write_json
+from small_latency_ab import BiasLate  # scripts/: the tile kernel launched with BIAS_EARLY=False
 
 T = importlib.import_module("etformer.kernels.tile_linear")
 TILE = (128, 64)
+
+
+@contextlib.contextmanager
+def dense_blocks(M, N):
+    """A dense weight read in place in 128x64 blocks at the tile table's launch for M rows, N outputs (restored after)."""
+    bucket = T._dense_bucket(M)
+    saved = dict(T.DENSE_TILE), dict(T.DENSE_LAUNCH)
+    try:
+        T.DENSE_TILE[bucket] = TILE
+        T.DENSE_LAUNCH[bucket] = T._launch_params(M, TILE, True, True, N)
+        yield
+    finally:
+        T.DENSE_TILE.clear(), T.DENSE_TILE.update(saved[0])
+        T.DENSE_LAUNCH.clear(), T.DENSE_LAUNCH.update(saved[1])
 
 
 def t20(fn):
@@ -64,17 +80,11 @@ def kernel_rows():
                     y = T.tile_linear(x, w, b, activation="gelu", _config=cfg)
                     row[key + "_err"] = rel(y, ref)
                     row[key + "_us"] = t20(lambda: T.tile_linear(x, w, b, activation="gelu", _config=cfg))
-                if d == 1.0:  # the dense weight in place, 128x64 blocks, the tile table's launch
-                    saved = dict(T.DENSE_TILE), dict(T.DENSE_LAUNCH)
-                    try:
-                        T.DENSE_TILE[T._dense_bucket(M)] = TILE
-                        T.DENSE_LAUNCH[T._dense_bucket(M)] = T._launch_params(M, TILE, True, True, N)
+                if d == 1.0:  # the dense weight in place
+                    with dense_blocks(M, N):
                         y = T.tile_linear(x, W, b, activation="gelu")
                         row[f"dense_w_gelu_{erf}_err"] = rel(y, ref)
                         row[f"dense_w_gelu_{erf}_us"] = t20(lambda: T.tile_linear(x, W, b, activation="gelu"))
-                    finally:
-                        T.DENSE_TILE.clear(), T.DENSE_TILE.update(saved[0])
-                        T.DENSE_LAUNCH.clear(), T.DENSE_LAUNCH.update(saved[1])
             T.GELU_ERF = "poly"
             print(row, flush=True)
             rows.append(row)
@@ -106,12 +116,6 @@ def dense_w_rows():
     rows = []
     K, N = 768, 3072
     shipped = T._tile_linear_kernel
-
-    class LateBias:  # the kernel launched with BIAS_EARLY=False (the launcher looks it up in the module at each call)
-        def __getitem__(self, grid):
-            launch = shipped[grid]
-            return lambda *args, **kw: launch(*args, BIAS_EARLY=False, **kw)
-
     for M in (4096, 16384):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         b = torch.randn(N, device="cuda", dtype=torch.float16)
@@ -120,23 +124,16 @@ def dense_w_rows():
         ref = F.gelu(x.float() @ W.float().t() + b.float())
         row = {"M": M, "cublas_gelu_us": t20(lambda: F.gelu(F.linear(x, W, b))),
                "tiles_gelu_us": t20(lambda: T.tile_linear(x, w, b, activation="gelu"))}
-        bucket = T._dense_bucket(M)
-        saved = dict(T.DENSE_TILE), dict(T.DENSE_LAUNCH)
-        try:
-            T.DENSE_TILE[bucket] = TILE
-            T.DENSE_LAUNCH[bucket] = T._launch_params(M, TILE, True, True, N)
+        with dense_blocks(M, N):
             row["dense_w_bias_early_err"] = rel(T.tile_linear(x, W, b, activation="gelu"), ref)
             row["dense_w_bias_early_us"] = t20(lambda: T.tile_linear(x, W, b, activation="gelu"))
             row["dense_w_no_bias_us"] = t20(lambda: T.tile_linear(x, W, None, activation="gelu"))
-            T._tile_linear_kernel = LateBias()
+            T._tile_linear_kernel = BiasLate(shipped)  # the launcher looks the kernel up in the module
             try:
                 row["dense_w_bias_late_err"] = rel(T.tile_linear(x, W, b, activation="gelu"), ref)
                 row["dense_w_bias_late_us"] = t20(lambda: T.tile_linear(x, W, b, activation="gelu"))
             finally:
                 T._tile_linear_kernel = shipped
-        finally:
-            T.DENSE_TILE.clear(), T.DENSE_TILE.update(saved[0])
-            T.DENSE_LAUNCH.clear(), T.DENSE_LAUNCH.update(saved[1])
         print(row, flush=True)
         rows.append(row)
     return rows

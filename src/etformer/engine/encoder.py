@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EtformerError
-from ..kernels._common import capability, pdl_on
+from ..kernels._common import pdl_on
 from ..kernels.attention import attention
 from ..kernels.attention_proj import attention_proj_partials
 from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS, encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
 from ..kernels.padded import finish_padded
-from ..kernels.tile_linear import _dense_bucket, apply_activation, tile_linear, tile_linear_partials
+from ..kernels.tile_linear import _dense_bucket, _tma_ok, apply_activation, tile_linear, tile_linear_partials
 from ..sparse.tiles import TileSparseWeight
 
 # Tile density at or above which a matrix runs on cuBLAS instead: on the H200 the TMA tile kernel is 0.87-0.93x cuBLAS
@@ -285,8 +285,8 @@ class Linear:
         backend "auto" on a GPU: tiles when sparse and at least tile_min_rows(density) rows (or no dense copy is
         kept); under that, the small-batch path (SMALL_PATH, SMALL_SPARSE) or cuBLAS on the dense copy; a dense matrix
         at scale goes to cuBLAS, or, called with an activation, to its density-1 tiles (act_tiles, DENSE_ACT_TILES,
-        sm_90 and later). "triton" always takes the kernels (tiles when sparse), so the CPU interpreter covers the same
-        code."""
+        where the tile kernel takes TMA loads). "triton" always takes the kernels (tiles when sparse), so the CPU
+        interpreter covers the same code."""
         if not _on_kernels(x, backend):
             return self.sparse  # None when dense (F.linear); else tile_linear runs its own reference
         small = x.shape[0] < (SPARSE_MIN_TOKENS if self.sparse is None else tile_min_rows(self.sparse.density))
@@ -295,7 +295,7 @@ class Linear:
         if small and _small_on_kernels(x):
             return self.sparse if (self.sparse is not None and SMALL_SPARSE) else self.dense_weight
         if (activation is not None and self.act_tiles is not None and DENSE_ACT_TILES and not small
-                and (not x.is_cuda or capability(x.device.index)[0] >= 9)):  # TMA; the pointer path stays on cuBLAS
+                and _tma_ok(x, self.act_tiles)):  # the pointer-load path (before sm_90, unaligned x) stays on cuBLAS
             return self.act_tiles  # cuBLAS + an activation kernel -> one tile launch with the activation fused
         return None
 

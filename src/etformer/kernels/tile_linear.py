@@ -32,20 +32,26 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- reference
 ACTIVATIONS = {None: 0, "none": 0, "gelu": 1, "relu": 2}
-# How the kernels evaluate GELU's erf: "poly" (Abramowitz & Stegun 7.1.26: one reciprocal, one exp2 and about a dozen
-# FP32 operations an element; |error| <= 1.5e-7 on erf, at most 6.4e-7 on GELU in fp32 over [-12, 12], where fp32
-# rounding of the exact form alone is 6.8e-7) or "libdevice" (tl.erf, ~32 operations an element with its branches).
-# Both are the erf form, not the tanh approximation. Same-run A/B: benchmarks/results/h200/gelu_epilogue/.
+# How the kernels evaluate GELU's erf: "poly" (Abramowitz & Stegun 7.1.26: one reciprocal, one exp2 and 13 FP32
+# instructions an element; |error| <= 1.5e-7 on erf, at most 3.3e-7 on GELU in fp32 over [-12, 12], where torch's
+# fp32 GELU is 3.7e-7 off: benchmarks/results/cpu/gelu_error.txt) or "libdevice" (tl.erf, ~32 SASS instructions an
+# element with its branches: benchmarks/results/cpu/sm90_tile_stats.txt). Both are the erf form, not the tanh
+# approximation. Same-run A/B: benchmarks/results/h200/gelu_epilogue/.
 GELU_ERF = "poly"
+
+
+def _activation_id(activation) -> int:
+    """ACTIVATIONS[activation] (0 none, 1 GELU, 2 ReLU), or a clear error."""
+    if activation not in ACTIVATIONS:
+        raise EtformerError(f"activation must be one of gelu, relu or none, not {activation!r}")
+    return ACTIVATIONS[activation]
 
 
 def _act_code(activation, x: torch.Tensor | None = None) -> int:
     """The kernels' ACT code for an activation name: 0 none, 1 GELU (libdevice erf), 2 ReLU, 3 GELU (polynomial
     erf, reciprocal and exp2 by the approximate ftz instructions: a GPU), 4 GELU (the same polynomial in portable
     operations: the interpreter, x on the CPU). GELU_ERF picks the erf."""
-    if activation not in ACTIVATIONS:
-        raise EtformerError(f"activation must be one of gelu, relu or none, not {activation!r}")
-    code = ACTIVATIONS[activation]
+    code = _activation_id(activation)
     if code != 1 or GELU_ERF == "libdevice":
         return code
     if GELU_ERF != "poly":
@@ -54,8 +60,7 @@ def _act_code(activation, x: torch.Tensor | None = None) -> int:
 
 
 def apply_activation(y: torch.Tensor, activation) -> torch.Tensor:
-    _act_code(activation)
-    code = ACTIVATIONS[activation]
+    code = _activation_id(activation)
     return torch.nn.functional.gelu(y) if code == 1 else (torch.relu(y) if code == 2 else y)
 
 
