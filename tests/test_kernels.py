@@ -117,6 +117,51 @@ def test_tile_linear_split_k(dtype, split, act, tma):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,tile,sub,density", [
+    (1, 96, 160, (32, 32), 2, 0.6),    # N not a multiple of the tile: the last block-row's second half is cut off
+    (70, 128, 256, (64, 32), 4, 0.5),  # an empty block-row: its four programs write bias + residual only
+    (33, 64, 128, (64, 64), 2, 1.0),
+    (17, 80, 200, (128, 16), 8, 0.4),  # 16-row sub-blocks of 128-row tiles
+])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
+def test_tile_linear_sub_blocks(dtype, M, K, N, tile, sub, density, split, tma):
+    """Each block-row of tiles split by its output rows over `sub` programs (BN = tile height / sub), directly and
+    through split-K, with bias, GELU and residual into a column slice."""
+    _check_into_slice(dtype, M, K, N, tile, "gelu", 8, f"sub {sub} {tile} M={M} split {split}", density=density,
+                      sub=sub, split_k=split, tma=tma)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_linear_partials_sub_blocks(dtype):
+    """tile_linear_partials with sub-blocks: the sum of its splits is X W^T."""
+    W = _sparse_weight(192, 256, (64, 64), 0.5, dtype, empty_row=True)
+    w = TileSparseWeight.from_dense(W, (64, 64))
+    x = torch.randn(20, 256, device=DEVICE, dtype=dtype)
+    ws = tile_linear_partials(x, w, split=2, sub=4, backend="triton")
+    assert ws.shape == (2, 20, 192)
+    assert_close(ws.sum(0), x @ W.t(), x.double() @ W.double().t(), "partials, sub 4")
+
+
+def test_tile_linear_sub_rules(monkeypatch):
+    """sub must cut the tile height into multiples of 16 rows; the table applies on a GPU only; persistent excludes it."""
+    from types import SimpleNamespace
+    w = TileSparseWeight.from_dense(torch.randn(128, 64), (64, 64))
+    x = torch.randn(8, 64)
+    for bad in (0, 3, 8):  # 8: 8-row blocks
+        with pytest.raises(EtformerError, match="sub="):
+            tile_linear(x, w, sub=bad, backend="triton")
+    with pytest.raises(EtformerError, match="exclusive"):
+        tile_linear(x, w, sub=2, persistent=True)
+    monkeypatch.setattr(tl_mod, "TILE_SUB", {(64, 64): ((128, 4), (512, 2))})
+    assert tl_mod._sub_split(100, w, True, None) == 4
+    assert tl_mod._sub_split(100, w, False, None) == 1  # the interpreter: only when asked
+    assert tl_mod._sub_split(300, w, True, None) == 2 and tl_mod._sub_split(513, w, True, None) == 1
+    assert tl_mod._sub_split(100, w, True, 2) == 2
+    assert tl_mod._plan(SimpleNamespace(shape=(100, 64), is_cuda=False), w, False, None, 2).BN == 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,tile", [(1, (16, 16)), (70, (32, 32)), (129, (64, 32))])
 @pytest.mark.parametrize("tma_store", [False, True], ids=["ptr-store", "tma-store"])
 def test_tile_linear_output_store(dtype, M, tile, tma_store):

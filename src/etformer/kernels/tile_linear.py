@@ -112,9 +112,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _prefetch_w(w_ptr, lo, hi, w_row, N, K, BN: tl.constexpr, BK: tl.constexpr, DENSE_W: tl.constexpr,
-                    LINE: tl.constexpr):
+                    LINE: tl.constexpr, SUB: tl.constexpr):
         """L2 prefetch of the weights one program reads: K blocks lo..hi of rows w_row..w_row+BN of a dense W [N, K],
-        or the (contiguous) tiles lo..hi. LINE elements apart, one hint per 128-byte line; nothing waits for them."""
+        or rows w_row..w_row+BN of the tiles lo..hi (each tile BN * SUB rows, contiguous). LINE elements apart, one
+        hint per 128-byte line; nothing waits for them."""
         if DENSE_W:
             rows = tl.minimum(w_row + tl.arange(0, BN), N - 1).to(tl.int64)
             offs = tl.arange(0, BK // LINE) * LINE
@@ -124,13 +125,13 @@ if HAS_TRITON:
         else:
             offs = tl.arange(0, (BN * BK) // LINE).to(tl.int64) * LINE
             for t in range(lo, hi):
-                prefetch_l2(w_ptr + t.to(tl.int64) * (BN * BK) + offs)
+                prefetch_l2(w_ptr + t.to(tl.int64) * (BN * SUB * BK) + w_row * BK + offs)
 
     @triton.jit
     def _tile_dot(x_src, w_src, w_ptr, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
                   TMA: tl.constexpr, DENSE_W: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, X_CACHE: tl.constexpr):
+                  LINE: tl.constexpr, X_CACHE: tl.constexpr, SUB: tl.constexpr):
         """X[row0 : row0+BLOCK_M, tiles lo..hi) . W_tiles^T in fp32: the K loop over one block-row's kept tiles.
 
         First the weights (no earlier kernel's output) are prefetched to L2 from w_ptr, the raw values: by every
@@ -141,14 +142,16 @@ if HAS_TRITON:
         pointers, and the loads are pointer gathers.
         DENSE_W: w_src is a plain dense W [N, K] (descriptor or pointer) and lo..hi count K blocks of rows
         w_row .. w_row+BN: the small-batch path, which needs no tile copy of a dense matrix.
+        Otherwise each stored tile is BN * SUB rows high and the program reads rows w_row .. w_row+BN of each (SUB > 1:
+        a tile's output rows are split over SUB programs, for more programs at few rows of X).
         X_CACHE: the pointer loads' cache modifier for X (".cg" where X was written by the same launch)."""
         if PREFETCH == 2 or (PREFETCH == 1 and row0 == 0):
-            _prefetch_w(w_ptr, lo, hi, w_row, N, K, BN, BK, DENSE_W, LINE)
+            _prefetch_w(w_ptr, lo, hi, w_row, N, K, BN, BK, DENSE_W, LINE, SUB)
         pdl_enter(PDL)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BK)
         m_mask = offs_m < M
-        tile_offs = tl.arange(0, BN)[:, None] * BK + offs_k[None, :]  # (BN, BK): one contiguous tile
+        tile_offs = (w_row + tl.arange(0, BN))[:, None] * BK + offs_k[None, :]  # (BN, BK): rows of one tile
         rows_w = w_row + tl.arange(0, BN)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         for i in range(0, hi - lo):
@@ -162,7 +165,7 @@ if HAS_TRITON:
                 if DENSE_W:
                     wt = w_src.load([w_row, kc * BK])
                 else:
-                    wt = w_src.load([t * BN, 0])
+                    wt = w_src.load([t * (BN * SUB) + w_row, 0])
             else:
                 kk = kc * BK + offs_k
                 xa = tl.load(x_src + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
@@ -171,7 +174,7 @@ if HAS_TRITON:
                     wt = tl.load(w_src + rows_w[:, None].to(tl.int64) * K + kk[None, :],
                                  mask=(rows_w[:, None] < N) & (kk[None, :] < K), other=0.0)
                 else:
-                    wt = tl.load(w_src + t.to(tl.int64) * (BN * BK) + tile_offs)
+                    wt = tl.load(w_src + t.to(tl.int64) * (BN * SUB * BK) + tile_offs)
             if FP32_DOT:
                 acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
             else:
@@ -203,9 +206,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _grid_item(pid, M, N, K, order_ptr, row_ptr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   GROUP_M: tl.constexpr, DENSE_W: tl.constexpr):
-        """Program pid's work in the grid kernel: (row block pid_m, block-row r, its tiles lo..hi). Grouped order:
-        GROUP_M row blocks of X sweep the (sorted) block-rows together, for L2 reuse of X. DENSE_W: every K block."""
+                   GROUP_M: tl.constexpr, DENSE_W: tl.constexpr, SUB: tl.constexpr):
+        """Program pid's work in the grid kernel: (row block pid_m, its tiles lo..hi, the row w_row of W or of each
+        tile it reads, its first output column col0). Grouped order: GROUP_M row blocks of X sweep the (sorted)
+        block-rows together, for L2 reuse of X. DENSE_W: every K block. SUB: programs per block-row of tiles, each
+        BN of its BN * SUB rows."""
         num_m = tl.cdiv(M, BLOCK_M)
         num_r = tl.cdiv(N, BN)
         width = GROUP_M * num_r
@@ -213,15 +218,19 @@ if HAS_TRITON:
         first_m = group * GROUP_M
         gsize = tl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % width) % gsize
+        b = (pid % width) // gsize
         if DENSE_W:
-            r = (pid % width) // gsize
             lo = 0
             hi = tl.cdiv(K, BK)
+            w_row = b * BN
+            col0 = b * BN
         else:
-            r = tl.load(order_ptr + (pid % width) // gsize)
+            r = tl.load(order_ptr + b // SUB)
             lo = tl.load(row_ptr + r)
             hi = tl.load(row_ptr + r + 1)
-        return pid_m, r, lo, hi
+            w_row = (b % SUB) * BN
+            col0 = r * (BN * SUB) + w_row
+        return pid_m, lo, hi, w_row, col0
 
     @triton.jit
     def _tile_linear_kernel(
@@ -232,22 +241,23 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
         TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
-        BIAS_EARLY: tl.constexpr = True,
+        BIAS_EARLY: tl.constexpr = True, SUB: tl.constexpr = 1,
     ):
-        pid_m, r, lo, hi = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M, GROUP_M, DENSE_W)
+        pid_m, lo, hi, w_row, col0 = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M,
+                                                GROUP_M, DENSE_W, SUB)
         # The small-batch path (DENSE_W) fetches the bias, a parameter and no kernel's output, before the PDL wait and
         # the K loop: its kernels are latency-bound chains (small_latency_bias.json: 258.0 -> 243.6 us at B=1, S=32,
         # 369.7 -> 357.2 at 1 x 256). The tile kernels keep the load in the epilogue: a later kernels run had the
         # short-loop, low-density shapes 7-17% slower with it there (kernels_bias_early/), not measured side by side.
         # BIAS_EARLY=False reads it in the epilogue in every form (the earlier kernel, for scripts/small_latency_ab.py).
         if HAS_BIAS and DENSE_W and BIAS_EARLY:
-            bcols = r * BN + tl.arange(0, BN)
+            bcols = col0 + tl.arange(0, BN)
             bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
-        acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
+        acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, w_row, N,
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB)
         if HAS_BIAS and DENSE_W and BIAS_EARLY:
             acc += bias[None, :]
-        _epilogue(acc, pid_m * BLOCK_M, r * BN, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
+        _epilogue(acc, pid_m * BLOCK_M, col0, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
                   BLOCK_M, BN, HAS_BIAS and not (DENSE_W and BIAS_EARLY), ACT, HAS_RES, TMA_STORE)
 
 
@@ -256,6 +266,7 @@ if HAS_TRITON:
         x_src, w_src, w_ptr, row_ptr, col_idx, ws_ptr, M, N, K, stride_xm, SPLIT,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
         DENSE_W: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
+        SUB: tl.constexpr = 1,
     ):
         """Small-M path: each (row block, block-row) is split over SPLIT programs along its kept tiles; fp32
         partial sums go to a workspace [SPLIT, M, N] that _splitk_epilogue_kernel (or add_layernorm) reduces."""
@@ -263,20 +274,22 @@ if HAS_TRITON:
         s = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
-        r = pid // num_m
+        b = pid // num_m
         if DENSE_W:
             start = 0
             end = tl.cdiv(K, BK)
+            w_row = b * BN
         else:
-            start = tl.load(row_ptr + r)
-            end = tl.load(row_ptr + r + 1)
+            start = tl.load(row_ptr + b // SUB)
+            end = tl.load(row_ptr + b // SUB + 1)
+            w_row = (b % SUB) * BN
         chunk = tl.cdiv(end - start, SPLIT)
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
-        acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, r * BN, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "")
+        acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, w_row, N,
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = r * BN + tl.arange(0, BN)
+        cols = b * BN + tl.arange(0, BN)
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
         tl.store(ws, acc, mask=(offs_m[:, None] < M) & (cols[None, :] < N))
 
@@ -582,6 +595,13 @@ DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3
                                                  16384: (128, 4, 4)}
 
 
+# Programs per block-row of tiles on a GPU, by tile: ((up to rows, sub), ...) in increasing rows, 1 past the last. With
+# few rows of X a grid of (row blocks x block-rows) programs leaves SMs idle (BERT-base QKV at 128 rows: 2 x 18
+# programs of 128x64 tiles on 132 SMs), so each block-row's output rows are split over `sub` programs that each read
+# their rows of every kept tile. Empty until measured on the H200 (scripts/tile_sub_ab.py).
+TILE_SUB: dict[tuple, tuple[tuple[int, int], ...]] = {}
+
+
 def _dense_bucket(M: int) -> int:
     """The row bucket of the dense-weight tables: the small-batch path's 128 and 256 rows, then _m_bucket's."""
     return 128 if M <= 128 else (256 if M <= 256 else _m_bucket(M))
@@ -667,7 +687,7 @@ def _sources(x: torch.Tensor, w, block_m: int, tma: bool, BN: int, BK: int):
     xd = TensorDescriptor(x, [x.shape[0], x.shape[1]], [x.stride(0), 1], [block_m, BK])
     if isinstance(w, torch.Tensor):
         return xd, TensorDescriptor(w, [w.shape[0], w.shape[1]], [w.stride(0), 1], [BN, BK])
-    vals = wt.view(-1, BK)  # (nnz * BN, BK): tile t is rows t*BN .. t*BN+BN
+    vals = wt.view(-1, BK)  # (nnz * tile height, BK): tile t is rows t*height .. (t+1)*height; boxes of BN rows
     return xd, TensorDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK])
 
 
@@ -684,17 +704,29 @@ class _Launch(NamedTuple):
     dense: bool
     row_ptr: torch.Tensor
     col_idx: torch.Tensor
+    sub: int  # programs per block-row of tiles (BN = tile height / sub); 1 for a dense weight
 
 
-def _plan(x: torch.Tensor, w, tma, config) -> _Launch:
+def _sub_split(M: int, w, on_gpu: bool, sub: int | None) -> int:
+    """Programs per block-row of tiles: the caller's, else TILE_SUB's for the tile and M rows on a GPU, else 1."""
+    if sub is None:
+        sub = next((s for rows, s in TILE_SUB.get(w.tile, ()) if M <= rows), 1) if on_gpu else 1
+    if sub < 1 or w.tile[0] % sub or (w.tile[0] // sub) % 16:
+        raise EtformerError(f"sub={sub} must divide the tile height {w.tile[0]} into blocks of a multiple of 16 rows")
+    return sub
+
+
+def _plan(x: torch.Tensor, w, tma, config, sub: int | None = None) -> _Launch:
     """The launch for X W^T: the operand form, block sizes and launch parameters, TMA or pointer loads."""
     M, K = x.shape
     dense = isinstance(w, torch.Tensor)
     if dense:
         w = w if w.stride(1) == 1 and w.stride(0) == K else w.contiguous()
         BN, BK = DENSE_TILE[_dense_bucket(M)]
+        sub = 1
     else:
-        BN, BK = w.tile
+        sub = _sub_split(M, w, x.is_cuda, sub)
+        BN, BK = w.tile[0] // sub, w.tile[1]
     tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
     if config is not None:
         block_m, warps, stages = config
@@ -703,7 +735,7 @@ def _plan(x: torch.Tensor, w, tma, config) -> _Launch:
     else:
         block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, w.out_features)
     row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)  # x: a placeholder the dense kernel ignores
-    return _Launch(w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx)
+    return _Launch(w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx, sub)
 
 
 def _auto_split(x: torch.Tensor, N: int, K: int, BN: int, BK: int, block_m: int) -> int:
@@ -713,9 +745,9 @@ def _auto_split(x: torch.Tensor, N: int, K: int, BN: int, BK: int, block_m: int)
     return max(1, min(want, SPLIT_MAX, triton.cdiv(K, BK) // SPLIT_MIN_BLOCKS))
 
 
-def _partials(x, w, N, K, split, tma, config) -> torch.Tensor:
+def _partials(x, w, N, K, split, tma, config, sub=None) -> torch.Tensor:
     """Launch the split-K kernel: fp32 partial sums [split, M, N] of X W^T (split None: chosen by _auto_split)."""
-    L = _plan(x, w, tma, config)
+    L = _plan(x, w, tma, config, sub)
     M = x.shape[0]
     split = split or _auto_split(x, N, K, L.BN, L.BK, L.block_m)
     ws = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
@@ -725,29 +757,31 @@ def _partials(x, w, N, K, split, tma, config) -> torch.Tensor:
     _tile_linear_splitk_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN), split)](
         x_src, w_src, _values(L.w), L.row_ptr, L.col_idx, ws, M, N, K, x.stride(0), split,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages, **_extras(x, L))
+        DENSE_W=L.dense, SUB=L.sub, num_warps=L.warps, num_stages=L.stages, **_extras(x, L))
     return ws
 
 
 def tile_linear_partials(x: torch.Tensor, w, *, split: int | None = None, backend: str = "auto",
-                         tma: bool | None = None, _config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                         tma: bool | None = None, _config: tuple[int, int, int] | None = None,
+                         sub: int | None = None) -> torch.Tensor:
     """fp32 partial sums of X W^T, [split, M, N], for a consumer that reduces them in its own pass (add_layernorm
     takes them, with the bias, in place of x): split-K without a second launch. w: a TileSparseWeight or a dense
-    [N, K] tensor. split=None picks enough splits to fill the GPU. The reference path returns one split."""
+    [N, K] tensor. split=None picks enough splits to fill the GPU; sub as in tile_linear. The reference path
+    returns one split."""
     check_tensor("x", x, dims=2)
     N, K = _weight_shape(x, w)
     if split is not None and split < 1:
         raise EtformerError(f"split must be at least 1, not {split}")
     if not use_triton(x, backend):
         return (x.float() @ _dense_of(w).float().t()).unsqueeze(0)
-    return _partials(x if x.stride(1) == 1 else x.contiguous(), w, N, K, split, tma, _config)
+    return _partials(x if x.stride(1) == 1 else x.contiguous(), w, N, K, split, tma, _config, sub)
 
 
 def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activation: str | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
                 backend: str = "auto", _config: tuple[int, int, int] | None = None,
                 split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None,
-                persistent: bool | None = None) -> torch.Tensor:
+                persistent: bool | None = None, sub: int | None = None) -> torch.Tensor:
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N].
 
     w: a TileSparseWeight (the kernel visits its kept tiles only) or a dense [N, K] tensor (read in place as
@@ -756,6 +790,8 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     split_k: split each block-row's tiles over that many programs and reduce their fp32 partial sums in a second
     kernel (None: SPLIT_AUTO for long-K weights at least SPLIT_AUTO_MIN_DENSITY dense at few rows, see _auto_split_k;
     1: never).
+    sub: split each block-row of tiles by its output rows over that many programs (tile height / sub rows each, a
+    multiple of 16); None: TILE_SUB's entry on a GPU, else 1. Not for the persistent kernel.
     _config: (BLOCK_M, num_warps, num_stages), plus programs per SM for the persistent kernel."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -777,6 +813,8 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         raise EtformerError("persistent=True needs a TileSparseWeight (a dense weight takes the grid kernel)")
     if persistent and (split_k or 1) > 1:
         raise EtformerError("persistent=True and split_k > 1 are exclusive")
+    if persistent and (sub or 1) > 1:
+        raise EtformerError("persistent=True and sub > 1 are exclusive")
     if not use_triton(x, backend):
         y = tile_linear_reference(x, w, bias, activation, residual)
         if out is None:
@@ -794,7 +832,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     if split_k is None and not persistent:
         split_k = _auto_split_k(x, w)
     if split_k is not None and split_k > 1:
-        ws = _partials(x, w, N, K, split_k, tma, _config)
+        ws = _partials(x, w, N, K, split_k, tma, _config, sub)
         pdl = pdl_on(x)
         _splitk_epilogue_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 128))](
             ws, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
@@ -809,7 +847,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     per_sm = FLAT_PROGRAMS_PER_SM
     if _config is not None and len(_config) == 4:
         _config, per_sm = _config[:3], _config[3]
-    L = _plan(x, w, tma, _config)
+    L = _plan(x, w, tma, _config, 1 if flat else sub)
     x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
     if tma_store is None:
         tma_store = L.BN >= TMA_STORE_MIN_BN
@@ -834,7 +872,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        TMA_STORE=tma_store, DENSE_W=L.dense, num_warps=L.warps, num_stages=L.stages, **_extras(x, L),
+        TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, num_warps=L.warps, num_stages=L.stages, **_extras(x, L),
     )
     return out
 
