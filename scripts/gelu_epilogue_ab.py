@@ -14,7 +14,8 @@
 3. A dense FFN-in weight read in place (DENSE_W, no tile copy) with the fused GELU at 4096 and 16384 rows, in
    128x64 blocks at the tile table's launch: with the bias fetched before the K loop (as the small-batch path does),
    in the epilogue, or no bias; against the same weight as 128x64 tiles at density 1 and cuBLAS + torch's GELU.
-4. The dense BERT-base-shaped encoder with FFN-in on its density-1 tiles and the GELU fused (DENSE_ACT_TILES) or on
+4. The dense BERT-base-shaped encoder with FFN-in on the tile kernel and the GELU fused (DENSE_ACT_KERNEL: since
+   tile_sub_ab part b the dense weight read in place, earlier a density-1 tile copy; `kernel` in the rows) or on
    cuBLAS and torch's GELU, GPU time of the graphed forward in alternating rounds, at 4096 to 16384 tokens.
 """
 import contextlib
@@ -149,13 +150,13 @@ def engine_dense_rows():
     for B, S in ((32, 128), (8, 512), (128, 128), (32, 512)):
         ids, mask = make_inputs(B, S, False, base.config.vocab_size)
         try:
-            res, outs = forms_ab(enc, ids, mask, {"cublas": lambda: setattr(E, "DENSE_ACT_TILES", False),
-                                                  "tiles": lambda: setattr(E, "DENSE_ACT_TILES", True)})
+            res, outs = forms_ab(enc, ids, mask, {"cublas": lambda: setattr(E, "DENSE_ACT_KERNEL", False),
+                                                  "tiles": lambda: setattr(E, "DENSE_ACT_KERNEL", True)})
         finally:
-            E.DENSE_ACT_TILES = True
+            E.DENSE_ACT_KERNEL = True
         res = {k: [round(u, 1) for u in v] for k, v in res.items()}
         diff = float((outs["tiles"] - outs["cublas"]).abs().max())
-        row = {"B": B, "S": S, "plan": "dense", "gpu_us": res, "max_abs_diff": diff}
+        row = {"B": B, "S": S, "plan": "dense", "kernel": "dense weight in place", "gpu_us": res, "max_abs_diff": diff}
         print(row, flush=True)
         rows.append(row)
     return rows

@@ -9,6 +9,7 @@ from etformer.evaluate import evaluate
 from etformer.models import load_model
 from etformer.pruning import PruningPlan
 from etformer.pruning.recipe import hard_masks
+from etformer.sparse import TileSparseWeight
 from kernel_utils import CUDA, INTERPRET, needs_triton
 
 DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
@@ -50,9 +51,9 @@ def test_matches_hf_fp32(minilm, plan):
     assert _rel_on_tokens(y, ref, b["attention_mask"]) < 1e-5
     assert torch.all(y[~b["attention_mask"].bool()] == 0)
     kinds = enc.summary()
-    if plan is None:  # every matrix dense: cuBLAS; no density-1 tile copy of FFN-in on the CPU (GPU kernels only)
-        assert kinds["layer0.qkv"]["kernel"].startswith("cuBLAS") and enc.layers[0].ffn_in.act_tiles is None
-        assert "density-1 tiles" not in kinds["layer0.ffn_in"]["kernel"]
+    if plan is None:  # every matrix dense: cuBLAS; FFN-in with its GELU on the kernel from SPARSE_MIN_TOKENS
+        assert kinds["layer0.qkv"]["kernel"].startswith("cuBLAS") and "activation" not in kinds["layer0.qkv"]["kernel"]
+        assert "dense weight with the activation fused" in kinds["layer0.ffn_in"]["kernel"]
     elif plan.matrices["ffn_in"].pattern == "tile":  # half density: its tiles from 2048 tokens
         k = kinds["layer0.ffn_in"]["kernel"]
         assert k.startswith("tile (") and "under 2048 tokens" in k
@@ -300,10 +301,10 @@ def test_linear_routes(monkeypatch, small_path, small_sparse):
 
 
 @needs_triton
-def test_dense_activation_tiles(monkeypatch):
-    """A dense matrix built with act_tiles (FFN-in) keeps a density-1 tile copy and runs it, with the activation in
-    the epilogue, from SPARSE_MIN_TOKENS rows when called with an activation; without one, under that, with the
-    switch off, forced dense, or sparse, it does not. The tile route gives the product."""
+def test_dense_activation_in_place(monkeypatch):
+    """A dense matrix called with an activation (FFN-in) runs the tile kernel on its dense weight in place, with the
+    activation in the epilogue, from SPARSE_MIN_TOKENS rows; without an activation, under that, with the switch off,
+    forced dense, or sparse, it does not. No second copy of the weight is kept. The route gives the product."""
     import torch.nn.functional as F
 
     from etformer.engine import encoder as E
@@ -313,24 +314,40 @@ def test_dense_activation_tiles(monkeypatch):
     torch.manual_seed(2)
     W = torch.randn(256, 128, device=DEVICE, dtype=dt) / 12
     b = torch.randn(256, device=DEVICE, dtype=dt)
-    lin = E.Linear(W, b, (64, 64), act_tiles=True)
-    assert lin.sparse is None and lin.act_tiles is not None and lin.act_tiles.density == 1.0
-    assert lin.act_tiles.tile == E.DENSE_ACT_TILE
-    assert E.Linear(W, b, (64, 64)).act_tiles is None
-    assert E.Linear(W, b, (64, 64), force="dense", act_tiles=True).act_tiles is None
+    lin = E.Linear(W, b, (64, 64))
+    assert lin.sparse is None and not any(isinstance(v, TileSparseWeight) for v in vars(lin).values())
+    bk = "auto" if DEVICE == "cuda" else "triton"
+    big = torch.randn(50, 128, device=DEVICE, dtype=dt)
+    assert lin._operand(big, bk, "gelu") is lin.dense_weight
+    assert lin._operand(big, bk) is None and lin._operand(big, "reference", "gelu") is None
+    assert E.Linear(W, b, (64, 64), force="dense")._operand(big, bk, "gelu") is None
     Ws = W.clone()
     Ws[:128] = 0
-    assert E.Linear(Ws, b, (64, 64), act_tiles=True).act_tiles is None  # sparse: its own tiles serve
-    bk = "auto" if DEVICE == "cuda" else "triton"
-    big, small = torch.randn(50, 128, device=DEVICE, dtype=dt), torch.randn(8, 128, device=DEVICE, dtype=dt)
-    assert lin._operand(big, bk, "gelu") is lin.act_tiles
-    assert lin._operand(big, bk) is None and lin._operand(big, "reference", "gelu") is None
-    assert lin._operand(small, bk, "gelu") is not lin.act_tiles
+    sparse = E.Linear(Ws, b, (64, 64))
+    assert sparse._operand(big, bk, "gelu") is sparse.sparse  # sparse: its own tiles serve
     y = lin(big, activation="gelu", backend=bk)
     ref = F.gelu(F.linear(big.double(), W.double(), b.double()))
     assert float((y.double() - ref).norm() / ref.norm()) < (2e-3 if dt == torch.float16 else 1e-5)
-    monkeypatch.setattr(E, "DENSE_ACT_TILES", False)
+    monkeypatch.setattr(E, "DENSE_ACT_KERNEL", False)
     assert lin._operand(big, bk, "gelu") is None
+
+
+def test_quarter_density_keeps_no_dense_copy():
+    """A matrix that never leaves its tiles (tile_min_rows 0: density up to SPARSE_LOW_DENSITY) keeps no dense copy;
+    a half-density one keeps it for the batches under SPARSE_MIN_TOKENS_MID; a dense one keeps its weight."""
+    from etformer.engine import encoder as E
+
+    torch.manual_seed(3)
+    W = torch.randn(256, 256)
+    keep = torch.zeros(4, 4, dtype=torch.bool)
+    keep[:, 0] = True  # a quarter of the 64x64 tiles
+    quarter = W * keep.repeat_interleave(64, 0).repeat_interleave(64, 1)
+    keep[:, 1] = True
+    half = W * keep.repeat_interleave(64, 0).repeat_interleave(64, 1)
+    assert E.tile_min_rows(0.25) == E.SPARSE_MIN_TOKENS_LOW == 0
+    assert E.Linear(quarter, None, (64, 64)).dense_weight is None
+    assert E.Linear(half, None, (64, 64)).dense_weight is not None
+    assert E.Linear(W, None, (64, 64)).dense_weight is not None
 
 
 def test_sparse_routes_by_density(monkeypatch):

@@ -146,8 +146,8 @@ def test_tile_linear_partials_sub_blocks(dtype):
 def test_tile_linear_sub_rules(monkeypatch):
     """sub must cut the tile height into multiples of 16 rows; the table applies on a GPU only; persistent excludes it."""
     from types import SimpleNamespace
-    w = TileSparseWeight.from_dense(torch.randn(128, 64), (64, 64))
-    x = torch.randn(8, 64)
+    w = TileSparseWeight.from_dense(torch.randn(128, 64, device=DEVICE, dtype=DTYPES[0]), (64, 64))
+    x = torch.randn(8, 64, device=DEVICE, dtype=DTYPES[0])
     for bad in (0, 3, 8):  # 8: 8-row blocks
         with pytest.raises(EtformerError, match="sub="):
             tile_linear(x, w, sub=bad, backend="triton")

@@ -39,10 +39,9 @@ def build_layer(w: dict, b: dict, ln1, ln2, heads: int, tile, dt, dev, kernel=No
             w_o, b_o = cv.fold_into_output(w_o, b_o)
             w_v, b_v, v_width = wc, bc, cv.width
     g = lambda t: t.detach().to(dev, dt).contiguous()  # noqa: E731
-    mk = lambda W, B, act=False: Linear(W.to(dt), B.to(dt), tile, force=kernel, act_tiles=act).to(dev, dt)  # noqa: E731
-    on_gpu = torch.device(dev).type == "cuda"  # the density-1 tile copy of a dense FFN-in serves the GPU kernels only
+    mk = lambda W, B: Linear(W.to(dt), B.to(dt), tile, force=kernel).to(dev, dt)  # noqa: E731
     return Layer(qkv=mk(torch.cat([w["q"], w["k"], w_v]), torch.cat([b["q"], b["k"], b_v])), o=mk(w_o, b_o),
-                 ffn_in=mk(w["ffn_in"], b["ffn_in"], on_gpu), ffn_out=mk(w["ffn_out"], b["ffn_out"]),
+                 ffn_in=mk(w["ffn_in"], b["ffn_in"]), ffn_out=mk(w["ffn_out"], b["ffn_out"]),
                  ln1=(g(ln1[0]), g(ln1[1])), ln2=(g(ln2[0]), g(ln2[1])), v_width=v_width)
 
 

@@ -50,10 +50,14 @@ SPARSE_MIN_TOKENS = 4096
 # dense copy -> tiles). With the polynomial-erf GELU epilogue (after_gelu/): at half density 953 -> 855 us at 16x128
 # and 1070 -> 973 at 4x512 (2048 tokens), 652 -> 711 at 8x128; at a quarter 648 -> 548 at 1024 tokens, 504 -> 501 at
 # 512. Before it (libdevice erf, the first file), half density still lost at 2048 tokens (957 -> 1096 at 16x128).
+# With a block-row of tiles split over several programs at few rows (tile_linear.TILE_SUB), a quarter density wins at
+# every batch (tile_sub/tile_sub_ab_913531c.json, part c, GPU time per forward, dense copy -> tiles): 283 -> 258 us at
+# 1x128, 337 -> 325 at 2x128, 510 -> 432 at 4x128; half density still loses there (283 -> 312, 337 -> 409, 512 ->
+# 570). So SPARSE_MIN_TOKENS_LOW is 0, and a matrix that never leaves its tiles keeps no dense copy.
 SPARSE_MID_DENSITY = 0.55  # the uniform 50% plan's matrices land at 0.5 give or take a tile
 SPARSE_MIN_TOKENS_MID = 2048
 SPARSE_LOW_DENSITY = 0.3
-SPARSE_MIN_TOKENS_LOW = 1024
+SPARSE_MIN_TOKENS_LOW = 0
 # Under SPARSE_MIN_TOKENS rows, "triton" runs every matrix on etformer's kernels, reading a dense weight in place: the
 # FFN-in GEMM then carries the GELU, and the output projection and FFN-out write split-K partial sums that the
 # following add+LayerNorm reduces (7 launches a layer instead of 9). "cublas" keeps F.linear there. Same-run A/B on
@@ -69,14 +73,14 @@ SPARSE_MIN_TOKENS_LOW = 1024
 # SMALL_KERNEL_MAX_TOKENS rows where PDL is available, and cuBLAS above.
 SMALL_PATH = "auto"
 SMALL_KERNEL_MAX_TOKENS = 256
-# A dense matrix followed by an activation (FFN-in) runs on the tile kernel at density 1 from SPARSE_MIN_TOKENS rows,
-# with the GELU in its epilogue, instead of cuBLAS and a separate GELU kernel: same-run on the H200
-# (benchmarks/results/h200/gelu_epilogue/gelu_dense_w.json, BERT-base FFN-in with bias, graphs of 20 calls) 38.1
-# against 50.5 us at 4096 rows, 165.7 against 197.1 at 16384. The tiles are a second copy of that matrix (128x64
-# tiles, DENSE_ACT_TILE; +2.4M fp16 values a BERT-base layer, kept on a GPU only): the dense weight read in place took
-# 50.9 and 199.8 us there. False keeps one copy and cuBLAS.
-DENSE_ACT_TILES = True
-DENSE_ACT_TILE = (128, 64)
+# A dense matrix followed by an activation (FFN-in) runs on the tile kernel reading its dense weight in place
+# (DENSE_W) from SPARSE_MIN_TOKENS rows, with the GELU in its epilogue, instead of cuBLAS and a separate GELU kernel.
+# Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_sub_ab_913531c.json, part b: BERT-base FFN-in with bias,
+# graphs of 20 calls): 35.8 against 51.1 us at 4096 rows and 165.9 against 198.5 at 16384, in 128x64 blocks at
+# (128, 4, 2) (tile_linear.DENSE_LAUNCH). That launch keeps two 32 KB pipeline buffers; at 4 stages the in-place read
+# kept four (128 KB, one program an SM) and took 50.9 us, so a density-1 tile copy of the matrix served here before
+# (38.2 us in the same run). False: cuBLAS.
+DENSE_ACT_KERNEL = True
 # Whether that small-batch path runs a sparse matrix on its tiles (True) or on its dense copy (False). Tiles were
 # slower at every small shape in the same A/B (463 vs 426 us at B=1, S=128 for 50% tiles), hence False.
 SMALL_SPARSE = False
@@ -260,20 +264,19 @@ class Linear:
     """One matrix: the tile-sparse kernel when sparse enough, cuBLAS when dense. Knows its own bias.
 
     force=None chooses by density and, for a sparse matrix, keeps a dense copy for batches under tile_min_rows(density)
-    rows on the GPU; "tile" always runs the tile kernel (no dense copy); "dense" always cuBLAS."""
+    rows on the GPU (the thresholds when it is built decide whether it keeps one); "tile" always runs the tile kernel (no dense copy); "dense" always cuBLAS."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: tuple[int, int], force: str | None = None,
-                 act_tiles: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: tuple[int, int], force: str | None = None):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.sparse = TileSparseWeight.from_dense(weight, tile)
         dense = self.sparse.density >= DENSE_CUTOFF if force is None else force == "dense"
-        self.dense_weight = weight.contiguous() if (dense or force is None) else None
+        # a sparse matrix keeps a dense copy for the batches under tile_min_rows (none when that is 0)
+        keep = dense or (force is None and tile_min_rows(self.sparse.density) > 0)
+        self.dense_weight = weight.contiguous() if keep else None
         if dense:
             self.sparse = None
-        # act_tiles: a dense matrix called with an activation (FFN-in) keeps density-1 tiles (DENSE_ACT_TILES)
-        self.act_tiles = (TileSparseWeight.from_dense(weight, DENSE_ACT_TILE)
-                          if act_tiles and dense and force is None and DENSE_ACT_TILES else None)
+        self.forced = force
 
     @property
     def density(self) -> float:
@@ -284,8 +287,9 @@ class Linear:
 
         backend "auto" on a GPU: tiles when sparse and at least tile_min_rows(density) rows (or no dense copy is
         kept); under that, the small-batch path (SMALL_PATH, SMALL_SPARSE) or cuBLAS on the dense copy; a dense matrix
-        at scale goes to cuBLAS, or, called with an activation, to its density-1 tiles (act_tiles, DENSE_ACT_TILES,
-        where the tile kernel takes TMA loads). "triton" always takes the kernels (tiles when sparse), so the CPU
+        at scale goes to cuBLAS, or, called with an activation, to the tile kernel reading it in place
+        (DENSE_ACT_KERNEL, where the kernel takes TMA loads; not when forced dense). "triton" always takes the kernels
+        (tiles when sparse), so the CPU
         interpreter covers the same code."""
         if not _on_kernels(x, backend):
             return self.sparse  # None when dense (F.linear); else tile_linear runs its own reference
@@ -294,9 +298,9 @@ class Linear:
             return self.sparse
         if small and _small_on_kernels(x):
             return self.sparse if (self.sparse is not None and SMALL_SPARSE) else self.dense_weight
-        if (activation is not None and self.act_tiles is not None and DENSE_ACT_TILES and not small
-                and _tma_ok(x, self.act_tiles)):  # the pointer-load path (before sm_90, unaligned x) stays on cuBLAS
-            return self.act_tiles  # cuBLAS + an activation kernel -> one tile launch with the activation fused
+        if (activation is not None and self.sparse is None and self.forced is None and DENSE_ACT_KERNEL and not small
+                and _tma_ok(x, self.dense_weight)):  # the pointer-load path (before sm_90, unaligned x) stays on cuBLAS
+            return self.dense_weight  # cuBLAS + an activation kernel -> one launch with the activation fused
         return None
 
     def small_weight(self, x, backend="auto"):
@@ -334,8 +338,6 @@ class Linear:
     def to(self, device, dtype):
         if self.sparse is not None:
             self.sparse = self.sparse.to(device, dtype)
-        if self.act_tiles is not None:
-            self.act_tiles = self.act_tiles.to(device, dtype)
         if self.dense_weight is not None:
             self.dense_weight = self.dense_weight.to(device, dtype)
         if self.bias is not None:
@@ -669,9 +671,9 @@ class ETEncoder(torch.nn.Module):
         for i, L in enumerate(self.layers):
             for kind in ("qkv", "o", "ffn_in", "ffn_out"):
                 lin = getattr(L, kind)
-                if lin.sparse is None and lin.act_tiles is not None and DENSE_ACT_TILES:
-                    kernel = (f"cuBLAS ({small(SPARSE_MIN_TOKENS)}); density-1 tiles with the activation fused from "
-                              f"{SPARSE_MIN_TOKENS} tokens")
+                if lin.sparse is None and kind == "ffn_in" and lin.forced is None and DENSE_ACT_KERNEL:
+                    kernel = (f"cuBLAS ({small(SPARSE_MIN_TOKENS)}); etformer kernel on the dense weight with the "
+                              f"activation fused from {SPARSE_MIN_TOKENS} tokens (sm_90)")
                 elif lin.sparse is None:
                     kernel = f"cuBLAS ({small(SPARSE_MIN_TOKENS)})"
                 elif lin.dense_weight is None or (SMALL_PATH != "cublas" and SMALL_SPARSE):

@@ -589,17 +589,27 @@ USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it
 # the difference (a ~9 us launch floor per replay dominates).
 # 129-256 rows: 64 x 128 blocks with (64, 4, 3) (small_batch_deep256.json, against 64 x 64 with (128, 4, 4)):
 # 366.7 us against 414.7 at B=2, S=128; 347.8 against 422.3 at 1x192; 356.3 against 400.6 at 4x64; 379.9 against
-# 418.1 at 1x256. The larger buckets keep the earlier table (not swept: cuBLAS takes dense matrices there).
-DENSE_TILE: dict[int, tuple[int, int]] = {128: (32, 128), 256: (64, 128), 4096: (64, 64), 16384: (64, 64)}
-DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3), 4096: (128, 4, 4),
-                                                 16384: (128, 4, 4)}
+# 418.1 at 1x256.
+# 257 rows and up (the engine's dense FFN-in with its GELU from 4096 rows): 128x64 blocks with (128, 4, 2), two 32 KB
+# pipeline buffers, as the tile kernel keeps at its (128, 4, 4) (its col_idx load takes a stage). Same-run on the
+# H200 (tile_sub/tile_sub_ab_913531c.json, part b, BERT-base shapes with bias, graphs of 20 calls), FFN-in with GELU:
+# 35.8 us at 4096 rows against 50.9 at (128, 4, 4) (four buffers, 128 KB: one program an SM), 40.1 at (128, 4, 3),
+# 44.9 for 64x64 blocks at (128, 4, 3), 38.2 for density-1 tiles, 51.1 for cuBLAS + GELU; 165.9 at 16384 (tiles
+# 167.9, cuBLAS + GELU 198.5). QKV 26.1 (cuBLAS 23.9) and FFN-out 46.4 (cuBLAS 27.6; 32.6 at (64, 4, 3)) stay on
+# cuBLAS in the engine. 257-4095 rows: not measured with this launch.
+DENSE_TILE: dict[int, tuple[int, int]] = {128: (32, 128), 256: (64, 128), 4096: (128, 64), 16384: (128, 64)}
+DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3), 4096: (128, 4, 2),
+                                                 16384: (128, 4, 2)}
 
 
 # Programs per block-row of tiles on a GPU, by tile: ((up to rows, sub), ...) in increasing rows, 1 past the last. With
 # few rows of X a grid of (row blocks x block-rows) programs leaves SMs idle (BERT-base QKV at 128 rows: 2 x 18
 # programs of 128x64 tiles on 132 SMs), so each block-row's output rows are split over `sub` programs that each read
-# their rows of every kept tile. Empty until measured on the H200 (scripts/tile_sub_ab.py).
-TILE_SUB: dict[tuple, tuple[tuple[int, int], ...]] = {}
+# their rows of every kept tile. Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_sub_ab_913531c.json, part a:
+# BERT-base's four matrices with their epilogues, 128x64 tiles at densities 0.5 and 0.25, graphs of 20 calls; the
+# sub of best geometric mean at each row count): 4 up to 256 rows (128: 3.14 us against 3.20 for 1; 256: 4.03
+# against 4.76), 2 at 512 (4.77 against 5.24), 1 from 1024 (5.93 against 6.47 for 2). 64x64 tiles: not measured.
+TILE_SUB: dict[tuple, tuple[tuple[int, int], ...]] = {(128, 64): ((256, 4), (512, 2))}
 
 
 def _dense_bucket(M: int) -> int:
