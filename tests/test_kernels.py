@@ -153,10 +153,14 @@ def test_tile_linear_sub_rules(monkeypatch):
             tile_linear(x, w, sub=bad, backend="triton")
     with pytest.raises(EtformerError, match="exclusive"):
         tile_linear(x, w, sub=2, persistent=True)
-    monkeypatch.setattr(tl_mod, "TILE_SUB", {(64, 64): ((128, 4), (512, 2))})
-    assert tl_mod._sub_split(100, w, True, None) == 4
+    monkeypatch.setattr(tl_mod, "TILE_SUB", {(64, 64): ((128, 0.3, 4), (128, 1.0, 2), (512, 1.0, 2))})
+    assert tl_mod._sub_split(100, w, True, None) == 2  # w is dense: the first entry does not hold
     assert tl_mod._sub_split(100, w, False, None) == 1  # the interpreter: only when asked
     assert tl_mod._sub_split(300, w, True, None) == 2 and tl_mod._sub_split(513, w, True, None) == 1
+    Wq = torch.zeros(128, 128, device=DEVICE, dtype=DTYPES[0])
+    Wq[:64, :64] = 1.0
+    quarter = TileSparseWeight.from_dense(Wq, (64, 64))
+    assert quarter.density == 0.25 and tl_mod._sub_split(100, quarter, True, None) == 4
     assert tl_mod._sub_split(100, w, True, 2) == 2
     assert tl_mod._plan(SimpleNamespace(shape=(100, 64), is_cuda=False), w, False, None, 2).BN == 32
 

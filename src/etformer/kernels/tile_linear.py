@@ -602,14 +602,19 @@ DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3
                                                  16384: (128, 4, 2)}
 
 
-# Programs per block-row of tiles on a GPU, by tile: ((up to rows, sub), ...) in increasing rows, 1 past the last. With
+# Programs per block-row of tiles on a GPU, by tile: ((up to rows, up to density, sub), ...), the first entry that
+# holds, else 1. With
 # few rows of X a grid of (row blocks x block-rows) programs leaves SMs idle (BERT-base QKV at 128 rows: 2 x 18
 # programs of 128x64 tiles on 132 SMs), so each block-row's output rows are split over `sub` programs that each read
 # their rows of every kept tile. Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_sub_ab_913531c.json, part a:
 # BERT-base's four matrices with their epilogues, 128x64 tiles at densities 0.5 and 0.25, graphs of 20 calls; the
 # sub of best geometric mean at each row count): 4 up to 256 rows (128: 3.14 us against 3.20 for 1; 256: 4.03
-# against 4.76), 2 at 512 (4.77 against 5.24), 1 from 1024 (5.93 against 6.47 for 2). 64x64 tiles: not measured.
-TILE_SUB: dict[tuple, tuple[tuple[int, int], ...]] = {(128, 64): ((256, 4), (512, 2))}
+# against 4.76), 2 at 512 (4.77 against 5.24), 1 from 1024 (5.93 against 6.47 for 2). At 128 rows that holds for a
+# quarter density only (2.74 against 3.00 us; half density 3.59 against 3.41, density 1 worse still: QKV 5.68
+# against 4.99; the kernels bench at be3f1c8 likewise, QKV 7.4 against 6.4 us dense), so denser tiles keep 1 there.
+# 64x64 tiles: not measured.
+TILE_SUB: dict[tuple, tuple[tuple[int, float, int], ...]] = {
+    (128, 64): ((128, 0.3, 4), (128, 1.0, 1), (256, 1.0, 4), (512, 1.0, 2))}
 
 
 def _dense_bucket(M: int) -> int:
@@ -720,7 +725,8 @@ class _Launch(NamedTuple):
 def _sub_split(M: int, w, on_gpu: bool, sub: int | None) -> int:
     """Programs per block-row of tiles: the caller's, else TILE_SUB's for the tile and M rows on a GPU, else 1."""
     if sub is None:
-        sub = next((s for rows, s in TILE_SUB.get(w.tile, ()) if M <= rows), 1) if on_gpu else 1
+        sub = next((s for rows, dens, s in TILE_SUB.get(w.tile, ()) if M <= rows and w.density <= dens), 1) \
+            if on_gpu else 1
     if sub < 1 or w.tile[0] % sub or (w.tile[0] // sub) % 16:
         raise EtformerError(f"sub={sub} must divide the tile height {w.tile[0]} into blocks of a multiple of 16 rows")
     return sub
