@@ -5,8 +5,8 @@
 BERT-base-shaped encoder (random weights), every matrix pruned to each sparsity (default 50% and 75%) in the plan's
 default tiles, fp16. At B x S from 512 to 8192 tokens (fixed length; a trailing v: variable length), or the shapes
 given, GPU time of one graphed forward (median of CUDA-graph replays) with the sparse matrices on their dense copies
-(SPARSE_MIN_TOKENS_MID and _LOW above the batch: cuBLAS, or the small-batch kernels on the dense weight) and on their
-tiles (both 0; SPARSE_MIN_TOKENS keeps its value, so the small-batch path's split-K partial sums serve the tiles
+(every SPARSE_TIERS entry's rows above the batch: cuBLAS, or the small-batch kernels on the dense weight) and on their
+tiles (all 0; SPARSE_MIN_TOKENS keeps its value, so the small-batch path's split-K partial sums serve the tiles
 too), beside the dense model through the same engine; outputs of the two routes compared. The finite check is off
 (the packed path, no host read). Writes sparse_min_tokens_ab.json.
 --sub4: a third form, the tiles with 4 programs a block-row up to 256 rows at any density (TILE_SUB takes 4 at 128
@@ -36,27 +36,24 @@ def main(out_dir, sparsities=(0.5, 0.75), shapes=tuple((B, S, False) for B, S in
     os.makedirs(out_dir, exist_ok=True)
     base = model_shape("bert-base").cuda()
     encs = {"dense": optimize(base, None, dtype=torch.float16, device="cuda")}
-    low = E.SPARSE_MIN_TOKENS_LOW
-    E.SPARSE_MIN_TOKENS_LOW = 1 << 30  # every sparse matrix keeps a dense copy (none is kept where the threshold is 0)
+    tiers = E.SPARSE_TIERS
+    E.SPARSE_TIERS = ()  # every sparse matrix keeps a dense copy (none is kept where its tier's rows are 0)
     try:
         for s in sparsities:
             plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
             encs[f"tile{int(s * 100)}"] = optimize(apply_plan(copy.deepcopy(base), plan), plan, dtype=torch.float16,
                                                    device="cuda")
     finally:
-        E.SPARSE_MIN_TOKENS_LOW = low
+        E.SPARSE_TIERS = tiers
     for enc in encs.values():
         enc.check_finite = False
-    names = ("SPARSE_MIN_TOKENS_MID", "SPARSE_MIN_TOKENS_LOW")
-    saved = [getattr(E, n) for n in names]
 
     sub_table = dict(T.TILE_SUB)
 
     def route(rows, sub=None):
-        """The density tiers' thresholds at rows (capped by SPARSE_MIN_TOKENS), or the shipped ones (None); sub:
+        """Every density tier's rows at rows (capped by SPARSE_MIN_TOKENS), or the shipped tiers (None); sub:
         TILE_SUB's entry for the default tile (None: the shipped table)."""
-        for n, v in zip(names, saved if rows is None else [rows] * 2):
-            setattr(E, n, v)
+        E.SPARSE_TIERS = tiers if rows is None else tuple((d, rows) for d, _ in tiers)
         T.TILE_SUB.clear()
         T.TILE_SUB.update(sub_table if sub is None else {DEFAULT_TILE: sub})
 

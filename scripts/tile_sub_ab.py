@@ -156,22 +156,22 @@ def part_c(sub_table):
                                                device="cuda")
     for enc in encs.values():
         enc.check_finite = False
-    saved = E.SPARSE_MIN_TOKENS_MID, E.SPARSE_MIN_TOKENS_LOW, dict(T.TILE_SUB)
+    saved = E.SPARSE_TIERS, dict(T.TILE_SUB)
 
     def form(tiles, table):
         def put():
-            E.SPARSE_MIN_TOKENS_MID, E.SPARSE_MIN_TOKENS_LOW = (0, 0) if tiles else saved[:2]
+            E.SPARSE_TIERS = tuple((d, 0) for d, _ in saved[0]) if tiles else saved[0]
             T.TILE_SUB.clear()
             T.TILE_SUB.update(table)
         return put
 
-    forms = {"shipped": form(False, saved[2]), "tiles_sub1": form(True, {}),
+    forms = {"shipped": form(False, saved[1]), "tiles_sub1": form(True, {}),
              "tiles_sub": form(True, {TILE: sub_table})}
     rows = []
     try:
         for B, S in ((1, 128), (2, 128), (4, 128), (8, 128), (16, 128), (4, 512)):
             ids, mask = make_inputs(B, S, False, 30522)
-            form(False, saved[2])()
+            form(False, saved[1])()
             _, dense = graphed_forward(encs["dense"], ids, mask, min_ms=100)
             for name in ("tile50", "tile75"):
                 t, outs = forms_ab(encs[name], ids, mask, forms, rounds=2, min_ms=100)
@@ -181,7 +181,7 @@ def part_c(sub_table):
                 print(f"c {B}x{S} {name}: dense model {dense:.1f}, " +
                       ", ".join(f"{k} {v}" for k, v in t.items()) + f", max|diff| {diff:.2e}", flush=True)
     finally:
-        form(False, saved[2])()
+        form(False, saved[1])()
     return rows
 
 

@@ -333,8 +333,8 @@ def test_dense_activation_in_place(monkeypatch):
 
 
 def test_quarter_density_keeps_no_dense_copy():
-    """A matrix that never leaves its tiles (tile_min_rows 0: density up to SPARSE_LOW_DENSITY) keeps no dense copy;
-    a half-density one keeps it for the batches under SPARSE_MIN_TOKENS_MID; a dense one keeps its weight."""
+    """A matrix that never leaves its tiles (tile_min_rows 0: the first of SPARSE_TIERS) keeps no dense copy; a
+    half-density one keeps it for the batches under its tier's rows; a dense one keeps its weight."""
     from etformer.engine import encoder as E
 
     torch.manual_seed(3)
@@ -344,25 +344,22 @@ def test_quarter_density_keeps_no_dense_copy():
     quarter = W * keep.repeat_interleave(64, 0).repeat_interleave(64, 1)
     keep[:, 1] = True
     half = W * keep.repeat_interleave(64, 0).repeat_interleave(64, 1)
-    assert E.tile_min_rows(0.25) == E.SPARSE_MIN_TOKENS_LOW == 0
+    assert E.tile_min_rows(0.25) == 0 and E.tile_min_rows(0.5) > 0
     assert E.Linear(quarter, None, (64, 64)).dense_weight is None
     assert E.Linear(half, None, (64, 64)).dense_weight is not None
     assert E.Linear(W, None, (64, 64)).dense_weight is not None
 
 
 def test_sparse_routes_by_density(monkeypatch):
-    """A sparse matrix leaves its dense copy for its tiles from tile_min_rows(density) rows: SPARSE_MIN_TOKENS, or
-    SPARSE_MIN_TOKENS_LOW at tile density up to SPARSE_LOW_DENSITY (never later than SPARSE_MIN_TOKENS). On a GPU
-    the "auto" route follows it; each route gives the product."""
+    """A sparse matrix leaves its dense copy for its tiles from tile_min_rows(density) rows: the first SPARSE_TIERS
+    entry its density falls in, else SPARSE_MIN_TOKENS (never later than SPARSE_MIN_TOKENS). On a GPU the "auto"
+    route follows it; each route gives the product."""
     import torch.nn.functional as F
 
     from etformer.engine import encoder as E
 
     monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 4096)
-    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS_MID", 2048)
-    monkeypatch.setattr(E, "SPARSE_MIN_TOKENS_LOW", 1024)
-    monkeypatch.setattr(E, "SPARSE_LOW_DENSITY", 0.3)
-    monkeypatch.setattr(E, "SPARSE_MID_DENSITY", 0.55)
+    monkeypatch.setattr(E, "SPARSE_TIERS", ((0.3, 1024), (0.55, 2048)))
     assert ([E.tile_min_rows(d) for d in (0.1, 0.25, 0.3, 0.31, 0.5, 0.55, 0.56, 0.79)]
             == [1024] * 3 + [2048] * 3 + [4096] * 2)
     monkeypatch.setattr(E, "SPARSE_MIN_TOKENS", 1000)

@@ -44,8 +44,9 @@ DENSE_CUTOFF = 0.8
 # BERT-base 50% tiles, GPU time per forward, tiles vs all-cuBLAS: 584 vs 437 us at 128 tokens, 982 vs 580 at 512,
 # 1208 vs 935 at ~2048 (varlen 32x128), 1651 vs 1722 at 4096.
 SPARSE_MIN_TOKENS = 4096
-# Sparser matrices pay off earlier: a matrix at tile density up to SPARSE_MID_DENSITY leaves its dense copy from
-# SPARSE_MIN_TOKENS_MID rows, one up to SPARSE_LOW_DENSITY from SPARSE_MIN_TOKENS_LOW. Same-run A/Bs on the H200
+# Sparser matrices pay off earlier: SPARSE_TIERS lists (up to tile density, from rows) in increasing density; a matrix
+# leaves its dense copy from the rows of the first tier its density falls in (never later than SPARSE_MIN_TOKENS).
+# Same-run A/Bs on the H200
 # (benchmarks/results/h200/sparse_min_tokens/, BERT-base, every matrix pruned in 128x64 tiles, GPU time per forward,
 # dense copy -> tiles). With the polynomial-erf GELU epilogue (after_gelu/): at half density 953 -> 855 us at 16x128
 # and 1070 -> 973 at 4x512 (2048 tokens), 652 -> 711 at 8x128; at a quarter 648 -> 548 at 1024 tokens, 504 -> 501 at
@@ -53,11 +54,12 @@ SPARSE_MIN_TOKENS = 4096
 # With a block-row of tiles split over several programs at few rows (tile_linear.TILE_SUB), a quarter density wins at
 # every batch (tile_sub/tile_sub_ab_913531c.json, part c, GPU time per forward, dense copy -> tiles): 283 -> 258 us at
 # 1x128, 337 -> 325 at 2x128, 510 -> 432 at 4x128; half density still loses there (283 -> 312, 337 -> 409, 512 ->
-# 570). So SPARSE_MIN_TOKENS_LOW is 0, and a matrix that never leaves its tiles keeps no dense copy.
-SPARSE_MID_DENSITY = 0.55  # the uniform 50% plan's matrices land at 0.5 give or take a tile
-SPARSE_MIN_TOKENS_MID = 2048
-SPARSE_LOW_DENSITY = 0.3
-SPARSE_MIN_TOKENS_LOW = 0
+# 570). So a quarter density takes its tiles from 0 rows, and a matrix that never leaves its tiles keeps no dense copy.
+# Between them (sparse_min_tokens/density_tiers/, 60-70% tiles, dense copy -> tiles): density 0.30 and 0.35 win from
+# 512 tokens (4x128: 511 -> 466 and 510 -> 491 us; 8x128 649 -> 560 and 649 -> 587) but not at 256 (336 -> 345, 338
+# -> 363); 0.40 wins from 1024 (8x128 649 -> 613; 4x128 512 -> 517). Each tier's density bound sits between the
+# measured densities, above a uniform plan's (0.25, 0.30, 0.35, 0.40, 0.50: a plan lands a tile or so either side).
+SPARSE_TIERS: tuple[tuple[float, int], ...] = ((0.27, 0), (0.37, 512), (0.42, 1024), (0.55, 2048))
 # Under SPARSE_MIN_TOKENS rows, "triton" runs every matrix on etformer's kernels, reading a dense weight in place: the
 # FFN-in GEMM then carries the GELU, and the output projection and FFN-out write split-K partial sums that the
 # following add+LayerNorm reduces (7 launches a layer instead of 9). "cublas" keeps F.linear there. Same-run A/B on
@@ -146,13 +148,10 @@ GRAPH_ROW_ROUND_MAX_FILL = {128: 48, 256: 32}
 
 
 def tile_min_rows(density: float) -> int:
-    """Rows from which a sparse matrix of this tile density runs on its tiles rather than its dense copy (never later
-    than SPARSE_MIN_TOKENS)."""
-    if density <= SPARSE_LOW_DENSITY:
-        return min(SPARSE_MIN_TOKENS, SPARSE_MIN_TOKENS_LOW)
-    if density <= SPARSE_MID_DENSITY:
-        return min(SPARSE_MIN_TOKENS, SPARSE_MIN_TOKENS_MID)
-    return SPARSE_MIN_TOKENS
+    """Rows from which a sparse matrix of this tile density runs on its tiles rather than its dense copy: its
+    SPARSE_TIERS entry's, never later than SPARSE_MIN_TOKENS."""
+    rows = next((r for dens, r in SPARSE_TIERS if density <= dens), SPARSE_MIN_TOKENS)
+    return min(SPARSE_MIN_TOKENS, rows)
 
 
 def graph_rows(T: int, x: torch.Tensor) -> int:
