@@ -47,7 +47,7 @@ def tile_sig(tma, bm=128, bn=128):
             "y_ptr": p16, "y_desc": f"tensordesc<fp16[{bm},128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32",
             "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C,
             "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
-            "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C}
+            "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C}
 
 
 def tile_stats():
@@ -67,7 +67,7 @@ def tile_stats():
     for name, act, res, dense, warps, stages in cases:
         consts = {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
                   "FP32_DOT": False, "TMA": True, "TMA_STORE": True, "DENSE_W": dense, "PDL": False, "PREFETCH": 0,
-                  "LINE": 64, "BIAS_EARLY": False, "SUB": 1}
+                  "LINE": 64, "BIAS_EARLY": False, "SUB": 1, "PAIR": False}
         k = triton.compile(ASTSource(fn=T._tile_linear_kernel, signature=tile_sig(True), constexprs=consts),
                            target=tgt, options={"num_warps": warps, "num_stages": stages})
         with tempfile.TemporaryDirectory() as d:
@@ -97,20 +97,20 @@ for tma in (False, True):
     comp(T._tile_linear_kernel, tile_sig(tma),
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": True,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
-          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1},
+          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False},
          f"tile_linear tma={tma} tma_store={tma}", stages=4)
     comp(T._tile_linear_kernel, tile_sig(tma, 64, 32),
          {"BN": 32, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": False,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": False, "DENSE_W": False, "PDL": tma,
-          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 4},
-         f"tile_linear tma={tma}, 4 programs a block-row (SUB)", stages=4)
+          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 4, "PAIR": True},
+         f"tile_linear tma={tma}, 4 programs a block-row, two tiles a trip (SUB, PAIR)", stages=4)
     xs = "tensordesc<fp16[64,64]>" if tma else p16
     comp(T._tile_linear_splitk_kernel,
          {"x_src": xs, "w_src": ws, "w_ptr": p16, "row_ptr": i32, "col_idx": i32, "ws_ptr": "*fp32", "M": "i32", "N": "i32",
           "K": "i32", "stride_xm": "i32", "SPLIT": "i32", "BN": C, "BK": C, "BLOCK_M": C, "FP32_DOT": C, "TMA": C,
-          "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "SUB": C},
+          "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "SUB": C, "PAIR": C},
          {"BN": 128, "BK": 64, "BLOCK_M": 64, "FP32_DOT": False, "TMA": tma, "DENSE_W": False, "PDL": tma,
-          "PREFETCH": 2 if tma else 0, "LINE": 64, "SUB": 1},
+          "PREFETCH": 2 if tma else 0, "LINE": 64, "SUB": 1, "PAIR": False},
          f"tile_linear split-K tma={tma}")
 # the persistent flattened tile kernel (large M): TMA loads and stores, 128x64 tiles; its K steps must be pipelined
 # (bulk copies issued for later steps while the wgmma of the current one runs)
@@ -132,9 +132,10 @@ comp(T._tile_linear_kernel,
       "order_ptr": p16, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "y_desc": p16, "M": "i32", "N": "i32",
       "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C,
       "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C, "TMA_STORE": C,
-      "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C},
+      "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C},
      {"BN": 64, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": False,
-      "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True, "PDL": True, "PREFETCH": 1, "LINE": 64, "BIAS_EARLY": True, "SUB": 1},
+      "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True, "PDL": True, "PREFETCH": 1, "LINE": 64, "BIAS_EARLY": True, "SUB": 1,
+      "PAIR": False},
      "tile_linear dense W", stages=4)
 comp(F._ffn_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w1_src": "tensordesc<fp16[128,64]>", "b1_ptr": p16,

@@ -15,7 +15,11 @@ b. The dense weight read in place (DENSE_W) at 4096 and 16384 rows, in 128x64 an
 c. The BERT-base-shaped encoder pruned to 50% and 75% tiles, B x S from 1 x 128 to 16 x 128 and 4 x 512: GPU time
    of the graphed forward with sparse matrices on their dense copies under the shipped thresholds, on their tiles
    (sub 1), and on their tiles with part a's sub table, in alternating rounds; outputs compared.
-Writes tile_sub_ab.json.
+d. Two kept tiles a K-loop trip (tile_linear(pair=True)) against one, with the shipped sub table: the four matrices
+   at 128 ... 1024 rows, densities 0.5, 0.3, 0.25 (graphs of 20 calls, outputs checked); then the encoder with 50% and
+   75% tiles at 1 x 128 ... 8 x 128 on the shipped routes, on tiles at every batch, and on tiles with pairs
+   (TILE_PAIR_MAX_ROWS 1024).
+Writes tile_sub_ab.json (part d alone: tile_pair_ab.json).
 """
 import contextlib
 import copy
@@ -185,11 +189,64 @@ def part_c(sub_table):
     return rows
 
 
+def part_d(bad):
+    rows = []
+    for name, (K, N, act) in SHAPES.items():
+        for M in (128, 256, 512, 1024):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            b = torch.randn(N, device="cuda", dtype=torch.float16) * 0.1
+            partials = name in ("o", "ffn_out") and M <= E.SMALL_KERNEL_MAX_TOKENS
+            post = (lambda p: p.sum(0) + b) if partials else None
+            for d in (0.5, 0.3, 0.25):
+                W = random_tile_weight(K, N, TILE, d, torch.float16, seed=M)
+                w = TileSparseWeight.from_dense(W, TILE)
+                ref = ref_of(x, W, b, act)
+                row = {"matrix": name, "M": M, "density": d, "mode": "partials" if partials else "direct"}
+                for pair in (False, True):
+                    if partials:
+                        fn = lambda: T.tile_linear_partials(x, w, pair=pair)  # noqa: E731
+                    else:
+                        fn = lambda: T.tile_linear(x, w, b, activation=act, pair=pair)  # noqa: E731
+                    row[f"pair_{pair}"], _ = checked(fn, ref, f"d {name} M={M} d={d} pair={pair}", bad, post)
+                rows.append(row)
+                print(f"d {name} M={M} d={d}: one {row['pair_False']} two {row['pair_True']}", flush=True)
+    base = model_shape("bert-base").cuda()
+    encs = {}
+    for s in (0.5, 0.75):
+        plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
+        encs[f"tile{int(s * 100)}"] = optimize(apply_plan(copy.deepcopy(base), plan), plan, dtype=torch.float16,
+                                               device="cuda")
+        encs[f"tile{int(s * 100)}"].check_finite = False
+    saved = E.SPARSE_TIERS, T.TILE_PAIR_MAX_ROWS
+
+    def form(tiles, pair_rows):
+        def put():
+            E.SPARSE_TIERS = tuple((d, 0) for d, _ in saved[0]) if tiles else saved[0]
+            T.TILE_PAIR_MAX_ROWS = pair_rows
+        return put
+
+    forms = {"shipped": form(False, saved[1]), "tiles": form(True, 0), "tiles_pair": form(True, 1024)}
+    erows = []
+    try:
+        for B, S in ((1, 128), (2, 128), (4, 128), (8, 128)):
+            ids, mask = make_inputs(B, S, False, 30522)
+            for name, enc in encs.items():
+                t, outs = forms_ab(enc, ids, mask, forms, rounds=2, min_ms=80)
+                diff = max((outs[k] - outs["shipped"]).abs().max().item() for k in outs)
+                erows.append({"B": B, "S": S, "variant": name, "max_abs_diff": diff,
+                              **{f"{k}_us": v for k, v in t.items()}})
+                print(f"d {B}x{S} {name}: " + ", ".join(f"{k} {v}" for k, v in t.items()) +
+                      f", max|diff| {diff:.2e}", flush=True)
+    finally:
+        form(False, saved[1])()
+    return rows, erows
+
+
 def main(out_dir, parts):
     os.makedirs(out_dir, exist_ok=True)
     res = {"env": env_info(), "command": "python3 scripts/tile_sub_ab.py OUTDIR --parts " + ",".join(parts),
            "tile": TILE, "bad": []}
-    path = os.path.join(out_dir, "tile_sub_ab.json")
+    path = os.path.join(out_dir, "tile_pair_ab.json" if parts == ["d"] else "tile_sub_ab.json")
     sub_table = ((128, 4), (256, 4), (512, 2), (1024, 2), (2048, 1))
     if "a" in parts:
         res["a"], sub_table = part_a(res["bad"])
@@ -201,6 +258,8 @@ def main(out_dir, parts):
     if "c" in parts:
         res["c_sub_table"] = sub_table
         res["c"] = part_c(sub_table)
+    if "d" in parts:
+        res["d_kernels"], res["d_engine"] = part_d(res["bad"])
     atomic_write_json(path, res)
     print("failed checks:", res["bad"] or "none")
     return 1 if res["bad"] else 0

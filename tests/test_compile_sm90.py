@@ -35,8 +35,8 @@ def test_kernels_compile_for_sm90(toolchain):
                  "attention one_pass=False:", "tile_linear dense W:", "fused FFN:", "encoder layer (persistent):",
                  "attention one_pass=True key_mask:", "attention + O projection partials:",
                  "attention + O projection partials key_mask:", "tile_linear persistent (flat):",
-                 "tile_linear tma=False, 4 programs a block-row (SUB):",
-                 "tile_linear tma=True, 4 programs a block-row (SUB):"):
+                 "tile_linear tma=False, 4 programs a block-row, two tiles a trip (SUB, PAIR):",
+                 "tile_linear tma=True, 4 programs a block-row, two tiles a trip (SUB, PAIR):"):
         assert any(l.startswith(name) and "wgmma=True" in l for l in lines), (name, r.stdout)
     assert any(l.startswith("attention D=200:") and l.endswith("pipelining: True") for l in lines), r.stdout
     assert any(l.startswith("finish padded:") and "PDL=True" in l for l in lines), r.stdout

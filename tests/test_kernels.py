@@ -133,6 +133,22 @@ def test_tile_linear_sub_blocks(dtype, M, K, N, tile, sub, density, split, tma):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,tile,sub,density", [
+    (1, 96, 160, (32, 32), 1, 0.6),    # odd and even tile counts; the last block-row cut off at N
+    (70, 128, 256, (64, 32), 2, 0.5),  # an empty block-row: no trip at all
+    (33, 192, 128, (64, 64), 1, 1.0),  # three tiles a block-row: one pair and a lone tile
+    (17, 80, 64, (16, 16), 1, 0.4),    # K not a multiple of the tile: the lone tile's zero X is past K
+])
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
+def test_tile_linear_pairs(dtype, M, K, N, tile, sub, density, split, tma):
+    """Two kept tiles a K-loop trip (pair=True), directly and through split-K (odd chunks), with sub-blocks, bias,
+    GELU and residual into a column slice."""
+    _check_into_slice(dtype, M, K, N, tile, "gelu", 8, f"pairs {tile} M={M} split {split}", density=density,
+                      sub=sub, split_k=split, tma=tma, pair=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_tile_linear_partials_sub_blocks(dtype):
     """tile_linear_partials with sub-blocks: the sum of its splits is X W^T."""
     W = _sparse_weight(192, 256, (64, 64), 0.5, dtype, empty_row=True)
@@ -141,6 +157,8 @@ def test_tile_linear_partials_sub_blocks(dtype):
     ws = tile_linear_partials(x, w, split=2, sub=4, backend="triton")
     assert ws.shape == (2, 20, 192)
     assert_close(ws.sum(0), x @ W.t(), x.double() @ W.double().t(), "partials, sub 4")
+    ws = tile_linear_partials(x, w, split=3, sub=2, pair=True, backend="triton")
+    assert_close(ws.sum(0), x @ W.t(), x.double() @ W.double().t(), "partials, sub 2, pairs")
 
 
 def test_tile_linear_sub_rules(monkeypatch):

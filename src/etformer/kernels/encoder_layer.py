@@ -102,7 +102,7 @@ if HAS_TRITON:
         """A[row0:+BM, K blocks lo..hi) . W[col0:+BN, same]^T in fp32, A [M, K] and W [N, K] row-major: the tile
         kernels' dense-weight K loop, with A (written by this launch) read past L1."""
         return _tile_dot(a_ptr, w_ptr, w_ptr, row0, M, K, w_ptr, lo, hi, K, col0, N, BM, BN, BK, FP32_DOT,
-                         False, True, False, 0, 64, ".cg", 1)
+                         False, True, False, 0, 64, ".cg", 1, False)
 
     @triton.jit
     def _linear_phase(a_ptr, w_ptr, b_ptr, y_ptr, T, N, K: tl.constexpr, pid, P, BM: tl.constexpr, BN: tl.constexpr,

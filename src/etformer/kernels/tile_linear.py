@@ -128,10 +128,40 @@ if HAS_TRITON:
                 prefetch_l2(w_ptr + t.to(tl.int64) * (BN * SUB * BK) + w_row * BK + offs)
 
     @triton.jit
+    def _operands(x_src, w_src, row0, offs_m, m_mask, offs_k, tile_offs, rows_w, t, kc, K, N, stride_xm, w_row,
+                  BN: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr, DENSE_W: tl.constexpr,
+                  X_CACHE: tl.constexpr, SUB: tl.constexpr):
+        """One K step's X block (K block kc) and W block (K block kc of a dense W, or tile t)."""
+        if TMA:
+            xa = x_src.load([row0, kc * BK])
+            if DENSE_W:
+                wt = w_src.load([w_row, kc * BK])
+            else:
+                wt = w_src.load([t * (BN * SUB) + w_row, 0])
+        else:
+            kk = kc * BK + offs_k
+            xa = tl.load(x_src + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
+                         mask=m_mask[:, None] & (kk[None, :] < K), other=0.0, cache_modifier=X_CACHE)
+            if DENSE_W:
+                wt = tl.load(w_src + rows_w[:, None].to(tl.int64) * K + kk[None, :],
+                             mask=(rows_w[:, None] < N) & (kk[None, :] < K), other=0.0)
+            else:
+                wt = tl.load(w_src + t.to(tl.int64) * (BN * SUB * BK) + tile_offs)
+        return xa, wt
+
+    @triton.jit
+    def _mma(acc, xa, wt, FP32_DOT: tl.constexpr):
+        if FP32_DOT:
+            acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
+        else:
+            acc += tl.dot(xa, tl.trans(wt))
+        return acc
+
+    @triton.jit
     def _tile_dot(x_src, w_src, w_ptr, row0, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32_DOT: tl.constexpr,
                   TMA: tl.constexpr, DENSE_W: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, X_CACHE: tl.constexpr, SUB: tl.constexpr):
+                  LINE: tl.constexpr, X_CACHE: tl.constexpr, SUB: tl.constexpr, PAIR: tl.constexpr):
         """X[row0 : row0+BLOCK_M, tiles lo..hi) . W_tiles^T in fp32: the K loop over one block-row's kept tiles.
 
         First the weights (no earlier kernel's output) are prefetched to L2 from w_ptr, the raw values: by every
@@ -144,7 +174,8 @@ if HAS_TRITON:
         w_row .. w_row+BN: the small-batch path, which needs no tile copy of a dense matrix.
         Otherwise each stored tile is BN * SUB rows high and the program reads rows w_row .. w_row+BN of each (SUB > 1:
         a tile's output rows are split over SUB programs, for more programs at few rows of X).
-        X_CACHE: the pointer loads' cache modifier for X (".cg" where X was written by the same launch)."""
+        X_CACHE: the pointer loads' cache modifier for X (".cg" where X was written by the same launch).
+        PAIR: two tiles a loop trip (tiles only)."""
         if PREFETCH == 2 or (PREFETCH == 1 and row0 == 0):
             _prefetch_w(w_ptr, lo, hi, w_row, N, K, BN, BK, DENSE_W, LINE, SUB)
         pdl_enter(PDL)
@@ -154,31 +185,31 @@ if HAS_TRITON:
         tile_offs = (w_row + tl.arange(0, BN))[:, None] * BK + offs_k[None, :]  # (BN, BK): rows of one tile
         rows_w = w_row + tl.arange(0, BN)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        for i in range(0, hi - lo):
-            t = lo + i
-            if DENSE_W:
-                kc = t
-            else:
-                kc = tl.load(col_idx + t)
-            if TMA:
-                xa = x_src.load([row0, kc * BK])
+        if PAIR and not DENSE_W:
+            # two kept tiles a trip: half the loop's dependent steps where a short loop is latency-bound. An odd
+            # block-row's last trip repeats its last tile with X read from past column K (zeros: TMA fills boxes out
+            # of bounds with zeros, the pointer loads mask them), so it adds nothing.
+            for i in range(0, (hi - lo + 1) // 2):
+                t0 = lo + 2 * i
+                t1 = tl.minimum(t0 + 1, hi - 1)
+                kc0 = tl.load(col_idx + t0)
+                kc1 = tl.where(t0 + 1 < hi, tl.load(col_idx + t1), tl.cdiv(K, BK))
+                xa0, wt0 = _operands(x_src, w_src, row0, offs_m, m_mask, offs_k, tile_offs, rows_w, t0, kc0, K, N,
+                                     stride_xm, w_row, BN, BK, TMA, False, X_CACHE, SUB)
+                xa1, wt1 = _operands(x_src, w_src, row0, offs_m, m_mask, offs_k, tile_offs, rows_w, t1, kc1, K, N,
+                                     stride_xm, w_row, BN, BK, TMA, False, X_CACHE, SUB)
+                acc = _mma(acc, xa0, wt0, FP32_DOT)
+                acc = _mma(acc, xa1, wt1, FP32_DOT)
+        else:
+            for i in range(0, hi - lo):
+                t = lo + i
                 if DENSE_W:
-                    wt = w_src.load([w_row, kc * BK])
+                    kc = t
                 else:
-                    wt = w_src.load([t * (BN * SUB) + w_row, 0])
-            else:
-                kk = kc * BK + offs_k
-                xa = tl.load(x_src + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                             mask=m_mask[:, None] & (kk[None, :] < K), other=0.0, cache_modifier=X_CACHE)
-                if DENSE_W:
-                    wt = tl.load(w_src + rows_w[:, None].to(tl.int64) * K + kk[None, :],
-                                 mask=(rows_w[:, None] < N) & (kk[None, :] < K), other=0.0)
-                else:
-                    wt = tl.load(w_src + t.to(tl.int64) * (BN * SUB * BK) + tile_offs)
-            if FP32_DOT:
-                acc += tl.dot(xa, tl.trans(wt), input_precision="ieee")
-            else:
-                acc += tl.dot(xa, tl.trans(wt))
+                    kc = tl.load(col_idx + t)
+                xa, wt = _operands(x_src, w_src, row0, offs_m, m_mask, offs_k, tile_offs, rows_w, t, kc, K, N,
+                                   stride_xm, w_row, BN, BK, TMA, DENSE_W, X_CACHE, SUB)
+                acc = _mma(acc, xa, wt, FP32_DOT)
         return acc
 
     @triton.jit
@@ -241,7 +272,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
         TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
-        BIAS_EARLY: tl.constexpr = True, SUB: tl.constexpr = 1,
+        BIAS_EARLY: tl.constexpr = True, SUB: tl.constexpr = 1, PAIR: tl.constexpr = False,
     ):
         pid_m, lo, hi, w_row, col0 = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M,
                                                 GROUP_M, DENSE_W, SUB)
@@ -254,7 +285,7 @@ if HAS_TRITON:
             bcols = col0 + tl.arange(0, BN)
             bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, w_row, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB)
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB, PAIR)
         if HAS_BIAS and DENSE_W and BIAS_EARLY:
             acc += bias[None, :]
         _epilogue(acc, pid_m * BLOCK_M, col0, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
@@ -266,7 +297,7 @@ if HAS_TRITON:
         x_src, w_src, w_ptr, row_ptr, col_idx, ws_ptr, M, N, K, stride_xm, SPLIT,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
         DENSE_W: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
-        SUB: tl.constexpr = 1,
+        SUB: tl.constexpr = 1, PAIR: tl.constexpr = False,
     ):
         """Small-M path: each (row block, block-row) is split over SPLIT programs along its kept tiles; fp32
         partial sums go to a workspace [SPLIT, M, N] that _splitk_epilogue_kernel (or add_layernorm) reduces."""
@@ -287,7 +318,7 @@ if HAS_TRITON:
         lo = start + s * chunk
         hi = tl.minimum(end, lo + chunk)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, w_row, N,
-                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB)
+                        BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB, PAIR)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = b * BN + tl.arange(0, BN)
         ws = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + cols[None, :]
@@ -615,6 +646,10 @@ DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3
 # 64x64 tiles: not measured.
 TILE_SUB: dict[tuple, tuple[tuple[int, float, int], ...]] = {
     (128, 64): ((128, 0.3, 4), (128, 1.0, 1), (256, 1.0, 4), (512, 1.0, 2))}
+# Up to this many rows the tile kernels take two kept tiles a K-loop trip (PAIR) on a GPU: a short loop at few rows is
+# latency-bound, each trip a dependent round of loads and MMAs, and a half-density K = 768 block-row is 6-10 trips of
+# 64 columns where the dense weight's small-batch kernel takes 6 of 128. 0: off (not yet measured).
+TILE_PAIR_MAX_ROWS = 0
 
 
 def _dense_bucket(M: int) -> int:
@@ -720,6 +755,7 @@ class _Launch(NamedTuple):
     row_ptr: torch.Tensor
     col_idx: torch.Tensor
     sub: int  # programs per block-row of tiles (BN = tile height / sub); 1 for a dense weight
+    pair: bool  # two tiles a K-loop trip (tiles only)
 
 
 def _sub_split(M: int, w, on_gpu: bool, sub: int | None) -> int:
@@ -732,16 +768,17 @@ def _sub_split(M: int, w, on_gpu: bool, sub: int | None) -> int:
     return sub
 
 
-def _plan(x: torch.Tensor, w, tma, config, sub: int | None = None) -> _Launch:
+def _plan(x: torch.Tensor, w, tma, config, sub: int | None = None, pair: bool | None = None) -> _Launch:
     """The launch for X W^T: the operand form, block sizes and launch parameters, TMA or pointer loads."""
     M, K = x.shape
     dense = isinstance(w, torch.Tensor)
     if dense:
         w = w if w.stride(1) == 1 and w.stride(0) == K else w.contiguous()
         BN, BK = DENSE_TILE[_dense_bucket(M)]
-        sub = 1
+        sub, pair = 1, False
     else:
         sub = _sub_split(M, w, x.is_cuda, sub)
+        pair = (x.is_cuda and M <= TILE_PAIR_MAX_ROWS) if pair is None else pair
         BN, BK = w.tile[0] // sub, w.tile[1]
     tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
     if config is not None:
@@ -751,7 +788,7 @@ def _plan(x: torch.Tensor, w, tma, config, sub: int | None = None) -> _Launch:
     else:
         block_m, warps, stages = _launch_params(M, w.tile, x.is_cuda, tma, w.out_features)
     row_ptr, col_idx = (x, x) if dense else (w.row_ptr, w.col_idx)  # x: a placeholder the dense kernel ignores
-    return _Launch(w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx, sub)
+    return _Launch(w, BN, BK, block_m, warps, stages, tma, dense, row_ptr, col_idx, sub, pair)
 
 
 def _auto_split(x: torch.Tensor, N: int, K: int, BN: int, BK: int, block_m: int) -> int:
@@ -761,9 +798,9 @@ def _auto_split(x: torch.Tensor, N: int, K: int, BN: int, BK: int, block_m: int)
     return max(1, min(want, SPLIT_MAX, triton.cdiv(K, BK) // SPLIT_MIN_BLOCKS))
 
 
-def _partials(x, w, N, K, split, tma, config, sub=None) -> torch.Tensor:
+def _partials(x, w, N, K, split, tma, config, sub=None, pair=None) -> torch.Tensor:
     """Launch the split-K kernel: fp32 partial sums [split, M, N] of X W^T (split None: chosen by _auto_split)."""
-    L = _plan(x, w, tma, config, sub)
+    L = _plan(x, w, tma, config, sub, pair)
     M = x.shape[0]
     split = split or _auto_split(x, N, K, L.BN, L.BK, L.block_m)
     ws = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
@@ -773,31 +810,31 @@ def _partials(x, w, N, K, split, tma, config, sub=None) -> torch.Tensor:
     _tile_linear_splitk_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN), split)](
         x_src, w_src, _values(L.w), L.row_ptr, L.col_idx, ws, M, N, K, x.stride(0), split,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        DENSE_W=L.dense, SUB=L.sub, num_warps=L.warps, num_stages=L.stages, **_extras(x, L))
+        DENSE_W=L.dense, SUB=L.sub, PAIR=L.pair, num_warps=L.warps, num_stages=L.stages, **_extras(x, L))
     return ws
 
 
 def tile_linear_partials(x: torch.Tensor, w, *, split: int | None = None, backend: str = "auto",
                          tma: bool | None = None, _config: tuple[int, int, int] | None = None,
-                         sub: int | None = None) -> torch.Tensor:
+                         sub: int | None = None, pair: bool | None = None) -> torch.Tensor:
     """fp32 partial sums of X W^T, [split, M, N], for a consumer that reduces them in its own pass (add_layernorm
     takes them, with the bias, in place of x): split-K without a second launch. w: a TileSparseWeight or a dense
-    [N, K] tensor. split=None picks enough splits to fill the GPU; sub as in tile_linear. The reference path
-    returns one split."""
+    [N, K] tensor. split=None picks enough splits to fill the GPU; sub and pair as in tile_linear. The reference
+    path returns one split."""
     check_tensor("x", x, dims=2)
     N, K = _weight_shape(x, w)
     if split is not None and split < 1:
         raise EtformerError(f"split must be at least 1, not {split}")
     if not use_triton(x, backend):
         return (x.float() @ _dense_of(w).float().t()).unsqueeze(0)
-    return _partials(x if x.stride(1) == 1 else x.contiguous(), w, N, K, split, tma, _config, sub)
+    return _partials(x if x.stride(1) == 1 else x.contiguous(), w, N, K, split, tma, _config, sub, pair)
 
 
 def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activation: str | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
                 backend: str = "auto", _config: tuple[int, int, int] | None = None,
                 split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None,
-                persistent: bool | None = None, sub: int | None = None) -> torch.Tensor:
+                persistent: bool | None = None, sub: int | None = None, pair: bool | None = None) -> torch.Tensor:
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N].
 
     w: a TileSparseWeight (the kernel visits its kept tiles only) or a dense [N, K] tensor (read in place as
@@ -808,6 +845,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     1: never).
     sub: split each block-row of tiles by its output rows over that many programs (tile height / sub rows each, a
     multiple of 16); None: TILE_SUB's entry on a GPU, else 1. Not for the persistent kernel.
+    pair: two kept tiles a K-loop trip (None: up to TILE_PAIR_MAX_ROWS rows on a GPU). Not for the persistent kernel.
     _config: (BLOCK_M, num_warps, num_stages), plus programs per SM for the persistent kernel."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -848,7 +886,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     if split_k is None and not persistent:
         split_k = _auto_split_k(x, w)
     if split_k is not None and split_k > 1:
-        ws = _partials(x, w, N, K, split_k, tma, _config, sub)
+        ws = _partials(x, w, N, K, split_k, tma, _config, sub, pair)
         pdl = pdl_on(x)
         _splitk_epilogue_kernel[(triton.cdiv(M, 32), triton.cdiv(N, 128))](
             ws, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
@@ -863,7 +901,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     per_sm = FLAT_PROGRAMS_PER_SM
     if _config is not None and len(_config) == 4:
         _config, per_sm = _config[:3], _config[3]
-    L = _plan(x, w, tma, _config, 1 if flat else sub)
+    L = _plan(x, w, tma, _config, 1 if flat else sub, False if flat else pair)
     x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
     if tma_store is None:
         tma_store = L.BN >= TMA_STORE_MIN_BN
@@ -888,7 +926,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, num_warps=L.warps, num_stages=L.stages, **_extras(x, L),
+        TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, PAIR=L.pair, num_warps=L.warps, num_stages=L.stages, **_extras(x, L),
     )
     return out
 
