@@ -17,8 +17,8 @@ c. The BERT-base-shaped encoder pruned to 50% and 75% tiles, B x S from 1 x 128 
    (sub 1), and on their tiles with part a's sub table, in alternating rounds; outputs compared.
 d. Two kept tiles a K-loop trip (tile_linear(pair=True)) against one, with the shipped sub table: the four matrices
    at 128 ... 1024 rows, densities 0.5, 0.3, 0.25 (graphs of 20 calls, outputs checked); then the encoder with 50% and
-   75% tiles at 1 x 128 ... 8 x 128 on the shipped routes, on tiles at every batch, and on tiles with pairs
-   (TILE_PAIR_MAX_ROWS 1024).
+   75% tiles at 1 x 128 ... 8 x 128, 3 x 128, 1 x 512, 2 x 256 and 1 x 384 on the shipped routes, on tiles at every
+   batch, and on tiles with pairs (up to 1024 rows).
 Writes tile_sub_ab.json (part d alone: tile_pair_ab.json).
 """
 import contextlib
@@ -217,18 +217,18 @@ def part_d(bad):
         encs[f"tile{int(s * 100)}"] = optimize(apply_plan(copy.deepcopy(base), plan), plan, dtype=torch.float16,
                                                device="cuda")
         encs[f"tile{int(s * 100)}"].check_finite = False
-    saved = E.SPARSE_TIERS, T.TILE_PAIR_MAX_ROWS
+    saved = E.SPARSE_TIERS, T.TILE_PAIR_ROWS
 
     def form(tiles, pair_rows):
         def put():
             E.SPARSE_TIERS = tuple((d, 0) for d, _ in saved[0]) if tiles else saved[0]
-            T.TILE_PAIR_MAX_ROWS = pair_rows
+            T.TILE_PAIR_ROWS = saved[1] if pair_rows is None else (1, pair_rows) if pair_rows else (0, 0)
         return put
 
-    forms = {"shipped": form(False, saved[1]), "tiles": form(True, 0), "tiles_pair": form(True, 1024)}
+    forms = {"shipped": form(False, None), "tiles": form(True, 0), "tiles_pair": form(True, 1024)}
     erows = []
     try:
-        for B, S in ((1, 128), (2, 128), (4, 128), (8, 128)):
+        for B, S in ((1, 128), (2, 128), (4, 128), (8, 128), (3, 128), (1, 512), (2, 256), (1, 384)):
             ids, mask = make_inputs(B, S, False, 30522)
             for name, enc in encs.items():
                 t, outs = forms_ab(enc, ids, mask, forms, rounds=2, min_ms=80)
@@ -238,7 +238,7 @@ def part_d(bad):
                 print(f"d {B}x{S} {name}: " + ", ".join(f"{k} {v}" for k, v in t.items()) +
                       f", max|diff| {diff:.2e}", flush=True)
     finally:
-        form(False, saved[1])()
+        E.SPARSE_TIERS, T.TILE_PAIR_ROWS = saved
     return rows, erows
 
 

@@ -183,6 +183,19 @@ def test_tile_linear_sub_rules(monkeypatch):
     assert tl_mod._plan(SimpleNamespace(shape=(100, 64), is_cuda=False), w, False, None, 2).BN == 32
 
 
+def test_tile_linear_pair_rule(monkeypatch):
+    """Two tiles a trip within TILE_PAIR_ROWS rows on a GPU, for tiles only; the caller's choice wins."""
+    from types import SimpleNamespace
+    w = TileSparseWeight.from_dense(torch.randn(128, 64), (64, 64))
+    monkeypatch.setattr(tl_mod, "TILE_PAIR_ROWS", (129, 512))
+    gpu = lambda m: SimpleNamespace(shape=(m, 64), is_cuda=True)  # noqa: E731
+    assert [tl_mod._plan(gpu(m), w, False, None).pair for m in (128, 129, 512, 513)] == [False, True, True, False]
+    assert not tl_mod._plan(SimpleNamespace(shape=(300, 64), is_cuda=False), w, False, None).pair  # interpreter
+    assert tl_mod._plan(gpu(64), w, False, None, pair=True).pair and not tl_mod._plan(gpu(300), w, False, None,
+                                                                                       pair=False).pair
+    assert not tl_mod._plan(gpu(300), torch.randn(128, 64), False, None).pair  # a dense weight: never
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,tile", [(1, (16, 16)), (70, (32, 32)), (129, (64, 32))])
 @pytest.mark.parametrize("tma_store", [False, True], ids=["ptr-store", "tma-store"])

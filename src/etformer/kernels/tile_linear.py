@@ -646,10 +646,17 @@ DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3
 # 64x64 tiles: not measured.
 TILE_SUB: dict[tuple, tuple[tuple[int, float, int], ...]] = {
     (128, 64): ((128, 0.3, 4), (128, 1.0, 1), (256, 1.0, 4), (512, 1.0, 2))}
-# Up to this many rows the tile kernels take two kept tiles a K-loop trip (PAIR) on a GPU: a short loop at few rows is
-# latency-bound, each trip a dependent round of loads and MMAs, and a half-density K = 768 block-row is 6-10 trips of
-# 64 columns where the dense weight's small-batch kernel takes 6 of 128. 0: off (not yet measured).
-TILE_PAIR_MAX_ROWS = 0
+# From TILE_PAIR_ROWS[0] to TILE_PAIR_ROWS[1] rows the tile kernels take two kept tiles a K-loop trip (PAIR) on a GPU:
+# a short loop at few rows is latency-bound, each trip a dependent round of loads and MMAs, and a half-density
+# K = 768 block-row is 6-10 trips of 64 columns where the dense weight's small-batch kernel takes 6 of 128.
+# Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_pair_ab_2835e07.json and tile_pair_engine_extra_2835e07.log,
+# BERT-base encoder on its tiles, GPU time of the graphed forward, one tile a trip -> two; outputs bit-identical):
+# 50% tiles 584 -> 516 us at 4x128, 558 -> 488 at 3x128, 651 -> 581 at 1x512, 600 -> 533 at 2x256, 591 -> 511 at
+# 1x384, 413 -> 403 at 2x128; 75% tiles 440 -> 409, 417 -> 386, 503 -> 474, 454 -> 427, 448 -> 410, 330 -> 329.
+# Outside that window two a trip lose: 263 -> 271 (75%, 1x128), 675 -> 686 and 526 -> 533 at 8x128. Alone (graphs of
+# 20 calls of one matrix, no PDL) they mostly lose at every row count (up to 2x at 1024 rows, where four loads a trip
+# leave the pipeline fewer stages in flight), so the gain is the chained, PDL-launched engine's.
+TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 
 
 def _dense_bucket(M: int) -> int:
@@ -778,7 +785,7 @@ def _plan(x: torch.Tensor, w, tma, config, sub: int | None = None, pair: bool | 
         sub, pair = 1, False
     else:
         sub = _sub_split(M, w, x.is_cuda, sub)
-        pair = (x.is_cuda and M <= TILE_PAIR_MAX_ROWS) if pair is None else pair
+        pair = (x.is_cuda and TILE_PAIR_ROWS[0] <= M <= TILE_PAIR_ROWS[1]) if pair is None else pair
         BN, BK = w.tile[0] // sub, w.tile[1]
     tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
     if config is not None:
@@ -845,7 +852,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     1: never).
     sub: split each block-row of tiles by its output rows over that many programs (tile height / sub rows each, a
     multiple of 16); None: TILE_SUB's entry on a GPU, else 1. Not for the persistent kernel.
-    pair: two kept tiles a K-loop trip (None: up to TILE_PAIR_MAX_ROWS rows on a GPU). Not for the persistent kernel.
+    pair: two kept tiles a K-loop trip (None: within TILE_PAIR_ROWS rows on a GPU). Not for the persistent kernel.
     _config: (BLOCK_M, num_warps, num_stages), plus programs per SM for the persistent kernel."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
