@@ -263,9 +263,11 @@ class Linear:
     """One matrix: the tile-sparse kernel when sparse enough, cuBLAS when dense. Knows its own bias.
 
     force=None chooses by density and, for a sparse matrix, keeps a dense copy for batches under tile_min_rows(density)
-    rows on the GPU (the thresholds when it is built decide whether it keeps one); "tile" always runs the tile kernel (no dense copy); "dense" always cuBLAS."""
+    rows on the GPU (the thresholds when it is built decide whether it keeps one); "tile" always runs the tile kernel
+    (no dense copy); "dense" always cuBLAS."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: tuple[int, int], force: str | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: tuple[int, int],
+                 force: str | None = None):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.sparse = TileSparseWeight.from_dense(weight, tile)
@@ -288,8 +290,7 @@ class Linear:
         kept); under that, the small-batch path (SMALL_PATH, SMALL_SPARSE) or cuBLAS on the dense copy; a dense matrix
         at scale goes to cuBLAS, or, called with an activation, to the tile kernel reading it in place
         (DENSE_ACT_KERNEL, where the kernel takes TMA loads; not when forced dense). "triton" always takes the kernels
-        (tiles when sparse), so the CPU
-        interpreter covers the same code."""
+        (tiles when sparse), so the CPU interpreter covers the same code."""
         if not _on_kernels(x, backend):
             return self.sparse  # None when dense (F.linear); else tile_linear runs its own reference
         small = x.shape[0] < (SPARSE_MIN_TOKENS if self.sparse is None else tile_min_rows(self.sparse.density))

@@ -637,9 +637,9 @@ DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3
 # holds, else 1. With
 # few rows of X a grid of (row blocks x block-rows) programs leaves SMs idle (BERT-base QKV at 128 rows: 2 x 18
 # programs of 128x64 tiles on 132 SMs), so each block-row's output rows are split over `sub` programs that each read
-# their rows of every kept tile. Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_sub_ab_913531c.json, part a:
-# BERT-base's four matrices with their epilogues, 128x64 tiles at densities 0.5 and 0.25, graphs of 20 calls; the
-# sub of best geometric mean at each row count): 4 up to 256 rows (128: 3.14 us against 3.20 for 1; 256: 4.03
+# their rows of every kept tile. Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_sub_ab_913531c.json,
+# part a: BERT-base's four matrices with their epilogues, 128x64 tiles at densities 0.5 and 0.25, graphs of 20 calls;
+# the sub of best geometric mean at each row count): 4 up to 256 rows (128: 3.14 us against 3.20 for 1; 256: 4.03
 # against 4.76), 2 at 512 (4.77 against 5.24), 1 from 1024 (5.93 against 6.47 for 2). At 128 rows that holds for a
 # quarter density only (2.74 against 3.00 us; half density 3.59 against 3.41, density 1 worse still: QKV 5.68
 # against 4.99; the kernels bench at be3f1c8 likewise, QKV 7.4 against 6.4 us dense), so denser tiles keep 1 there.
@@ -649,8 +649,8 @@ TILE_SUB: dict[tuple, tuple[tuple[int, float, int], ...]] = {
 # From TILE_PAIR_ROWS[0] to TILE_PAIR_ROWS[1] rows the tile kernels take two kept tiles a K-loop trip (PAIR) on a GPU:
 # a short loop at few rows is latency-bound, each trip a dependent round of loads and MMAs, and a half-density
 # K = 768 block-row is 6-10 trips of 64 columns where the dense weight's small-batch kernel takes 6 of 128.
-# Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_pair_ab_2835e07.json and tile_pair_engine_extra_2835e07.log,
-# BERT-base encoder on its tiles, GPU time of the graphed forward, one tile a trip -> two; outputs bit-identical):
+# Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_pair_ab_2835e07.json and
+# tile_pair_engine_extra_2835e07.log, BERT-base encoder on its tiles, GPU time of the graphed forward, one tile a trip -> two; outputs bit-identical):
 # 50% tiles 584 -> 516 us at 4x128, 558 -> 488 at 3x128, 651 -> 581 at 1x512, 600 -> 533 at 2x256, 591 -> 511 at
 # 1x384, 413 -> 403 at 2x128; 75% tiles 440 -> 409, 417 -> 386, 503 -> 474, 454 -> 427, 448 -> 410, 330 -> 329.
 # Outside that window two a trip lose: 263 -> 271 (75%, 1x128), 675 -> 686 and 526 -> 533 at 8x128. Alone (graphs of
@@ -933,7 +933,8 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, PAIR=L.pair, num_warps=L.warps, num_stages=L.stages, **_extras(x, L),
+        TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, PAIR=L.pair, num_warps=L.warps, num_stages=L.stages,
+        **_extras(x, L),
     )
     return out
 
