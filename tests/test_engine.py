@@ -1,4 +1,6 @@
 """The engine against Hugging Face's own model: dense and pruned MiniLM, same hidden states and predictions."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -328,6 +330,10 @@ def test_dense_activation_in_place(monkeypatch):
     y = lin(big, activation="gelu", backend=bk)
     ref = F.gelu(F.linear(big.double(), W.double(), b.double()))
     assert float((y.double() - ref).norm() / ref.norm()) < (2e-3 if dt == torch.float16 else 1e-5)
+    TL = importlib.import_module("etformer.kernels.tile_linear")
+    monkeypatch.setattr(TL, "USE_TMA", False)  # the pointer-load form of the kernel stays on cuBLAS
+    assert lin._operand(big, bk, "gelu") is None
+    monkeypatch.setattr(TL, "USE_TMA", True)
     monkeypatch.setattr(E, "DENSE_ACT_KERNEL", False)
     assert lin._operand(big, bk, "gelu") is None
 

@@ -33,7 +33,7 @@ from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS, encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
 from ..kernels.padded import finish_padded
-from ..kernels.tile_linear import _dense_bucket, _tma_ok, apply_activation, tile_linear, tile_linear_partials
+from ..kernels.tile_linear import _dense_bucket, _tma_on, apply_activation, tile_linear, tile_linear_partials
 from ..sparse.tiles import TileSparseWeight
 
 # Tile density at or above which a matrix runs on cuBLAS instead: on the H200 the TMA tile kernel is 0.87-0.93x cuBLAS
@@ -299,8 +299,8 @@ class Linear:
         if small and _small_on_kernels(x):
             return self.sparse if (self.sparse is not None and SMALL_SPARSE) else self.dense_weight
         if (activation is not None and self.sparse is None and self.forced is None and DENSE_ACT_KERNEL and not small
-                and _tma_ok(x, self.dense_weight)):  # the pointer-load path (before sm_90, unaligned x) stays on cuBLAS
-            return self.dense_weight  # cuBLAS + an activation kernel -> one launch with the activation fused
+                and _tma_on(x, self.dense_weight)):  # the pointer-load path (before sm_90, unaligned x, USE_TMA off)
+            return self.dense_weight  # stays on cuBLAS; here cuBLAS + an activation kernel -> one fused launch
         return None
 
     def small_weight(self, x, backend="auto"):

@@ -726,6 +726,11 @@ def _tma_ok(x: torch.Tensor, w) -> bool:
     return _aligned(w)
 
 
+def _tma_on(x: torch.Tensor, w) -> bool:
+    """Whether a launch for x and w takes TMA loads by default: the USE_TMA switch and _tma_ok."""
+    return USE_TMA and _tma_ok(x, w)
+
+
 def _aligned(t: torch.Tensor, col: int = 0) -> bool:
     e = t.element_size()
     return (t.data_ptr() + col * e) % 16 == 0 and (t.stride(0) * e) % 16 == 0 and t.stride(1) == 1
@@ -787,7 +792,7 @@ def _plan(x: torch.Tensor, w, tma, config, sub: int | None = None, pair: bool | 
         sub = _sub_split(M, w, x.is_cuda, sub)
         pair = (x.is_cuda and TILE_PAIR_ROWS[0] <= M <= TILE_PAIR_ROWS[1]) if pair is None else pair
         BN, BK = w.tile[0] // sub, w.tile[1]
-    tma = (USE_TMA if tma is None else tma) and _tma_ok(x, w)
+    tma = _tma_on(x, w) if tma is None else (tma and _tma_ok(x, w))
     if config is not None:
         block_m, warps, stages = config
     elif dense:
