@@ -39,13 +39,14 @@ TILE = (128, 64)
 
 
 @contextlib.contextmanager
-def dense_blocks(M, N):
-    """A dense weight read in place in 128x64 blocks at the tile table's launch for M rows, N outputs (restored after)."""
+def dense_blocks(M, N=0, tile=TILE, launch=None):
+    """A dense weight read in place in `tile` blocks for M rows at `launch` (None: the tile table's launch for N
+    outputs); the tables are restored after."""
     bucket = T._dense_bucket(M)
     saved = dict(T.DENSE_TILE), dict(T.DENSE_LAUNCH)
     try:
-        T.DENSE_TILE[bucket] = TILE
-        T.DENSE_LAUNCH[bucket] = T._launch_params(M, TILE, True, True, N)
+        T.DENSE_TILE[bucket] = tile
+        T.DENSE_LAUNCH[bucket] = launch or T._launch_params(M, tile, True, True, N)
         yield
     finally:
         T.DENSE_TILE.clear(), T.DENSE_TILE.update(saved[0])
@@ -57,7 +58,7 @@ def t20(fn):
 
 
 def rel(y, ref):
-    return float((y.float() - ref).norm() / ref.norm())
+    return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def kernel_rows():

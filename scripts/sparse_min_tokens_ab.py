@@ -12,60 +12,39 @@ too), beside the dense model through the same engine; outputs of the two routes 
 --sub4: a third form, the tiles with 4 programs a block-row up to 256 rows at any density (TILE_SUB takes 4 at 128
 rows only up to a density of 0.3).
 """
-import copy
 import importlib
 import os
 import sys
 
-import torch
-
-from etformer.bench.run import make_inputs, model_shape
+from etformer.bench.run import make_inputs
 from etformer.bench.timing import env_info, forms_ab, graphed_forward
-from etformer.engine import optimize
-from etformer.pruning import PruningPlan, apply_plan
 from etformer.pruning.plan import DEFAULT_TILE
 from etformer.sparse.tiles import atomic_write_json
+from tile_sub_ab import encoders, route  # scripts/
 
 E = importlib.import_module("etformer.engine.encoder")
-T = importlib.import_module("etformer.kernels.tile_linear")
 
 SHAPES = [(4, 128), (8, 128), (16, 128), (4, 512), (32, 128), (8, 512), (64, 128), (16, 512)]
 
 
 def main(out_dir, sparsities=(0.5, 0.75), shapes=tuple((B, S, False) for B, S in SHAPES), sub4=False):
     os.makedirs(out_dir, exist_ok=True)
-    base = model_shape("bert-base").cuda()
-    encs = {"dense": optimize(base, None, dtype=torch.float16, device="cuda")}
     tiers = E.SPARSE_TIERS
     E.SPARSE_TIERS = ()  # every sparse matrix keeps a dense copy (none is kept where its tier's rows are 0)
     try:
-        for s in sparsities:
-            plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
-            encs[f"tile{int(s * 100)}"] = optimize(apply_plan(copy.deepcopy(base), plan), plan, dtype=torch.float16,
-                                                   device="cuda")
+        encs = encoders(sparsities, dense=True)
     finally:
         E.SPARSE_TIERS = tiers
-    for enc in encs.values():
-        enc.check_finite = False
 
-    sub_table = dict(T.TILE_SUB)
-
-    def route(rows, sub=None):
-        """Every density tier's rows at rows (capped by SPARSE_MIN_TOKENS), or the shipped tiers (None); sub:
-        TILE_SUB's entry for the default tile (None: the shipped table)."""
-        E.SPARSE_TIERS = tiers if rows is None else tuple((d, rows) for d, _ in tiers)
-        T.TILE_SUB.clear()
-        T.TILE_SUB.update(sub_table if sub is None else {DEFAULT_TILE: sub})
-
-    forms = {"dense_copy": lambda: route(1 << 30), "tiles": lambda: route(0)}
+    forms = {"dense_copy": route(1 << 30), "tiles": route(0)}
     if sub4:
-        forms["tiles_sub4"] = lambda: route(0, ((256, 1.0, 4), (512, 1.0, 2)))
+        forms["tiles_sub4"] = route(0, sub=((256, 1.0, 4), (512, 1.0, 2)))
 
     rows = []
     try:
         for B, S, varlen in shapes:
             ids, mask = make_inputs(B, S, varlen, 30522)
-            route(None)
+            route()()
             _, dense = graphed_forward(encs["dense"], ids, mask, min_ms=100)
             for name in (n for n in encs if n != "dense"):
                 t, outs = forms_ab(encs[name], ids, mask, forms, min_ms=100)
@@ -80,7 +59,7 @@ def main(out_dir, sparsities=(0.5, 0.75), shapes=tuple((B, S, False) for B, S in
                       f" (x{dense / min(t['tiles']):.2f} over the dense model on tiles), max|diff| {diff:.2e}",
                       flush=True)
     finally:
-        route(None)
+        route()()
     atomic_write_json(os.path.join(out_dir, "sparse_min_tokens_ab.json"),
                       {"env": env_info(),
                        "command": "python3 scripts/sparse_min_tokens_ab.py " + " ".join(sys.argv[1:]),

@@ -21,7 +21,6 @@ d. Two kept tiles a K-loop trip (tile_linear(pair=True)) against one, with the s
    batch, and on tiles with pairs (up to 1024 rows).
 Writes tile_sub_ab.json (part d alone: tile_pair_ab.json).
 """
-import contextlib
 import copy
 import importlib
 import math
@@ -33,11 +32,12 @@ import torch.nn.functional as F
 
 from etformer.bench.kernels import random_tile_weight
 from etformer.bench.run import make_inputs, model_shape
-from etformer.bench.timing import env_info, forms_ab, graphed_forward, time_cuda
+from etformer.bench.timing import env_info, forms_ab, graphed_forward
 from etformer.engine import optimize
 from etformer.pruning import PruningPlan, apply_plan
 from etformer.pruning.plan import DEFAULT_TILE
 from etformer.sparse.tiles import TileSparseWeight, atomic_write_json
+from gelu_epilogue_ab import dense_blocks, rel, t20  # scripts/
 
 T = importlib.import_module("etformer.kernels.tile_linear")
 E = importlib.import_module("etformer.engine.encoder")
@@ -47,30 +47,9 @@ SMALL_MS = (128, 256, 512, 1024, 2048)
 SUBS = (1, 2, 4, 8)
 
 
-def t20(fn):
-    return round(time_cuda(fn, graph=True, per_graph=20, min_ms=40)["median_us"], 2)
-
-
-def rel(y, ref):
-    return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def ref_of(x, W, b, act):
     y = x.float() @ W.float().t() + b.float()
     return F.gelu(y) if act else y
-
-
-@contextlib.contextmanager
-def dense_blocks(M, tile, launch):
-    """The dense weight read in place in `tile` blocks at `launch` for M rows (tables restored after)."""
-    bucket = T._dense_bucket(M)
-    saved = dict(T.DENSE_TILE), dict(T.DENSE_LAUNCH)
-    try:
-        T.DENSE_TILE[bucket], T.DENSE_LAUNCH[bucket] = tile, launch
-        yield
-    finally:
-        T.DENSE_TILE.clear(), T.DENSE_TILE.update(saved[0])
-        T.DENSE_LAUNCH.clear(), T.DENSE_LAUNCH.update(saved[1])
 
 
 def checked(fn, ref, what, bad, post=None):
@@ -82,43 +61,109 @@ def checked(fn, ref, what, bad, post=None):
     return t20(fn), e
 
 
-def part_a(bad):
-    rows = []
+def matrix_cases(Ms, densities):
+    """Each BERT-base matrix at each row count and density, as the engine calls it there: O and FFN-out up to
+    SMALL_KERNEL_MAX_TOKENS rows as partial sums (their bias is add+LayerNorm's, added to the check only), the others
+    with bias and activation. Yields (row, W, w, run, post, ref, cublas): run(weight, **tile_linear kwargs) makes the
+    timed call."""
     for name, (K, N, act) in SHAPES.items():
-        for M in SMALL_MS:
+        for M in Ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             b = torch.randn(N, device="cuda", dtype=torch.float16) * 0.1
             partials = name in ("o", "ffn_out") and M <= E.SMALL_KERNEL_MAX_TOKENS
-            for d in (1.0, 0.5, 0.25):
+            for d in densities:
                 W = random_tile_weight(K, N, TILE, d, torch.float16, seed=M)
-                w = TileSparseWeight.from_dense(W, TILE)
-                ref = ref_of(x, W, b, act)
                 row = {"matrix": name, "M": M, "density": d, "mode": "partials" if partials else "direct"}
-                post = (lambda p: p.sum(0) + b) if partials else None  # the bias: add+LayerNorm's, not timed
-                if partials:
-                    def run(wt, **kw):
+
+                def run(wt, **kw):  # the consumer uses each case before the generator moves on
+                    if partials:
                         return lambda: T.tile_linear_partials(x, wt, **kw)
-                    row["cublas_us"] = t20(lambda: F.linear(x, W, b))
-                else:
-                    def run(wt, **kw):
-                        return lambda: T.tile_linear(x, wt, b, activation=act, **kw)
-                    row["cublas_us"] = t20(lambda: F.gelu(F.linear(x, W, b)) if act else F.linear(x, W, b))
-                row["dense_w_us"], _ = checked(run(W), ref, f"a {name} M={M} d={d} dense W", bad, post)
-                for sub in SUBS:
-                    for cfg in (None, (64, 4, 4)):
-                        key = f"sub{sub}_{'table' if cfg is None else '_'.join(map(str, cfg))}"
-                        row[key], _ = checked(run(w, sub=sub, _config=cfg), ref, f"a {name} M={M} d={d} {key}", bad,
-                                              post)
-                rows.append(row)
-                best = min((k for k in row if k.startswith("sub")), key=lambda k: row[k])
-                print(f"a {name} M={M} d={d} {row['mode']}: cuBLAS {row['cublas_us']} dense-W {row['dense_w_us']} "
-                      f"sub1 {row['sub1_table']} best {best} {row[best]}", flush=True)
+                    return lambda: T.tile_linear(x, wt, b, activation=act, **kw)
+
+                def post(p):
+                    return p.sum(0) + b
+
+                def cublas():
+                    y = F.linear(x, W, b)
+                    return F.gelu(y) if act else y
+
+                yield (row, W, TileSparseWeight.from_dense(W, TILE), run, post if partials else None,
+                       ref_of(x, W, b, act), cublas)
+
+
+def encoders(sparsities, dense=False):
+    """BERT-base-shaped encoders (random weights) pruned to each sparsity in the default tiles, finite check off."""
+    base = model_shape("bert-base").cuda()
+    encs = {"dense": optimize(base, None, dtype=torch.float16, device="cuda")} if dense else {}
+    for s in sparsities:
+        plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
+        encs[f"tile{int(s * 100)}"] = optimize(apply_plan(copy.deepcopy(base), plan), plan, dtype=torch.float16,
+                                               device="cuda")
+    for enc in encs.values():
+        enc.check_finite = False
+    return encs
+
+
+SHIPPED = None  # a route() argument: keep the shipped setting
+
+
+def route(rows=SHIPPED, sub=SHIPPED, pair_rows=SHIPPED,
+          _shipped=(E.SPARSE_TIERS, dict(T.TILE_SUB), T.TILE_PAIR_ROWS)):
+    """A no-argument function that puts one engine form in place: every density tier's rows at rows (0: sparse
+    matrices on their tiles at every batch; capped by SPARSE_MIN_TOKENS), TILE_SUB's entry for the default tile (sub:
+    a table, {} for one program a block-row), two tiles a trip up to pair_rows rows (0: never); each left out keeps
+    the shipped setting, so route()() restores everything."""
+    def put():
+        E.SPARSE_TIERS = _shipped[0] if rows is SHIPPED else tuple((d, rows) for d, _ in _shipped[0])
+        T.TILE_SUB.clear()
+        T.TILE_SUB.update(_shipped[1] if sub is SHIPPED else ({TILE: sub} if sub else {}))
+        T.TILE_PAIR_ROWS = _shipped[2] if pair_rows is SHIPPED else ((1, pair_rows) if pair_rows else (0, 0))
+    return put
+
+
+def engine_ab(tag, encs, shapes, forms, min_ms, dense=None):
+    """forms_ab of each encoder at each (B, S), shipped form restored after; outputs compared with the first form's."""
+    rows = []
+    first = next(iter(forms))
+    try:
+        for B, S in shapes:
+            ids, mask = make_inputs(B, S, False, 30522)
+            route()()
+            extra = {}
+            if dense is not None:
+                extra["dense_model_us"] = graphed_forward(dense, ids, mask, min_ms=min_ms)[1]
+            for name, enc in encs.items():
+                t, outs = forms_ab(enc, ids, mask, forms, rounds=2, min_ms=min_ms)
+                diff = max((outs[k] - outs[first]).abs().max().item() for k in outs)
+                rows.append({"B": B, "S": S, "variant": name, **extra, "max_abs_diff": diff,
+                             **{f"{k}_us": v for k, v in t.items()}})
+                print(f"{tag} {B}x{S} {name}: " + ", ".join(f"{k} {v}" for k, v in t.items()) +
+                      f", max|diff| {diff:.2e}", flush=True)
+    finally:
+        route()()
+    return rows
+
+
+def part_a(bad):
+    rows = []
+    for row, W, w, run, post, ref, cublas in matrix_cases(SMALL_MS, (1.0, 0.5, 0.25)):
+        what = f"a {row['matrix']} M={row['M']} d={row['density']}"
+        row["cublas_us"] = t20(cublas)
+        row["dense_w_us"], _ = checked(run(W), ref, f"{what} dense W", bad, post)
+        for sub in SUBS:
+            for cfg in (None, (64, 4, 4)):
+                key = f"sub{sub}_{'table' if cfg is None else '_'.join(map(str, cfg))}"
+                row[key], _ = checked(run(w, sub=sub, _config=cfg), ref, f"{what} {key}", bad, post)
+        rows.append(row)
+        best = min((k for k in row if k.startswith("sub")), key=lambda k: row[k])
+        print(f"{what} {row['mode']}: cuBLAS {row['cublas_us']} dense-W {row['dense_w_us']} "
+              f"sub1 {row['sub1_table']} best {best} {row[best]}", flush=True)
     chosen = []
     for M in SMALL_MS:
         sel = [r for r in rows if r["M"] == M and r["density"] < 1]
         gm = {s: math.exp(sum(math.log(r[f"sub{s}_table"]) for r in sel) / len(sel)) for s in SUBS}
         s = min(gm, key=gm.get)
-        chosen.append((M, s))
+        chosen.append((M, 1.0, s))  # a TILE_SUB entry: up to M rows, any density
         print(f"a M={M}: geometric mean us by sub {({k: round(v, 2) for k, v in gm.items()})} -> sub {s}", flush=True)
     return rows, tuple(chosen)
 
@@ -140,7 +185,7 @@ def part_b(bad):
                                             bad)
             for blk, cfgs in launches.items():
                 for cfg in cfgs:
-                    with dense_blocks(M, blk, cfg):
+                    with dense_blocks(M, tile=blk, launch=cfg):
                         key = f"dense_w_{blk[0]}x{blk[1]}_{'_'.join(map(str, cfg))}"
                         row[key], _ = checked(lambda: T.tile_linear(x, W, b, activation=act), ref,
                                               f"b {name} M={M} {key}", bad)
@@ -152,94 +197,23 @@ def part_b(bad):
 
 
 def part_c(sub_table):
-    base = model_shape("bert-base").cuda()
-    encs = {"dense": optimize(base, None, dtype=torch.float16, device="cuda")}
-    for s in (0.5, 0.75):
-        plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
-        encs[f"tile{int(s * 100)}"] = optimize(apply_plan(copy.deepcopy(base), plan), plan, dtype=torch.float16,
-                                               device="cuda")
-    for enc in encs.values():
-        enc.check_finite = False
-    saved = E.SPARSE_TIERS, dict(T.TILE_SUB)
-
-    def form(tiles, table):
-        def put():
-            E.SPARSE_TIERS = tuple((d, 0) for d, _ in saved[0]) if tiles else saved[0]
-            T.TILE_SUB.clear()
-            T.TILE_SUB.update(table)
-        return put
-
-    forms = {"shipped": form(False, saved[1]), "tiles_sub1": form(True, {}),
-             "tiles_sub": form(True, {TILE: sub_table})}
-    rows = []
-    try:
-        for B, S in ((1, 128), (2, 128), (4, 128), (8, 128), (16, 128), (4, 512)):
-            ids, mask = make_inputs(B, S, False, 30522)
-            form(False, saved[1])()
-            _, dense = graphed_forward(encs["dense"], ids, mask, min_ms=100)
-            for name in ("tile50", "tile75"):
-                t, outs = forms_ab(encs[name], ids, mask, forms, rounds=2, min_ms=100)
-                diff = max((outs[k] - outs["shipped"]).abs().max().item() for k in outs)
-                rows.append({"B": B, "S": S, "variant": name, "dense_model_us": dense, "max_abs_diff": diff,
-                             **{f"{k}_us": v for k, v in t.items()}})
-                print(f"c {B}x{S} {name}: dense model {dense:.1f}, " +
-                      ", ".join(f"{k} {v}" for k, v in t.items()) + f", max|diff| {diff:.2e}", flush=True)
-    finally:
-        form(False, saved[1])()
-    return rows
+    encs = encoders((0.5, 0.75), dense=True)
+    dense = encs.pop("dense")
+    forms = {"shipped": route(), "tiles_sub1": route(0, sub={}), "tiles_sub": route(0, sub=sub_table)}
+    return engine_ab("c", encs, ((1, 128), (2, 128), (4, 128), (8, 128), (16, 128), (4, 512)), forms, 100, dense)
 
 
 def part_d(bad):
     rows = []
-    for name, (K, N, act) in SHAPES.items():
-        for M in (128, 256, 512, 1024):
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            b = torch.randn(N, device="cuda", dtype=torch.float16) * 0.1
-            partials = name in ("o", "ffn_out") and M <= E.SMALL_KERNEL_MAX_TOKENS
-            post = (lambda p: p.sum(0) + b) if partials else None
-            for d in (0.5, 0.3, 0.25):
-                W = random_tile_weight(K, N, TILE, d, torch.float16, seed=M)
-                w = TileSparseWeight.from_dense(W, TILE)
-                ref = ref_of(x, W, b, act)
-                row = {"matrix": name, "M": M, "density": d, "mode": "partials" if partials else "direct"}
-                for pair in (False, True):
-                    if partials:
-                        fn = lambda: T.tile_linear_partials(x, w, pair=pair)  # noqa: E731
-                    else:
-                        fn = lambda: T.tile_linear(x, w, b, activation=act, pair=pair)  # noqa: E731
-                    row[f"pair_{pair}"], _ = checked(fn, ref, f"d {name} M={M} d={d} pair={pair}", bad, post)
-                rows.append(row)
-                print(f"d {name} M={M} d={d}: one {row['pair_False']} two {row['pair_True']}", flush=True)
-    base = model_shape("bert-base").cuda()
-    encs = {}
-    for s in (0.5, 0.75):
-        plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
-        encs[f"tile{int(s * 100)}"] = optimize(apply_plan(copy.deepcopy(base), plan), plan, dtype=torch.float16,
-                                               device="cuda")
-        encs[f"tile{int(s * 100)}"].check_finite = False
-    saved = E.SPARSE_TIERS, T.TILE_PAIR_ROWS
-
-    def form(tiles, pair_rows):
-        def put():
-            E.SPARSE_TIERS = tuple((d, 0) for d, _ in saved[0]) if tiles else saved[0]
-            T.TILE_PAIR_ROWS = saved[1] if pair_rows is None else (1, pair_rows) if pair_rows else (0, 0)
-        return put
-
-    forms = {"shipped": form(False, None), "tiles": form(True, 0), "tiles_pair": form(True, 1024)}
-    erows = []
-    try:
-        for B, S in ((1, 128), (2, 128), (4, 128), (8, 128), (3, 128), (1, 512), (2, 256), (1, 384)):
-            ids, mask = make_inputs(B, S, False, 30522)
-            for name, enc in encs.items():
-                t, outs = forms_ab(enc, ids, mask, forms, rounds=2, min_ms=80)
-                diff = max((outs[k] - outs["shipped"]).abs().max().item() for k in outs)
-                erows.append({"B": B, "S": S, "variant": name, "max_abs_diff": diff,
-                              **{f"{k}_us": v for k, v in t.items()}})
-                print(f"d {B}x{S} {name}: " + ", ".join(f"{k} {v}" for k, v in t.items()) +
-                      f", max|diff| {diff:.2e}", flush=True)
-    finally:
-        E.SPARSE_TIERS, T.TILE_PAIR_ROWS = saved
-    return rows, erows
+    for row, W, w, run, post, ref, cublas in matrix_cases((128, 256, 512, 1024), (0.5, 0.3, 0.25)):
+        what = f"d {row['matrix']} M={row['M']} d={row['density']}"
+        for pair in (False, True):
+            row[f"pair_{pair}"], _ = checked(run(w, pair=pair), ref, f"{what} pair={pair}", bad, post)
+        rows.append(row)
+        print(f"{what}: one {row['pair_False']} two {row['pair_True']}", flush=True)
+    forms = {"shipped": route(), "tiles": route(0, pair_rows=0), "tiles_pair": route(0, pair_rows=1024)}
+    shapes = ((1, 128), (2, 128), (4, 128), (8, 128), (3, 128), (1, 512), (2, 256), (1, 384))
+    return rows, engine_ab("d", encoders((0.5, 0.75)), shapes, forms, 80)
 
 
 def main(out_dir, parts):
@@ -247,7 +221,7 @@ def main(out_dir, parts):
     res = {"env": env_info(), "command": "python3 scripts/tile_sub_ab.py OUTDIR --parts " + ",".join(parts),
            "tile": TILE, "bad": []}
     path = os.path.join(out_dir, "tile_pair_ab.json" if parts == ["d"] else "tile_sub_ab.json")
-    sub_table = ((128, 4), (256, 4), (512, 2), (1024, 2), (2048, 1))
+    sub_table = T.TILE_SUB[TILE]  # part c's table when part a is not run
     if "a" in parts:
         res["a"], sub_table = part_a(res["bad"])
         res["a_chosen"] = sub_table

@@ -642,20 +642,22 @@ DENSE_LAUNCH: dict[int, tuple[int, int, int]] = {128: (64, 4, 4), 256: (64, 4, 3
 # the sub of best geometric mean at each row count): 4 up to 256 rows (128: 3.14 us against 3.20 for 1; 256: 4.03
 # against 4.76), 2 at 512 (4.77 against 5.24), 1 from 1024 (5.93 against 6.47 for 2). At 128 rows that holds for a
 # quarter density only (2.74 against 3.00 us; half density 3.59 against 3.41, density 1 worse still: QKV 5.68
-# against 4.99; the kernels bench at be3f1c8 likewise, QKV 7.4 against 6.4 us dense), so denser tiles keep 1 there.
+# against 4.99; the kernels bench likewise: QKV dense 7.4 us with 4 at be3f1c8, kernels_earlier/be3f1c8/, against
+# 6.4 with 1 in kernels.md), so denser tiles keep 1 there.
 # 64x64 tiles: not measured.
 TILE_SUB: dict[tuple, tuple[tuple[int, float, int], ...]] = {
     (128, 64): ((128, 0.3, 4), (128, 1.0, 1), (256, 1.0, 4), (512, 1.0, 2))}
 # From TILE_PAIR_ROWS[0] to TILE_PAIR_ROWS[1] rows the tile kernels take two kept tiles a K-loop trip (PAIR) on a GPU:
 # a short loop at few rows is latency-bound, each trip a dependent round of loads and MMAs, and a half-density
-# K = 768 block-row is 6-10 trips of 64 columns where the dense weight's small-batch kernel takes 6 of 128.
-# Same-run on the H200 (benchmarks/results/h200/tile_sub/tile_pair_ab_2835e07.json and
-# tile_pair_engine_extra_2835e07.log, BERT-base encoder on its tiles, GPU time of the graphed forward, one tile a trip -> two; outputs bit-identical):
-# 50% tiles 584 -> 516 us at 4x128, 558 -> 488 at 3x128, 651 -> 581 at 1x512, 600 -> 533 at 2x256, 591 -> 511 at
-# 1x384, 413 -> 403 at 2x128; 75% tiles 440 -> 409, 417 -> 386, 503 -> 474, 454 -> 427, 448 -> 410, 330 -> 329.
-# Outside that window two a trip lose: 263 -> 271 (75%, 1x128), 675 -> 686 and 526 -> 533 at 8x128. Alone (graphs of
-# 20 calls of one matrix, no PDL) they mostly lose at every row count (up to 2x at 1024 rows, where four loads a trip
-# leave the pipeline fewer stages in flight), so the gain is the chained, PDL-launched engine's.
+# K = 768 block-row is up to 10 trips of 64 columns (mean 6; benchmarks/results/cpu/plan_tile_counts.txt) where the
+# dense weight's small-batch kernel takes 6 of 128. Same-run on the H200 (benchmarks/results/h200/tile_sub/
+# tile_pair_ab_2835e07.json and tile_pair_engine_extra_2835e07.log, BERT-base encoder on its tiles, GPU time of the
+# graphed forward, one tile a trip -> two; outputs bit-identical): 50% tiles 584 -> 516 us at 4x128, 554-563 ->
+# 487-489 at 3x128, 651 -> 581 at 1x512, 600 -> 533 at 2x256, 591 -> 511 at 1x384, 413 -> 403 at 2x128; 75% tiles
+# 440 -> 409, 417 -> 386, 503 -> 474, 454 -> 427, 448 -> 410, 330 -> 329. Outside that window two a trip lose:
+# 263 -> 271 (75%, 1x128), 675 -> 686 and 526 -> 533 at 8x128. Alone (graphs of 20 calls of one matrix, no PDL) they
+# mostly lose at every row count (up to 2x at 1024 rows, where four loads a trip leave the pipeline fewer stages in
+# flight), so the gain is the chained, PDL-launched engine's.
 TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 
 
