@@ -225,4 +225,35 @@ try:
 except Exception as e:
     ok = False
     print(f"attention D=200: FAILED {type(e).__name__}: {str(e)[:600]}")
+# The warp-specialised Gluon tile kernel (kernels/tile_linear_ws.py): one and two consumers, GELU and residual. Its
+# partitions must come out as such: setmaxnreg for the loader and the consumers, bulk loads, wgmma.
+WS = importlib.import_module("etformer.kernels.tile_linear_ws")
+if WS.HAS_GLUON:
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def _ws_desc(block):
+        return f"tensordesc<fp16[{block[0]},{block[1]}],{WS.shared_layout(block, torch.float16)!r}>"
+
+    for cons, stages, act, res in ((2, 4, 1, False), (1, 2, 0, True)):
+        name = f"tile_linear_ws consumers={cons} stages={stages}"
+        sig = {"x_desc": _ws_desc([128, 64]), "w_desc": _ws_desc([128, 64]), "y_desc": _ws_desc([128, 128]),
+               "brow_ptr": i32, "col_idx": i32, "bias_ptr": p16, "res_ptr": p16, "M": "i32", "N": "i32", "nnz": "i32",
+               "stride_rm": "i32", "num_items": "i32"}
+        consts = dict(BLOCK_M=128, BN=128, BK=64, GROUP_M=8, STAGES=stages, CONSUMERS=cons, HAS_BIAS=True, ACT=act,
+                      HAS_RES=res, LOADER_REGS=WS.LOADER_REGS, CONSUMER_REGS=WS.CONSUMER_REGS, AHEAD=WS.WS_AHEAD)
+        sig.update({k: C for k in consts})
+        try:
+            k = triton.compile(GluonASTSource(fn=WS._tile_linear_ws_kernel, signature=sig, constexprs=consts),
+                               target=tgt, options={"num_warps": 4, "maxnreg": WS._maxnreg(cons)})
+            ptx = k.asm["ptx"]
+            parts = "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx and "mbarrier" in ptx
+            print(f"{name}: compiled, wgmma={'wgmma' in ptx}, partitions (setmaxnreg, bulk loads, mbarriers): "
+                  f"{parts}, shared {k.metadata.shared} bytes")
+            ok = ok and parts and "wgmma" in ptx
+        except Exception as e:
+            ok = False
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:600]}")
+else:
+    print("tile_linear_ws: this Triton has no Gluon Hopper support, not compiled")
 raise SystemExit(0 if ok else 1)

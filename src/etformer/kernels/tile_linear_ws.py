@@ -1,0 +1,346 @@
+"""Tile-sparse linear for Hopper (sm_90) as a persistent, warp-specialised kernel, written in Gluon.
+
+The same operation as tile_linear (Y = X W^T + b over a TileSparseWeight, GELU, residual, column-slice output), built
+the way Hopper GEMMs reach their peak, which Triton's own compiler does not build for sm_90:
+
+- a **loader** warp walks the program's work items (row block, block-row of tiles) and, for each kept tile, issues two
+  bulk tensor copies (the X block at the tile's K offset, and the tile) into a ring of STAGES shared-memory buffers,
+  each guarded by a "ready" and an "empty" mbarrier. It reads the block-row bounds and column indices as scalars,
+  so no pipeline stage waits on an index load, and it runs ahead across items: the next item's first tiles load
+  while the current one's epilogue runs, so a short sparse K loop pays no pipeline fill of its own;
+- **consumer** warpgroups (CONSUMERS of them, 4 warps each) wait for a buffer, issue the wgmma asynchronously, and
+  release the previous buffer once one wgmma is left in flight. With two consumers they take the program's items in
+  turn ("ping-pong"): one runs its epilogue (bias, GELU, residual, bulk store) while the other's MMAs run.
+
+The grid is persistent (programs per SM x SMs, at most one program an item); items are dealt round-robin in the grid
+kernel's order (groups of GROUP_M row blocks sweep the block-rows, heaviest block-row first), so the heaviest work
+starts first.
+
+Gluon kernels run on sm_90 GPUs only: no interpreter. tile_linear_ws_supported() says whether a call can take it;
+the CPU tests compile it for sm_90 (scripts/compile_sm90.py) and check the host-side planning, and the GPU tests
+check its output against tile_linear_reference.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..errors import EtformerError
+from ..sparse.tiles import TileSparseWeight
+from ._common import capability, check_tensor
+from .tile_linear import _act_code, _row_order, _weight_shape, tile_linear_reference
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    # Bulk tensor copies: async_load / async_store from Triton 3.7 on, async_copy_* before (3.6, the GPU machines')
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    HAS_GLUON = True
+except Exception:  # pragma: no cover - Triton without Gluon's Hopper support
+    HAS_GLUON = False
+
+# Launch by default: (BLOCK_M, STAGES, CONSUMERS, programs per SM). Replaced by measurement (WS_LAUNCH below).
+WS_DEFAULT = (128, 4, 2, 1)
+# Registers a thread of the loader warp keeps (it holds scalars only), and the consumers' with two of them.
+LOADER_REGS = 40
+CONSUMER_REGS = 232
+# What is loaded a step ahead (bit flags): 1 the loader's next column index, 4 the consumers' next item's bounds; 0:
+# each when it is used. (The same look-ahead of the next item's bounds in the loader gave wrong output on the H200,
+# relative error 0.72, and hung combined with the others: ws_gluon_probe.py, benchmarks/results/h200/ws/; removed.)
+WS_AHEAD = 0
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _ws_where(item, num_m, num_r, GROUP_M: gl.constexpr):
+        """Work item `item`: (its row block, its place b in the heaviest-first block-row order), in the grid kernel's
+        order (groups of GROUP_M row blocks sweep the block-rows)."""
+        width = GROUP_M * num_r
+        first_m = (item // width) * GROUP_M
+        gsize = gl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (item % width) % gsize, (item % width) // gsize
+
+    @gluon.jit
+    def _ws_brow(brow_ptr, b):
+        """The b-th block-row (heaviest first): (its index, first and last-plus-one tile), three independent loads."""
+        return gl.load(brow_ptr + 4 * b), gl.load(brow_ptr + 4 * b + 1), gl.load(brow_ptr + 4 * b + 2)
+
+    @gluon.jit
+    def _ws_gelu(x):
+        """GELU, erf form, erf by Abramowitz & Stegun 7.1.26 with rcp.approx / ex2.approx (tile_linear._gelu_poly)."""
+        a = gl.minimum(gl.abs(x), 3.0e38)
+        d = 1.0 + 0.23164190 * a
+        g = x * (x * -0.7213475204444817)
+        t = gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=gl.float32, is_pure=True,
+                                      pack=1)
+        e = gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [g], dtype=gl.float32, is_pure=True,
+                                      pack=1)
+        p = ((((0.5307027145 * t - 0.7265760135) * t + 0.7107068705) * t - 0.142248368) * t + 0.127414796) * t
+        return gl.maximum(x, 0.0) - a * (p * e)
+
+    @gluon.jit
+    def _ws_loader(x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
+                   bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items,
+                   BLOCK_M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr,
+                   STAGES: gl.constexpr, CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                   HAS_RES: gl.constexpr, CID: gl.constexpr, AHEAD: gl.constexpr):
+        """The loader warp: every kept tile of every item of this program, into the ring, in order (AHEAD & 1: the
+        next tile's column index loaded a step ahead, its latency under the wait)."""
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_r = gl.cdiv(N, BN)
+        P = gl.num_programs(0)
+        n = 0
+        for item in range(gl.program_id(0), num_items, P):
+            pid_m, b = _ws_where(item, num_m, num_r, GROUP_M)
+            r, t0, t1 = _ws_brow(brow_ptr, b)
+            kc = gl.load(col_idx + gl.minimum(t0, nnz - 1))
+            for t in range(t0, t1):
+                if AHEAD & 1:  # the next tile's column index, in flight during this one's wait
+                    kc_next = gl.load(col_idx + gl.minimum(t + 1, nnz - 1))
+                else:
+                    kc_next = kc
+                    kc = gl.load(col_idx + t)
+                s = n % STAGES
+                # a fresh mbarrier counts as having completed phase 1, so the first round's waits pass
+                mbarrier.wait(empty.index(s), ((n // STAGES) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                _tma_load(x_desc, [pid_m * BLOCK_M, kc * BK], bar, x_bufs.index(s))
+                _tma_load(w_desc, [t * BN, 0], bar, w_bufs.index(s))
+                if AHEAD & 1:
+                    kc = kc_next
+                n += 1
+
+    @gluon.jit
+    def _ws_consumer(x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
+                     bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items,
+                     BLOCK_M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr,
+                     STAGES: gl.constexpr, CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                     HAS_RES: gl.constexpr, CID: gl.constexpr, AHEAD: gl.constexpr):
+        """Consumer CID: the MMAs and the epilogue of every CONSUMERS-th item of this program, from the CID-th."""
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BN, 16])
+        c_smem = c_bufs.index(CID)
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_r = gl.cdiv(N, BN)
+        P = gl.num_programs(0)
+        pid_m, b = _ws_where(gl.program_id(0), num_m, num_r, GROUP_M)
+        r, lo, hi = _ws_brow(brow_ptr, b)
+        n = 0  # ring position of the item's first tile
+        j = 0  # the item's place in this program's list
+        for item in range(gl.program_id(0), num_items, P):
+            pid_m, b = _ws_where(item, num_m, num_r, GROUP_M)
+            if AHEAD & 4:  # this item's bounds were loaded during the previous one; load the next item's
+                row = r
+                t0 = lo
+                t1 = hi
+                _, b = _ws_where(gl.minimum(item + P, num_items - 1), num_m, num_r, GROUP_M)
+                r, lo, hi = _ws_brow(brow_ptr, b)
+            else:
+                row, t0, t1 = _ws_brow(brow_ptr, b)
+            if j % CONSUMERS == CID:
+                if CONSUMERS > 1:
+                    # the ring is consumed in item order: wait until the other consumer has taken its item's last
+                    # buffer (a wait on a parity is only unambiguous within one phase of the barrier). A fresh
+                    # barrier counts as having completed phase 1, so consumer 0's first wait passes.
+                    mbarrier.wait(turn.index(CID), ((j // CONSUMERS) & 1) ^ (1 - CID))
+                acc = gl.zeros([BLOCK_M, BN], gl.float32, layout=acc_layout)
+                for t in range(t0, t1):
+                    s = n % STAGES
+                    mbarrier.wait(ready.index(s), (n // STAGES) & 1)
+                    acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                    # the previous step's wgmma has finished reading its buffers: hand them back to the loader
+                    mbarrier.arrive(empty.index((n + STAGES - 1) % STAGES), pred=t > t0)
+                    n += 1
+                if CONSUMERS > 1:
+                    mbarrier.arrive(turn.index(1 - CID))  # the other consumer's MMAs may start
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(empty.index((n + STAGES - 1) % STAGES), pred=t1 > t0)
+                row0 = pid_m * BLOCK_M
+                col0 = row * BN
+                cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
+                if HAS_BIAS:
+                    bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+                    acc = acc + gl.expand_dims(bias, 0)
+                if ACT == 1:
+                    acc = _ws_gelu(acc)
+                elif ACT == 2:
+                    acc = gl.maximum(acc, 0.0)
+                if HAS_RES:
+                    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+                    ptrs = res_ptr + gl.expand_dims(rows.to(gl.int64) * stride_rm, 1) + gl.expand_dims(cols, 0)
+                    ok = gl.expand_dims(rows < M, 1) & gl.expand_dims(cols < N, 0)
+                    acc = acc + gl.load(ptrs, mask=ok, other=0.0).to(gl.float32)
+                tma.store_wait(pendings=0)  # this consumer's previous store has left c_smem
+                c_smem.store(acc.to(y_desc.dtype))
+                fence_async_shared()
+                _tma_store(y_desc, [row0, col0], c_smem)
+            else:
+                n += t1 - t0
+            j += 1
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _tile_linear_ws_kernel(x_desc, w_desc, y_desc, brow_ptr, col_idx, bias_ptr, res_ptr,
+                               M, N, nnz, stride_rm, num_items,
+                               BLOCK_M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr,
+                               STAGES: gl.constexpr, CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                               ACT: gl.constexpr, HAS_RES: gl.constexpr, LOADER_REGS: gl.constexpr,
+                               CONSUMER_REGS: gl.constexpr, AHEAD: gl.constexpr):
+        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BK], x_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+        c_bufs = gl.allocate_shared_memory(y_desc.dtype, [CONSUMERS, BLOCK_M, BN], y_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        if CONSUMERS == 1:
+            gl.warp_specialize([
+                (_ws_consumer, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
+                                bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
+                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD)),
+                (_ws_loader, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
+                              bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
+                              STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD)),
+            ], [1], [LOADER_REGS])
+        else:
+            gl.warp_specialize([
+                (_ws_consumer, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
+                                bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
+                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD)),
+                (_ws_consumer, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
+                                bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
+                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 1, AHEAD)),
+                (_ws_loader, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
+                              bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
+                              STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD)),
+            ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+
+
+def shared_layout(block: list[int], dtype: torch.dtype):
+    """The NVMMA shared layout of a bulk-copied block (the widest swizzle its rows allow)."""
+    return gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+_BROW_CACHE: dict = {}
+
+
+def _block_rows(w: TileSparseWeight) -> torch.Tensor:
+    """int32 [block-rows, 4]: (block-row, first tile, last-plus-one tile, 0), heaviest block-row first (the grid
+    kernel's order), cached per weight: one round of three independent loads an item instead of three dependent ones."""
+    key = (id(w.row_ptr), w.row_ptr.data_ptr(), w.nnz_tiles)
+    hit = _BROW_CACHE.get(key)
+    if hit is None or hit[0] is not w.row_ptr:
+        order = _row_order(w).long()
+        rp = w.row_ptr.long()
+        table = torch.stack([order, rp[order], rp[order + 1], torch.zeros_like(order)], 1).to(torch.int32)
+        hit = (w.row_ptr, table.contiguous())
+        if len(_BROW_CACHE) > 4096:
+            _BROW_CACHE.clear()
+        _BROW_CACHE[key] = hit
+    return hit[1]
+
+
+def _maxnreg(consumers: int) -> int:
+    """The launch's registers a thread. Triton hands the default partition (consumer 0) what the others leave of
+    maxnreg x warpgroups: with two consumers 3 x 168 - CONSUMER_REGS - LOADER_REGS = 248 (the register file holds
+    12 warps at 168); with one, 2 x 128 - LOADER_REGS = 216, so that two programs fit an SM."""
+    return 168 if consumers == 2 else 128
+
+
+def tile_linear_ws_supported(x: torch.Tensor, w, out: torch.Tensor | None = None, out_col: int = 0) -> str | None:
+    """None when tile_linear_ws can run this call, else why not (a sentence)."""
+    if not HAS_GLUON:
+        return "this Triton has no Gluon Hopper support"
+    if not isinstance(w, TileSparseWeight):
+        return "the weight is not a TileSparseWeight"
+    if not x.is_cuda or capability(x.device.index)[0] != 9:
+        return "the warp-specialised kernel runs on sm_90 (Hopper) GPUs only"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the warp-specialised kernel takes fp16 or bf16, not {x.dtype}"
+    if w.tile[0] not in (64, 128, 256) or w.tile[1] % 16 or w.tile[1] > 128:
+        return f"tile {w.tile} is not one of its shapes (height 64, 128 or 256; width a multiple of 16, at most 128)"
+    e = x.element_size()
+    if x.stride(1) != 1 or x.data_ptr() % 16 or (x.stride(0) * e) % 16 or w.values.data_ptr() % 16:
+        return "X and the tile values must be 16-byte aligned and row-major"
+    if out is not None and ((out.data_ptr() + out_col * e) % 16 or (out.stride(0) * e) % 16 or out.stride(1) != 1):
+        return "the output slice must be 16-byte aligned and row-major"
+    if w.nnz_tiles == 0:
+        return "the weight keeps no tile"
+    return None
+
+
+def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None = None, *,
+                   activation: str | None = None, residual: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, out_col: int = 0,
+                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """tile_linear's Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual) by the warp-specialised Hopper kernel.
+    config: (BLOCK_M, STAGES, CONSUMERS, programs per SM); None: WS_DEFAULT. Raises EtformerError where the kernel
+    cannot run (tile_linear_ws_supported says why)."""
+    check_tensor("x", x, dims=2, dtypes=(torch.float16, torch.bfloat16))
+    code = _act_code(activation)  # validates the name
+    M, K = x.shape
+    N, _ = _weight_shape(x, w)
+    why = tile_linear_ws_supported(x, w, out, out_col)
+    if why:
+        raise EtformerError(why)
+    if bias is not None:
+        check_tensor("bias", bias, dims=1, device=x.device)
+        if bias.shape[0] != N:
+            raise EtformerError(f"bias has {bias.shape[0]} entries, expected {N}")
+    if residual is not None:
+        check_tensor("residual", residual, dims=2, device=x.device)
+        if tuple(residual.shape) != (M, N) or residual.stride(1) != 1:
+            raise EtformerError(f"residual must be a row-major [{M}, {N}] tensor, got {tuple(residual.shape)}")
+    if out is None:
+        out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
+    elif out.shape[0] != M or out_col < 0 or out_col + N > out.shape[1] or out.dtype != x.dtype:
+        raise EtformerError(f"out {tuple(out.shape)} {out.dtype} cannot take columns [{out_col}, {out_col + N}) "
+                            f"of {M} rows of {x.dtype}")
+    if M == 0:
+        return out
+    block_m, stages, consumers, per_sm = config or WS_DEFAULT
+    if consumers not in (1, 2) or stages < 1 or block_m not in (64, 128):
+        raise EtformerError(f"config {config} must have BLOCK_M 64 or 128, STAGES >= 1 and 1 or 2 consumers")
+    BN, BK = w.tile
+    vals = w.values.view(-1, BK)
+    x_desc = GluonDescriptor(x, [M, K], [x.stride(0), 1], [block_m, BK], shared_layout([block_m, BK], x.dtype))
+    w_desc = GluonDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK], shared_layout([BN, BK], x.dtype))
+    y_view = out[:, out_col:]
+    y_desc = GluonDescriptor(y_view, [M, N], [out.stride(0), 1], [block_m, BN], shared_layout([block_m, BN], x.dtype))
+    items = -(-M // block_m) * (-(-N // BN))
+    grid = (max(1, min(items, _sms(x.device.index) * per_sm)), )
+    act = {0: 0, 1: 1, 2: 2}[code if code in (0, 2) else 1]
+    _tile_linear_ws_kernel[grid](
+        x_desc, w_desc, y_desc, _block_rows(w), w.col_idx, bias if bias is not None else x,
+        residual if residual is not None else x, M, N, w.nnz_tiles, residual.stride(0) if residual is not None else 0,
+        items,
+        BLOCK_M=block_m, BN=BN, BK=BK, GROUP_M=8, STAGES=stages, CONSUMERS=consumers, HAS_BIAS=bias is not None,
+        ACT=act, HAS_RES=residual is not None, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, AHEAD=WS_AHEAD,
+        num_warps=4, maxnreg=_maxnreg(consumers))
+    return out
+
+
+def tile_linear_ws_reference(x, w, bias=None, activation=None, residual=None):
+    """The reference the warp-specialised kernel is tested against (tile_linear's)."""
+    return tile_linear_reference(x, w, bias, activation, residual)
