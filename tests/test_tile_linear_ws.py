@@ -48,6 +48,8 @@ def test_refuses_what_it_cannot_run_with_a_reason():
         WS.tile_linear_ws(x, w)
     with pytest.raises(EtformerError, match="must be one of"):
         WS.tile_linear_ws(x.float(), w)
+    with pytest.raises(EtformerError, match="cannot take columns"):  # the shape is checked before the machine
+        WS.tile_linear_ws(x, w, out=torch.empty(4, 300, dtype=torch.float16), out_col=100)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel runs on sm_90 GPUs")
@@ -84,4 +86,6 @@ def test_bad_launch_and_output_are_refused():
     with pytest.raises(EtformerError, match="config"):
         WS.tile_linear_ws(x, w, config=(96, 2, 3, 1))
     with pytest.raises(EtformerError, match="cannot take columns"):
-        WS.tile_linear_ws(x, w, out=torch.empty(8, 300, device="cuda", dtype=torch.float16), out_col=100)
+        WS.tile_linear_ws(x, w, out=torch.empty(8, 300, device="cuda", dtype=torch.float16), out_col=64)
+    with pytest.raises(EtformerError, match="16-byte aligned"):
+        WS.tile_linear_ws(x, w, out=torch.empty(8, 400, device="cuda", dtype=torch.float16), out_col=100)

@@ -45,8 +45,12 @@ try:
 except Exception:  # pragma: no cover - Triton without Gluon's Hopper support
     HAS_GLUON = False
 
-# Launch by default: (BLOCK_M, STAGES, CONSUMERS, programs per SM). Replaced by measurement (WS_LAUNCH below).
-WS_DEFAULT = (128, 4, 2, 1)
+# Launch by default: (BLOCK_M, STAGES, CONSUMERS, programs per SM). Same-run on the H200 against tile_linear's tabled
+# grid kernel (benchmarks/results/h200/ws/ws_ab.json: BERT-base's four matrices with their bias, FFN-in with GELU,
+# 128x64 tiles at densities 1, 0.5 (balanced and random block-rows) and 0.25, graphs of 20 calls), geometric mean of
+# tile_linear's time over this kernel's: two consumers and 5 stages 0.917x at 4096 rows and 1.034x at 16384 (QKV
+# 1.08-1.15x there); 4 stages 0.908x / 1.033x; one consumer with two programs an SM 0.859x / 0.954x.
+WS_DEFAULT = (128, 5, 2, 1)
 # Registers a thread of the loader warp keeps (it holds scalars only), and the consumers' with two of them.
 LOADER_REGS = 40
 CONSUMER_REGS = 232
@@ -301,6 +305,11 @@ def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | No
     code = _act_code(activation)  # validates the name
     M, K = x.shape
     N, _ = _weight_shape(x, w)
+    if out is not None:
+        check_tensor("out", out, dims=2, device=x.device)
+        if out.shape[0] != M or out_col < 0 or out_col + N > out.shape[1] or out.dtype != x.dtype:
+            raise EtformerError(f"out {tuple(out.shape)} {out.dtype} cannot take columns [{out_col}, {out_col + N}) "
+                                f"of {M} rows of {x.dtype}")
     why = tile_linear_ws_supported(x, w, out, out_col)
     if why:
         raise EtformerError(why)
@@ -314,9 +323,6 @@ def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | No
             raise EtformerError(f"residual must be a row-major [{M}, {N}] tensor, got {tuple(residual.shape)}")
     if out is None:
         out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
-    elif out.shape[0] != M or out_col < 0 or out_col + N > out.shape[1] or out.dtype != x.dtype:
-        raise EtformerError(f"out {tuple(out.shape)} {out.dtype} cannot take columns [{out_col}, {out_col + N}) "
-                            f"of {M} rows of {x.dtype}")
     if M == 0:
         return out
     block_m, stages, consumers, per_sm = config or WS_DEFAULT
