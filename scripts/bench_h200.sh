@@ -40,6 +40,12 @@ for part in "$@"; do
       python3 scripts/tune_small_m.py "$OUT/smallm" 2>&1 | grep -v -i warn | tail -25 ;;
     m4096)  # the same sweep at 4096 rows (BLOCK_M 64 / 128, 4 or 8 warps, 3-6 stages), 128x64 tiles
       python3 scripts/tune_small_m.py "$OUT/m4096" --m 4096 2>&1 | grep -v -i warn | tail -12 ;;
+    ws)  # the warp-specialised Gluon tile kernel: every launch form against the reference (under timeout: a protocol
+         # bug hangs), the kernel A/B against the grid kernel and cuBLAS, and the 50% encoder with it from 8192 / 4096 rows
+      mkdir -p "$OUT/ws"
+      timeout 240 python3 scripts/ws_ab.py "$OUT/ws" check > "$OUT/ws/ws_check.log" 2>&1; echo "check rc=$?"; tail -1 "$OUT/ws/ws_check.log"
+      python3 scripts/ws_ab.py "$OUT/ws" time 2>&1 | tail -22
+      python3 scripts/ws_engine_ab.py "$OUT/ws" 2>&1 | grep -v -i "warn\|Loading" | tail -4 ;;
     wsprobe)  # does this Triton's automatic warp specialisation run on the GPU (a control, then three minimal
               # warp-specialised kernels; 30 s each)
       python3 scripts/ws_probe.py "$OUT/wsprobe" 2>&1 | grep "^{" ;;

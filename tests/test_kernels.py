@@ -522,9 +522,12 @@ def test_partial_sums_into_add_layernorm(dtype, dense, split):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,D,I", [(1, 64, 128), (17, 96, 200), (70, 64, 96)])
 @pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_fused_ffn_into_add_layernorm(dtype, M, D, I, act):
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_fused_ffn_into_add_layernorm(dtype, M, D, I, act, use_tma, monkeypatch):
     """act(x W1^T + b1) W2^T as partial sums in one launch, then add+LN with b2 and the residual: the whole post-LN
-    FFN block. I and D not multiples of the slice and chunk widths."""
+    FFN block. I and D not multiples of the slice and chunk widths. Both load forms: tile_linear.USE_TMA switches
+    the fused FFN too."""
+    monkeypatch.setattr(importlib.import_module("etformer.kernels.tile_linear"), "USE_TMA", use_tma)
     x = torch.randn(M, D, device=DEVICE, dtype=dtype)
     w1 = (torch.randn(I, D, device=DEVICE) / math.sqrt(D)).to(dtype)
     w2 = (torch.randn(D, I, device=DEVICE) / math.sqrt(I)).to(dtype)

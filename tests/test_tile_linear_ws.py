@@ -89,3 +89,20 @@ def test_bad_launch_and_output_are_refused():
         WS.tile_linear_ws(x, w, out=torch.empty(8, 300, device="cuda", dtype=torch.float16), out_col=64)
     with pytest.raises(EtformerError, match="16-byte aligned"):
         WS.tile_linear_ws(x, w, out=torch.empty(8, 400, device="cuda", dtype=torch.float16), out_col=100)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel runs on sm_90 GPUs")
+def test_tile_linear_routes_to_it_from_ws_min_rows(monkeypatch):
+    from etformer.kernels import tile_linear as T
+
+    W = _weight(768, 640, 0.5, torch.float16, "cuda", seed=5)
+    w = TileSparseWeight.from_dense(W, (128, 64))
+    x = torch.randn(300, 768, device="cuda", dtype=torch.float16)
+    b = torch.randn(640, device="cuda", dtype=torch.float16)
+    grid = T.tile_linear(x, w, b, activation="gelu")
+    monkeypatch.setattr(T, "WS_MIN_ROWS", 256)
+    routed = T.tile_linear(x, w, b, activation="gelu")
+    assert torch.equal(routed, WS.tile_linear_ws(x, w, b, activation="gelu"))
+    assert float((routed.float() - grid.float()).norm() / grid.float().norm()) < 1e-2
+    monkeypatch.setattr(T, "WS_MIN_ROWS", 301)  # fewer rows than that: the grid kernel
+    assert torch.equal(T.tile_linear(x, w, b, activation="gelu"), grid)

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import EtformerError
 from ._common import HAS_TRITON, check_tensor, tl, triton, use_triton
-from .tile_linear import TensorDescriptor, _act_code, _tma_ok, apply_activation
+from .tile_linear import TensorDescriptor, _act_code, _tma_on, apply_activation
 
 if HAS_TRITON:
     from .tile_linear import _activate
@@ -112,7 +112,7 @@ def fused_ffn_partials(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | Non
     ws = torch.empty(splits, M, D, device=x.device, dtype=torch.float32)
     if M == 0:
         return ws
-    tma = _tma_ok(x, w1) and _tma_ok(x, w2)
+    tma = _tma_on(x, w1) and _tma_on(x, w2)  # tile_linear.USE_TMA switches both kernels
     if tma:
         x_src = TensorDescriptor(x, [M, D], [x.stride(0), 1], [bm, bk])
         w1_src = TensorDescriptor(w1, [I, D], [D, 1], [bi, bk])

@@ -661,6 +661,14 @@ TILE_SUB: dict[tuple, tuple[tuple[int, float, int], ...]] = {
 TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 
 
+# From this many rows a TileSparseWeight on an sm_90 GPU takes the warp-specialised Gluon kernel
+# (kernels/tile_linear_ws.py) where it can run and no launch form was asked for (split_k, sub, pair, persistent,
+# _config, tma=False); None: never. Alone it is 0.92x this grid kernel at 4096 rows and 1.03x at 16384 (geometric
+# means over BERT-base's matrices, benchmarks/results/h200/ws/ws_ab.json); off until an engine-level A/B says where it
+# pays (scripts/ws_engine_ab.py).
+WS_MIN_ROWS: int | None = None
+
+
 def _dense_bucket(M: int) -> int:
     """The row bucket of the dense-weight tables: the small-batch path's 128 and 256 rows, then _m_bucket's."""
     return 128 if M <= 128 else (256 if M <= 256 else _m_bucket(M))
@@ -712,6 +720,18 @@ def _weight_shape(x: torch.Tensor, w) -> tuple[int, int]:
     if dtype != x.dtype or device != x.device:
         raise EtformerError(f"weight is {dtype} on {device}, x is {x.dtype} on {x.device}; convert one of them")
     return N, K
+
+
+def _check_epilogue(x: torch.Tensor, M: int, N: int, bias, residual) -> None:
+    """A clear error for a bias or residual that does not fit Y [M, N] on x's device."""
+    if bias is not None:
+        check_tensor("bias", bias, dims=1, device=x.device)
+        if bias.shape[0] != N:
+            raise EtformerError(f"bias has {bias.shape[0]} entries, expected {N}")
+    if residual is not None:
+        check_tensor("residual", residual, dims=2, device=x.device)
+        if tuple(residual.shape) != (M, N) or residual.stride(1) != 1:
+            raise EtformerError(f"residual must be a row-major [{M}, {N}] tensor, got {tuple(residual.shape)}")
 
 
 def _tma_ok(x: torch.Tensor, w) -> bool:
@@ -865,14 +885,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     _act_code(activation)
     M, K = x.shape
     N, _ = _weight_shape(x, w)
-    if bias is not None:
-        check_tensor("bias", bias, dims=1, device=x.device)
-        if bias.shape[0] != N:
-            raise EtformerError(f"bias has {bias.shape[0]} entries, expected {N}")
-    if residual is not None:
-        check_tensor("residual", residual, dims=2, device=x.device)
-        if tuple(residual.shape) != (M, N) or residual.stride(1) != 1:
-            raise EtformerError(f"residual must be a row-major [{M}, {N}] tensor, got {tuple(residual.shape)}")
+    _check_epilogue(x, M, N, bias, residual)
     if out is not None:
         check_tensor("out", out, dims=2, device=x.device)
         if out.shape[0] != M or out_col < 0 or out_col + N > out.shape[1] or out.stride(1) != 1:
@@ -891,6 +904,12 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
+    if (WS_MIN_ROWS is not None and M >= WS_MIN_ROWS and isinstance(w, TileSparseWeight) and x.is_cuda
+            and split_k in (None, 1) and not persistent and sub in (None, 1) and not pair and _config is None
+            and tma is not False):
+        from .tile_linear_ws import tile_linear_ws, tile_linear_ws_supported
+        if tile_linear_ws_supported(x, w, out, out_col) is None:
+            return tile_linear_ws(x, w, bias, activation=activation, residual=residual, out=out, out_col=out_col)
     if out is None:
         out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
     if M == 0:

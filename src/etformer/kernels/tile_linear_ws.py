@@ -16,6 +16,10 @@ The grid is persistent (programs per SM x SMs, at most one program an item); ite
 kernel's order (groups of GROUP_M row blocks sweep the block-rows, heaviest block-row first), so the heaviest work
 starts first.
 
+Opt-in: tile_linear takes it from tile_linear.WS_MIN_ROWS rows (None by default). Measured on the H200 it is 0.92x
+the grid kernel at 4096 rows and 1.03x at 16384 (WS_DEFAULT below), and no faster in the encoder
+(benchmarks/results/h200/ws/, docs/NOTES.md item 15).
+
 Gluon kernels run on sm_90 GPUs only: no interpreter. tile_linear_ws_supported() says whether a call can take it;
 the CPU tests compile it for sm_90 (scripts/compile_sm90.py) and check the host-side planning, and the GPU tests
 check its output against tile_linear_reference.
@@ -29,7 +33,7 @@ import torch
 from ..errors import EtformerError
 from ..sparse.tiles import TileSparseWeight
 from ._common import capability, check_tensor
-from .tile_linear import _act_code, _row_order, _weight_shape, tile_linear_reference
+from .tile_linear import _act_code, _check_epilogue, _row_order, _weight_shape, tile_linear_reference
 
 try:
     from triton.experimental import gluon
@@ -49,7 +53,7 @@ except Exception:  # pragma: no cover - Triton without Gluon's Hopper support
 # grid kernel (benchmarks/results/h200/ws/ws_ab.json: BERT-base's four matrices with their bias, FFN-in with GELU,
 # 128x64 tiles at densities 1, 0.5 (balanced and random block-rows) and 0.25, graphs of 20 calls), geometric mean of
 # tile_linear's time over this kernel's: two consumers and 5 stages 0.917x at 4096 rows and 1.034x at 16384 (QKV
-# 1.08-1.15x there); 4 stages 0.908x / 1.033x; one consumer with two programs an SM 0.859x / 0.954x.
+# 1.03-1.15x there); 4 stages 0.908x / 1.033x; one consumer with two programs an SM 0.859x / 0.954x.
 WS_DEFAULT = (128, 5, 2, 1)
 # Registers a thread of the loader warp keeps (it holds scalars only), and the consumers' with two of them.
 LOADER_REGS = 40
@@ -313,14 +317,7 @@ def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | No
     why = tile_linear_ws_supported(x, w, out, out_col)
     if why:
         raise EtformerError(why)
-    if bias is not None:
-        check_tensor("bias", bias, dims=1, device=x.device)
-        if bias.shape[0] != N:
-            raise EtformerError(f"bias has {bias.shape[0]} entries, expected {N}")
-    if residual is not None:
-        check_tensor("residual", residual, dims=2, device=x.device)
-        if tuple(residual.shape) != (M, N) or residual.stride(1) != 1:
-            raise EtformerError(f"residual must be a row-major [{M}, {N}] tensor, got {tuple(residual.shape)}")
+    _check_epilogue(x, M, N, bias, residual)
     if out is None:
         out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
     if M == 0:
