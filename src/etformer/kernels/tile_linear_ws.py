@@ -42,7 +42,8 @@ try:
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-    # Bulk tensor copies: async_load / async_store from Triton 3.7 on, async_copy_* before (3.6, the GPU machines')
+    # Bulk tensor copies: async_load / async_store in newer Tritons (3.9, the CPU venv's), async_copy_* in 3.6 (the
+    # GPU machines')
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     HAS_GLUON = True
@@ -333,7 +334,7 @@ def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | No
     y_desc = GluonDescriptor(y_view, [M, N], [out.stride(0), 1], [block_m, BN], shared_layout([block_m, BN], x.dtype))
     items = -(-M // block_m) * (-(-N // BN))
     grid = (max(1, min(items, _sms(x.device.index) * per_sm)), )
-    act = {0: 0, 1: 1, 2: 2}[code if code in (0, 2) else 1]
+    act = code if code in (0, 2) else 1  # every GELU form: the kernel's polynomial erf
     _tile_linear_ws_kernel[grid](
         x_desc, w_desc, y_desc, _block_rows(w), w.col_idx, bias if bias is not None else x,
         residual if residual is not None else x, M, N, w.nnz_tiles, residual.stride(0) if residual is not None else 0,
