@@ -298,9 +298,12 @@ class Linear:
             return self.sparse
         if small and _small_on_kernels(x):
             return self.sparse if (self.sparse is not None and SMALL_SPARSE) else self.dense_weight
+        # A dense matrix with an activation at scale: one tile-kernel launch reading the weight in place with the
+        # activation fused, instead of cuBLAS and an activation kernel. With TMA loads only: the pointer-load form
+        # (before sm_90, unaligned x, USE_TMA off) stays on cuBLAS.
         if (activation is not None and self.sparse is None and self.forced is None and DENSE_ACT_KERNEL and not small
-                and _tma_on(x, self.dense_weight)):  # the pointer-load path (before sm_90, unaligned x, USE_TMA off)
-            return self.dense_weight  # stays on cuBLAS; here cuBLAS + an activation kernel -> one fused launch
+                and _tma_on(x, self.dense_weight)):
+            return self.dense_weight
         return None
 
     def small_weight(self, x, backend="auto"):

@@ -907,9 +907,9 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     if (WS_MIN_ROWS is not None and M >= WS_MIN_ROWS and isinstance(w, TileSparseWeight) and x.is_cuda
             and split_k in (None, 1) and not persistent and sub in (None, 1) and not pair and _config is None
             and tma is not False):
-        from .tile_linear_ws import tile_linear_ws, tile_linear_ws_supported
-        if tile_linear_ws_supported(x, w, out, out_col) is None:
-            return tile_linear_ws(x, w, bias, activation=activation, residual=residual, out=out, out_col=out_col)
+        from . import tile_linear_ws as ws  # the arguments are checked above; what Gluon needs, here
+        if ws.tile_linear_ws_supported(x, w, out, out_col) is None:
+            return ws.launch(x, w, bias, _activation_id(activation), residual, out, out_col)
     if out is None:
         out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
     if M == 0:

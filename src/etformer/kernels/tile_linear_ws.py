@@ -33,7 +33,7 @@ import torch
 from ..errors import EtformerError
 from ..sparse.tiles import TileSparseWeight
 from ._common import capability, check_tensor
-from .tile_linear import _act_code, _check_epilogue, _row_order, _weight_shape, tile_linear_reference
+from .tile_linear import _activation_id, _check_epilogue, _row_order, _weight_shape, tile_linear_reference
 
 try:
     from triton.experimental import gluon
@@ -292,6 +292,8 @@ def tile_linear_ws_supported(x: torch.Tensor, w, out: torch.Tensor | None = None
     e = x.element_size()
     if x.stride(1) != 1 or x.data_ptr() % 16 or (x.stride(0) * e) % 16 or w.values.data_ptr() % 16:
         return "X and the tile values must be 16-byte aligned and row-major"
+    if out is not None and out.dtype != x.dtype:
+        return f"the output must be {x.dtype}, as x is, not {out.dtype}"
     if out is not None and ((out.data_ptr() + out_col * e) % 16 or (out.stride(0) * e) % 16 or out.stride(1) != 1):
         return "the output slice must be 16-byte aligned and row-major"
     if w.nnz_tiles == 0:
@@ -307,34 +309,40 @@ def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | No
     config: (BLOCK_M, STAGES, CONSUMERS, programs per SM); None: WS_DEFAULT. Raises EtformerError where the kernel
     cannot run (tile_linear_ws_supported says why)."""
     check_tensor("x", x, dims=2, dtypes=(torch.float16, torch.bfloat16))
-    code = _act_code(activation)  # validates the name
+    act = _activation_id(activation)  # every GELU runs the kernel's polynomial erf
     M, K = x.shape
     N, _ = _weight_shape(x, w)
     if out is not None:
         check_tensor("out", out, dims=2, device=x.device)
-        if out.shape[0] != M or out_col < 0 or out_col + N > out.shape[1] or out.dtype != x.dtype:
-            raise EtformerError(f"out {tuple(out.shape)} {out.dtype} cannot take columns [{out_col}, {out_col + N}) "
-                                f"of {M} rows of {x.dtype}")
+        if out.shape[0] != M or out_col < 0 or out_col + N > out.shape[1]:
+            raise EtformerError(f"out {tuple(out.shape)} cannot take columns [{out_col}, {out_col + N}) of {M} rows")
     why = tile_linear_ws_supported(x, w, out, out_col)
     if why:
         raise EtformerError(why)
     _check_epilogue(x, M, N, bias, residual)
+    if config is not None and (config[2] not in (1, 2) or config[1] < 1 or config[0] not in (64, 128)):
+        raise EtformerError(f"config {config} must have BLOCK_M 64 or 128, STAGES >= 1 and 1 or 2 consumers")
+    return launch(x, w, bias, act, residual, out, out_col, config)
+
+
+def launch(x, w, bias, act: int, residual, out, out_col: int, config=None) -> torch.Tensor:
+    """The kernel launch, for arguments already checked (tile_linear_ws, or tile_linear routing to it after its own
+    checks and tile_linear_ws_supported): act is 0 none, 1 GELU, 2 ReLU; config None: WS_DEFAULT."""
+    M, K = x.shape
+    N = w.out_features
     if out is None:
         out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
     if M == 0:
         return out
     block_m, stages, consumers, per_sm = config or WS_DEFAULT
-    if consumers not in (1, 2) or stages < 1 or block_m not in (64, 128):
-        raise EtformerError(f"config {config} must have BLOCK_M 64 or 128, STAGES >= 1 and 1 or 2 consumers")
     BN, BK = w.tile
     vals = w.values.view(-1, BK)
     x_desc = GluonDescriptor(x, [M, K], [x.stride(0), 1], [block_m, BK], shared_layout([block_m, BK], x.dtype))
     w_desc = GluonDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK], shared_layout([BN, BK], x.dtype))
-    y_view = out[:, out_col:]
-    y_desc = GluonDescriptor(y_view, [M, N], [out.stride(0), 1], [block_m, BN], shared_layout([block_m, BN], x.dtype))
+    y_desc = GluonDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [block_m, BN],
+                             shared_layout([block_m, BN], x.dtype))
     items = -(-M // block_m) * (-(-N // BN))
     grid = (max(1, min(items, _sms(x.device.index) * per_sm)), )
-    act = code if code in (0, 2) else 1  # every GELU form: the kernel's polynomial erf
     _tile_linear_ws_kernel[grid](
         x_desc, w_desc, y_desc, _block_rows(w), w.col_idx, bias if bias is not None else x,
         residual if residual is not None else x, M, N, w.nnz_tiles, residual.stride(0) if residual is not None else 0,
@@ -345,6 +353,5 @@ def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | No
     return out
 
 
-def tile_linear_ws_reference(x, w, bias=None, activation=None, residual=None):
-    """The reference the warp-specialised kernel is tested against (tile_linear's)."""
-    return tile_linear_reference(x, w, bias, activation, residual)
+# The plain-PyTorch reference: the operation is tile_linear's.
+tile_linear_ws_reference = tile_linear_reference
