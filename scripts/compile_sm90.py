@@ -40,14 +40,21 @@ p16, i32 = "*fp16", "*i32"
 C = "constexpr"
 
 
+# the grid tile kernel's deferred-LayerNorm arguments (row moments in, folded column sums, residual LayerNorm, moments out)
+LN_SIG = {"xs_ptr": "*fp32", "colsum_ptr": "*fp32", "rs_ptr": "*fp32", "rg_ptr": p16, "rb_ptr": p16, "so_ptr": "*fp32",
+          "x_inv_d": "fp32", "x_eps": "fp32", "r_inv_d": "fp32", "r_eps": "fp32"}
+
+
 def tile_sig(tma, bm=128, bn=128):
     """The grid tile kernel's signature, 128x64 tiles, bm-row blocks of X, bn rows of each tile a program."""
     return {"x_src": f"tensordesc<fp16[{bm},64]>" if tma else p16, "w_src": f"tensordesc<fp16[{bn},64]>" if tma else p16,
             "w_ptr": p16, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
             "y_ptr": p16, "y_desc": f"tensordesc<fp16[{bm},128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32",
-            "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C,
+            "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", **LN_SIG,
+            "r_desc": f"tensordesc<fp16[{bm},128]>" if tma else p16, "BN": C, "BK": C,
             "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
-            "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C}
+            "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C,
+            "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C}
 
 
 def tile_stats():
@@ -61,13 +68,21 @@ def tile_stats():
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
     cases = [("no activation", 0, False, False, 4, 4), ("GELU, libdevice erf", 1, False, False, 4, 4),
              ("GELU, polynomial erf", 3, False, False, 4, 4), ("GELU, polynomial erf, 8 warps", 3, False, False, 8, 4),
-             ("residual", 0, True, False, 4, 4), ("dense weight in place, 4 stages", 3, False, True, 4, 4),
-             ("dense weight in place, 2 stages", 3, False, True, 4, 2)]
+             ("residual, pointer load", 0, True, False, 4, 4, 0, 0, 0, False),
+             ("residual, descriptor load (RES_TMA)", 0, True, False, 4, 4, 0, 0, 0, True),
+             ("dense weight in place, 4 stages", 3, False, True, 4, 4),
+             ("dense weight in place, 2 stages", 3, False, True, 4, 2),
+             ("deferred LayerNorm: folded input, GELU", 3, False, False, 4, 4, 6, 0, 0, False),
+             ("deferred LayerNorm: residual LayerNorm, row moments, pointer load", 0, True, False, 4, 4, 0, 6, 6, False),
+             ("deferred LayerNorm: residual LayerNorm, row moments, descriptor load", 0, True, False, 4, 4, 0, 6, 6,
+              True)]
     print(f"Triton {triton.__version__}, sm_90; grid tile kernel, 128x64 tiles, 128-row blocks, TMA, bias")
-    for name, act, res, dense, warps, stages in cases:
+    for name, act, res, dense, warps, stages, *ln in cases:
+        xs, rs, so, res_tma = ln or (0, 0, 0, False)
         consts = {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
                   "FP32_DOT": False, "TMA": True, "TMA_STORE": True, "DENSE_W": dense, "PDL": False, "PREFETCH": 0,
-                  "LINE": 64, "BIAS_EARLY": False, "SUB": 1, "PAIR": False}
+                  "LINE": 64, "BIAS_EARLY": False, "SUB": 1, "PAIR": False, "XS_P": xs, "RS_P": rs, "SO_P": so,
+                  "RES_TMA": res_tma}
         k = triton.compile(ASTSource(fn=T._tile_linear_kernel, signature=tile_sig(True), constexprs=consts),
                            target=tgt, options={"num_warps": warps, "num_stages": stages})
         with tempfile.TemporaryDirectory() as d:
@@ -97,12 +112,23 @@ for tma in (False, True):
     comp(T._tile_linear_kernel, tile_sig(tma),
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": True,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
-          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False},
+          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False, "XS_P": 0, "RS_P": 0,
+          "SO_P": 0, "RES_TMA": tma},
          f"tile_linear tma={tma} tma_store={tma}", stages=4)
+    # deferred LayerNorm: a folded input with GELU (FFN-in), and a normalised residual with row moments out (FFN-out)
+    for xs, rs, so, act, res, what in ((6, 0, 0, 3, False, "folded input + GELU"),
+                                       (0, 6, 6, 0, True, "residual LayerNorm (descriptor load) + row moments")):
+        comp(T._tile_linear_kernel, tile_sig(tma),
+             {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
+              "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
+              "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False, "XS_P": xs,
+              "RS_P": rs, "SO_P": so, "RES_TMA": tma and res},
+             f"tile_linear tma={tma}, deferred LayerNorm: {what}", stages=4)
     comp(T._tile_linear_kernel, tile_sig(tma, 64, 32),
          {"BN": 32, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": False,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": False, "DENSE_W": False, "PDL": tma,
-          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 4, "PAIR": True},
+          "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 4, "PAIR": True, "XS_P": 0, "RS_P": 0,
+          "SO_P": 0, "RES_TMA": False},
          f"tile_linear tma={tma}, 4 programs a block-row, two tiles a trip (SUB, PAIR)", stages=4)
     xs = "tensordesc<fp16[64,64]>" if tma else p16
     comp(T._tile_linear_splitk_kernel,
@@ -130,12 +156,13 @@ if flat_ptx is not None:  # pipelined: the first steps' two bulk loads issued be
 comp(T._tile_linear_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w_src": "tensordesc<fp16[64,64]>", "w_ptr": p16, "row_ptr": p16, "col_idx": p16,
       "order_ptr": p16, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "y_desc": p16, "M": "i32", "N": "i32",
-      "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", "BN": C, "BK": C,
-      "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C, "TMA_STORE": C,
-      "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C},
+      "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", **LN_SIG,
+      "r_desc": p16, "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
+      "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C,
+      "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C},
      {"BN": 64, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": False,
       "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True, "PDL": True, "PREFETCH": 1, "LINE": 64, "BIAS_EARLY": True, "SUB": 1,
-      "PAIR": False},
+      "PAIR": False, "XS_P": 0, "RS_P": 0, "SO_P": 0, "RES_TMA": False},
      "tile_linear dense W", stages=4)
 comp(F._ffn_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w1_src": "tensordesc<fp16[128,64]>", "b1_ptr": p16,

@@ -29,7 +29,7 @@ def test_kernels_compile_for_sm90(toolchain):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [l for l in r.stdout.splitlines() if ": compiled" in l]
-    assert len(lines) == 22, r.stdout
+    assert len(lines) == 26, r.stdout
     for name in ("tile_linear tma=False tma_store=False:", "tile_linear tma=True tma_store=True:",
                  "tile_linear split-K tma=False:", "tile_linear split-K tma=True:", "attention one_pass=True:",
                  "attention one_pass=False:", "tile_linear dense W:", "fused FFN:", "encoder layer (persistent):",
@@ -37,7 +37,10 @@ def test_kernels_compile_for_sm90(toolchain):
                  "attention + O projection partials key_mask:", "tile_linear persistent (flat):",
                  "tile_linear tma=False, 4 programs a block-row, two tiles a trip (SUB, PAIR):",
                  "tile_linear tma=True, 4 programs a block-row, two tiles a trip (SUB, PAIR):",
-                 "tile_linear_ws consumers=2 stages=4:", "tile_linear_ws consumers=1 stages=2:"):
+                 "tile_linear_ws consumers=2 stages=4:", "tile_linear_ws consumers=1 stages=2:",
+                 "tile_linear tma=True, deferred LayerNorm: folded input + GELU:",
+                 "tile_linear tma=True, deferred LayerNorm: residual LayerNorm (descriptor load) + row moments:",
+                 "tile_linear tma=False, deferred LayerNorm: folded input + GELU:"):
         assert any(l.startswith(name) and "wgmma=True" in l for l in lines), (name, r.stdout)
     assert any(l.startswith("attention D=200:") and l.endswith("pipelining: True") for l in lines), r.stdout
     assert sum("partitions (setmaxnreg, bulk loads, mbarriers): True" in l for l in lines) == 2, r.stdout

@@ -212,6 +212,53 @@ def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("plan", [PruningPlan.uniform("tile", 0.5, (16, 16)), PruningPlan.attention_aware(0.6, (16, 16))])
+def test_deferred_layernorm_matches_hf(plan, monkeypatch):
+    """The post-LN stack with its LayerNorms deferred (DEFERRED_LN_MIN_TOKENS, lowered here to every batch): only the
+    embeddings' and the last LayerNorm run as add+LayerNorm launches, QKV and FFN-in read the un-normalised hidden
+    states through folded weights. Against HF in fp32 (interpreter) or, on a GPU, in fp16 within twice HF's own fp16
+    error, eager and replayed from a CUDA graph; and against the same engine with the LayerNorms applied."""
+    from conftest import tiny_bert
+    from etformer.engine import encoder as E
+
+    model = tiny_bert(layers=3, hidden=64, heads=2, inter=128)
+    with torch.no_grad():
+        for p, mask in hard_masks(model, plan).values():
+            p.mul_(mask)
+        for layer in model.encoder.layer:  # LayerNorms that are not the identity, so a fold that drops them shows
+            for ln in (layer.attention.output.LayerNorm, layer.output.LayerNorm):
+                ln.weight.copy_(1 + 0.3 * torch.randn_like(ln.weight))
+                ln.bias.copy_(0.2 * torch.randn_like(ln.bias))
+    dt = torch.float16 if DEVICE == "cuda" else torch.float32
+    enc = optimize(model, plan, dtype=dt, device=DEVICE, backend="triton")
+    enc.sync_free_max_tokens = 0
+    ids = torch.randint(1, 100, (3, 40))
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    monkeypatch.setattr(E, "DEFERRED_LN_MIN_TOKENS", None)
+    plain = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.float().cpu()
+    monkeypatch.setattr(E, "DEFERRED_LN_MIN_TOKENS", 0)
+    lns, folded = [], []
+    real_ln, real_tl = E.add_layernorm, E.tile_linear
+    monkeypatch.setattr(E, "add_layernorm", lambda *a, **k: lns.append(1) or real_ln(*a, **k))
+    monkeypatch.setattr(E, "tile_linear", lambda *a, **k: folded.append(k.get("x_norm") is not None) or real_tl(*a, **k))
+    y = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.float().cpu()
+    assert len(lns) == 2 and sum(folded) == 2 * 3 - 1  # embeddings + last; QKV of layers 1, 2 and every FFN-in
+    if DEVICE == "cpu":
+        assert _rel_on_tokens(y, ref, mask) < 1e-5 and _rel_on_tokens(y, plain, mask) < 1e-5
+    else:
+        hf16 = model.half().cuda()(input_ids=ids.cuda(), attention_mask=mask.cuda()).last_hidden_state.float().cpu()
+        model.float()
+        limit = 2 * _rel_on_tokens(hf16, ref, mask)
+        assert _rel_on_tokens(y, ref, mask) <= limit and _rel_on_tokens(plain, ref, mask) <= limit
+        enc.use_graphs = True
+        for _ in range(2):  # capture (the folds exist already), then replay
+            yg = enc(ids.cuda(), mask.cuda()).last_hidden_state.float().cpu()
+            assert _rel_on_tokens(yg, ref, mask) <= limit
+
+
+@needs_triton
 @pytest.mark.parametrize("fused_layer", [False, True], ids=["", "fused-layer"])
 def test_graph_replay_with_new_mask_same_bucket(fused_layer, monkeypatch):
     """Batches with the same (B, S, T, max_len), or whose bucket is a captured graph, share it; the varlen indices

@@ -33,7 +33,8 @@ from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS, encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
 from ..kernels.padded import finish_padded
-from ..kernels.tile_linear import _dense_bucket, _tma_on, apply_activation, tile_linear, tile_linear_partials
+from ..kernels.tile_linear import (DeferredLN, _dense_bucket, _tma_on, apply_activation, fold_layernorm, tile_linear,
+                                   tile_linear_partials)
 from ..sparse.tiles import TileSparseWeight
 
 # Tile density at or above which a matrix runs on cuBLAS instead: on the H200 the TMA tile kernel is 0.87-0.93x cuBLAS
@@ -145,6 +146,15 @@ GRAPH_ROW_MULTIPLE = 64
 # with 1 to 32 (129: 405.6 -> 378.2, 160: 383.7 -> 378.9, 213: 429.4 -> 412.8) and loses with 40 to 63 (168: 375.4 ->
 # 379.1, 184: 371.8 -> 378.5, 240: 410.3 -> 413.8, 255: 407.2 -> 413.2).
 GRAPH_ROW_ROUND_MAX_FILL = {128: 48, 256: 32}
+# Deferred LayerNorm: where every matrix of a post-LN stack runs on its tiles (from this many tokens), no LayerNorm
+# after the embeddings' runs as a pass of its own until the last. The output projection and FFN-out write the
+# un-normalised sum X and each row's partial moments (sum, sum of squares per column block) from their epilogues; the
+# next GEMM reads X with the LayerNorm folded into its weight (W diag(gamma), tile pattern unchanged; the mean
+# subtracted and 1/std applied per row in its epilogue, W beta + b as its bias), and the next residual is normalised
+# as it is loaded. 23 of the 25 add+LayerNorm launches of a 12-layer forward go, and with them a write and a read of
+# every hidden state. The folded QKV and FFN-in tiles are a second copy of those matrices (built on first use).
+# Measured: see docs/NOTES.md (Engine, deferred LayerNorm). None turns it off.
+DEFERRED_LN_MIN_TOKENS: int | None = 2048
 
 
 def tile_min_rows(density: float) -> int:
@@ -375,6 +385,7 @@ class ETEncoder(torch.nn.Module):
         self.sync_free_max_tokens = SYNC_FREE_MAX_TOKENS if self.device.type == "cuda" else 0
         self._graphs: OrderedDict = OrderedDict()
         self._const_cache: dict = {}
+        self._folds: list | None = None  # per layer (QKV folded with the previous layer's LN2, FFN-in with its LN1)
 
     # ------------------------------------------------------------------ inputs
     def _validate(self, input_ids, attention_mask, token_type_ids):
@@ -513,6 +524,52 @@ class ETEncoder(torch.nn.Module):
                              L.ffn_out.dense_weight, L.ffn_out.bias, L.ln2, eps=cfg.eps, v_head_dim=L.v_width,
                              activation=cfg.activation, counter=counter, backend=self.backend)
 
+    def _deferred_folds(self, x) -> list | None:
+        """The folded weights when this batch runs with its LayerNorms deferred (DEFERRED_LN_MIN_TOKENS), else None:
+        a post-LN stack whose every matrix runs on its tiles for x. Built on first use (never inside a graph capture:
+        the warm-up calls before it build them)."""
+        cfg, bk = self.cfg, self.backend
+        if (DEFERRED_LN_MIN_TOKENS is None or x.shape[0] < DEFERRED_LN_MIN_TOKENS or cfg.norm_first
+                or not _on_kernels(x, bk)):
+            return None
+        for L in self.layers:
+            for lin, act in ((L.qkv, None), (L.o, None), (L.ffn_in, cfg.activation), (L.ffn_out, None)):
+                if lin.sparse is None or lin._operand(x, bk, act) is not lin.sparse:
+                    return None
+        if self._folds is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            prev = [None] + [L.ln2 for L in self.layers[:-1]]
+            self._folds = [(None if p is None else fold_layernorm(L.qkv.sparse, L.qkv.bias, *p),
+                            fold_layernorm(L.ffn_in.sparse, L.ffn_in.bias, *L.ln1)) for L, p in zip(self.layers, prev)]
+        return self._folds
+
+    def _deferred_stack(self, x, folds, attend):
+        """The post-LN layer stack with deferred LayerNorms (DEFERRED_LN_MIN_TOKENS): x normalised on entry (the
+        embeddings' LayerNorm), normalised on exit; in between each hidden state exists only un-normalised, with its
+        row moments."""
+        cfg, bk = self.cfg, self.backend
+        d, eps = cfg.hidden, cfg.eps
+        n = None  # the pending LayerNorm of x; None: x is normalised
+        for i, (L, (qkv_f, ffn_f)) in enumerate(zip(self.layers, folds)):
+            if n is None:
+                qkv = tile_linear(x, L.qkv.sparse, L.qkv.bias, backend=bk)
+            else:
+                qkv = tile_linear(x, qkv_f.weight, qkv_f.bias, x_norm=n, x_colsum=qkv_f.colsum, backend=bk)
+            x1, s1 = tile_linear(attend(qkv, L), L.o.sparse, L.o.bias, residual=x, residual_norm=n, row_stats=True,
+                                 backend=bk)
+            n1 = DeferredLN(s1, d, eps, *L.ln1)
+            f = tile_linear(x1, ffn_f.weight, ffn_f.bias, activation=cfg.activation, x_norm=n1, x_colsum=ffn_f.colsum,
+                            backend=bk)
+            last = i == len(self.layers) - 1
+            y = tile_linear(f, L.ffn_out.sparse, L.ffn_out.bias, residual=x1, residual_norm=n1, row_stats=not last,
+                            backend=bk)
+            if last:
+                return self._ln(y, None, L.ln2)
+            x, s2 = y
+            n = DeferredLN(s2, d, eps, *L.ln2)
+        return x
+
     def _linear_ln(self, lin: Linear, a, r, wb):
         """LN(lin(a) + r): through split-K partial sums on the small-batch path, else one linear then add+LN."""
         ws = lin.partial_sums(a, self.backend)
@@ -540,6 +597,10 @@ class ETEncoder(torch.nn.Module):
             return attention(qkv, cu, max_len, H, D, v_head_dim=L.v_width, causal=causal, key_mask=key_mask,
                              backend=bk)
 
+        folds = self._deferred_folds(x)
+        if folds is not None:
+            x = self._deferred_stack(x, folds, attend)
+            return x if self.final_norm is None else ln(x, None, self.final_norm)
         if key_mask is None and self._fused_layers(x, causal):  # one zeroed barrier counter a layer, one memset for all
             counters = torch.zeros(len(self.layers), dtype=torch.int32, device=x.device)
             for i, L in enumerate(self.layers):

@@ -64,15 +64,92 @@ def apply_activation(y: torch.Tensor, activation) -> torch.Tensor:
     return torch.nn.functional.gelu(y) if code == 1 else (torch.relu(y) if code == 2 else y)
 
 
-def tile_linear_reference(x, w, bias=None, activation=None, residual=None):
-    """fp32 math on the dense form of w (a TileSparseWeight or a dense tensor); returns x.dtype."""
+class DeferredLN(NamedTuple):
+    """A LayerNorm not yet applied to a matrix X [M, d]: LN(X) = (X - mean) / sqrt(var + eps) * weight + bias, with
+    each row's mean and variance from stats [M, P, 2] fp32, its sum and sum of squares over P column blocks (what
+    tile_linear(..., row_stats=True) returns beside X). weight and bias (gamma, beta) are needed where the normalised
+    values themselves are used (a residual); an input folded into the next weight (fold_layernorm) carries them there."""
+
+    stats: torch.Tensor
+    d: int
+    eps: float
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+class FoldedLinear(NamedTuple):
+    """LN(X) W^T + b as a linear of the un-normalised X (fold_layernorm): weight = W diag(gamma), colsum = weight's row
+    sums (fp32, of the stored values), bias = W beta + b (fp32)."""
+
+    weight: object  # TileSparseWeight or dense [N, K]
+    colsum: torch.Tensor
+    bias: torch.Tensor
+
+
+def _moments(n: DeferredLN):
+    s = n.stats.float().sum(1)
+    mean = s[:, 0] / n.d
+    var = (s[:, 1] / n.d - mean * mean).clamp_min(0)
+    return mean[:, None], torch.rsqrt(var + n.eps)[:, None]
+
+
+def deferred_ln_reference(x: torch.Tensor, n: DeferredLN) -> torch.Tensor:
+    """LN(x) in fp32 from the deferred moments (weight and bias applied when present)."""
+    mean, rstd = _moments(n)
+    h = (x.float() - mean) * rstd
+    if n.weight is not None:
+        h = h * n.weight.float() + n.bias.float()
+    return h
+
+
+def row_stats_reference(y: torch.Tensor) -> torch.Tensor:
+    """[M, 1, 2]: each row's sum and sum of squares of y, in fp32."""
+    y = y.float()
+    return torch.stack([y.sum(1), (y * y).sum(1)], 1)[:, None, :]
+
+
+def tile_linear_reference(x, w, bias=None, activation=None, residual=None, x_norm=None, x_colsum=None,
+                          residual_norm=None):
+    """fp32 math on the dense form of w (a TileSparseWeight or a dense tensor); returns x.dtype.
+    x_norm (with x_colsum): w is folded (fold_layernorm) and x un-normalised: Y = rstd (X W^T - mean colsum) + bias.
+    residual_norm: the residual is normalised first (deferred_ln_reference)."""
     y = x.float() @ _dense_of(w).float().t()
+    if x_norm is not None:
+        mean, rstd = _moments(x_norm)
+        y = (y - mean * x_colsum.float()[None, :]) * rstd
     if bias is not None:
         y = y + bias.float()
     y = apply_activation(y, activation)
     if residual is not None:
-        y = y + residual.float()
+        y = y + (residual.float() if residual_norm is None else deferred_ln_reference(residual, residual_norm))
     return y.to(x.dtype)
+
+
+def fold_layernorm(w, bias: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor) -> FoldedLinear:
+    """Fold a LayerNorm that precedes a linear into it: LN(X) W^T + b = rstd (X W'^T - mean W' 1) + W beta + b with
+    W' = W diag(gamma). w: a TileSparseWeight (its tile pattern is kept: scaling columns keeps zero tiles zero) or a
+    dense [N, K] tensor. The column sums are taken from W' as stored, so the mean cancels exactly against the GEMM."""
+    dense = _dense_of(w)
+    K = dense.shape[1]
+    for name, t in (("gamma", gamma), ("beta", beta)):
+        check_tensor(name, t, dims=1, device=dense.device)
+        if t.shape[0] != K:
+            raise EtformerError(f"{name} has {t.shape[0]} entries, the weight has {K} input features")
+    if isinstance(w, TileSparseWeight):  # scale each stored tile by its columns' gamma: the same tiles, kept or not
+        bk = w.tile[1]
+        g = torch.zeros(w.n_block_cols * bk, device=w.device, dtype=torch.float32)
+        g[:K] = gamma.float()
+        scale = g.view(-1, bk)[w.col_idx.long()][:, None, :]
+        folded = TileSparseWeight(w.out_features, K, w.tile, w.row_ptr, w.col_idx,
+                                  (w.values.float() * scale).to(w.dtype).contiguous())
+        scaled = folded.to_dense()
+    else:
+        scaled = (dense.float() * gamma.float()[None, :]).to(dense.dtype)
+        folded = scaled
+    c = dense.float() @ beta.float()
+    if bias is not None:
+        c = c + bias.float()
+    return FoldedLinear(folded, scaled.float().sum(1), c)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -213,27 +290,77 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _row_moments(stats_ptr, offs_m, m_mask, inv_d, eps, P: tl.constexpr):
+        """Mean and 1/sqrt(var + eps) of rows offs_m from their P partial (sum, sum of squares) pairs, stats
+        [M, P, 2] fp32 (tile_linear's row_stats). P is a compile-time count: the loads unroll and issue together."""
+        base = stats_ptr + offs_m.to(tl.int64) * (2 * P)
+        s = tl.load(base, mask=m_mask, other=0.0)
+        q = tl.load(base + 1, mask=m_mask, other=0.0)
+        for p in tl.static_range(1, P):
+            s += tl.load(base + 2 * p, mask=m_mask, other=0.0)
+            q += tl.load(base + 2 * p + 1, mask=m_mask, other=0.0)
+        mean = s * inv_d
+        var = tl.maximum(q * inv_d - mean * mean, 0.0)
+        return mean, tl.rsqrt(var + eps)
+
+    @triton.jit
     def _epilogue(acc, row0, col0, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
+                  xs_ptr, colsum_ptr, rs_ptr, rg_ptr, rb_ptr, so_ptr, x_inv_d, x_eps, r_inv_d, r_eps, r_desc,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                  HAS_RES: tl.constexpr, TMA_STORE: tl.constexpr):
+                  HAS_RES: tl.constexpr, TMA_STORE: tl.constexpr, XS_P: tl.constexpr = 0, RS_P: tl.constexpr = 0,
+                  SO_P: tl.constexpr = 0, RES_TMA: tl.constexpr = False):
         """The (BLOCK_M x BN) block of Y at (row0, col0): + bias, activation, + residual, store (into the column
-        slice at out_col; through the descriptor y_desc when TMA_STORE)."""
+        slice at out_col; through the descriptor y_desc when TMA_STORE).
+
+        Deferred LayerNorm (XS_P, RS_P, SO_P: partial-stat counts, 0 = off):
+        XS_P: X is the un-normalised input of a LayerNorm folded into W (W' = W diag(gamma)); with its row moments
+        from xs_ptr and colsum = W' 1, acc becomes rstd (acc - mean colsum), so bias_ptr carries W beta + b.
+        RS_P: the residual is un-normalised too; it is normalised on load (moments from rs_ptr, gamma rg_ptr, beta rb_ptr).
+        SO_P: each row's sum and sum of squares over this block's stored (rounded) values go to so_ptr [M, SO_P, 2]
+        at this block's column index, for the next consumer's moments.
+        RES_TMA: the residual block comes through the descriptor r_desc (a bulk copy into shared memory), so the
+        epilogue stays in the accumulator's register layout. A pointer load is coalesced along the row: the compiler
+        then moves the accumulator into a layout where every thread holds one column of all the block's rows, and each
+        per-row value (the moments, the row sums) is computed by every thread (sm_90 compile: 2752 bytes spilled,
+        39 FP32 instructions an output element at 64-row blocks, benchmarks/results/cpu/sm90_tile_stats.txt)."""
         offs_m = row0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         cols = col0 + tl.arange(0, BN)
         n_mask = cols < N
+        if XS_P > 0:
+            mean, rstd = _row_moments(xs_ptr, offs_m, m_mask, x_inv_d, x_eps, XS_P)
+            cs = tl.load(colsum_ptr + cols, mask=n_mask, other=0.0)
+            acc = (acc - mean[:, None] * cs[None, :]) * rstd[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         acc = _activate(acc, ACT)
         mask = m_mask[:, None] & n_mask[None, :]
         if HAS_RES:
-            res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask, other=0.0)
-            acc += res.to(tl.float32)
+            if RES_TMA:
+                res = r_desc.load([row0, col0]).to(tl.float32)
+            else:
+                res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask,
+                              other=0.0).to(tl.float32)
+            if RS_P > 0:
+                r_mean, r_rstd = _row_moments(rs_ptr, offs_m, m_mask, r_inv_d, r_eps, RS_P)
+                g = tl.load(rg_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+                b = tl.load(rb_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+                res = (res * r_rstd[:, None] - r_mean[:, None] * r_rstd[:, None]) * g[None, :] + b[None, :]
+            acc += res
+        if TMA_STORE:
+            yv = acc.to(y_desc.dtype)
+        else:
+            yv = acc.to(y_ptr.dtype.element_ty)
+        if SO_P > 0:  # rows past M are never stored; columns past N hold zeros (zero tiles, bias and residual)
+            v = yv.to(tl.float32)
+            so = so_ptr + offs_m.to(tl.int64) * (2 * SO_P) + 2 * (col0 // BN)
+            tl.store(so, tl.sum(v, 1), mask=m_mask)
+            tl.store(so + 1, tl.sum(v * v, 1), mask=m_mask)
         if TMA_STORE:  # bulk copy out of shared memory; rows and columns past the edge are clipped
-            y_desc.store([row0, col0], acc.to(y_desc.dtype))
+            y_desc.store([row0, col0], yv)
         else:
             y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_col + cols[None, :]
-            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y, yv, mask=mask)
 
     @triton.jit
     def _grid_item(pid, M, N, K, order_ptr, row_ptr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -268,11 +395,13 @@ if HAS_TRITON:
         x_src, w_src, w_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
         M, N, K,
         stride_xm, stride_ym, stride_rm, out_col,
+        xs_ptr, colsum_ptr, rs_ptr, rg_ptr, rb_ptr, so_ptr, x_inv_d, x_eps, r_inv_d, r_eps, r_desc,
         BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
         TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
         BIAS_EARLY: tl.constexpr = True, SUB: tl.constexpr = 1, PAIR: tl.constexpr = False,
+        XS_P: tl.constexpr = 0, RS_P: tl.constexpr = 0, SO_P: tl.constexpr = 0, RES_TMA: tl.constexpr = False,
     ):
         pid_m, lo, hi, w_row, col0 = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M,
                                                 GROUP_M, DENSE_W, SUB)
@@ -289,7 +418,9 @@ if HAS_TRITON:
         if HAS_BIAS and DENSE_W and BIAS_EARLY:
             acc += bias[None, :]
         _epilogue(acc, pid_m * BLOCK_M, col0, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
-                  BLOCK_M, BN, HAS_BIAS and not (DENSE_W and BIAS_EARLY), ACT, HAS_RES, TMA_STORE)
+                  xs_ptr, colsum_ptr, rs_ptr, rg_ptr, rb_ptr, so_ptr, x_inv_d, x_eps, r_inv_d, r_eps, r_desc,
+                  BLOCK_M, BN, HAS_BIAS and not (DENSE_W and BIAS_EARLY), ACT, HAS_RES, TMA_STORE, XS_P, RS_P, SO_P,
+                  RES_TMA)
 
 
     @triton.jit
@@ -368,12 +499,14 @@ if HAS_TRITON:
                 acc = tl.dot(xa, tl.trans(wt), acc)
             if last:  # the item's last tile: its epilogue, then a fresh accumulator
                 _epilogue(acc, row0, (code % num_r) * BN, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym,
-                          stride_rm, out_col, BLOCK_M, BN, HAS_BIAS, ACT, HAS_RES, TMA_STORE)
+                          stride_rm, out_col, y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, 1.0, 1.0, 1.0, 1.0, y_ptr,
+                          BLOCK_M, BN, HAS_BIAS, ACT, HAS_RES, TMA_STORE)
                 acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
         for e in range(tl.load(ends + pid), tl.load(ends + pid + 1)):  # block-rows without a kept tile
             code = tl.load(items_ptr + e)
             _epilogue(tl.zeros((BLOCK_M, BN), dtype=tl.float32), (code // num_r) * BLOCK_M, (code % num_r) * BN,
                       M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
+                      y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, 1.0, 1.0, 1.0, 1.0, y_ptr,
                       BLOCK_M, BN, HAS_BIAS, ACT, HAS_RES, TMA_STORE)
 
     @triton.jit
@@ -606,6 +739,8 @@ except Exception:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
 USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it per call
+# The grid kernel reads a residual through a tensor descriptor where it stores through one (see _epilogue, RES_TMA).
+RES_TMA = True
 
 
 # The small-batch path reads a dense W [N, K] in place, as (BN x BK) blocks, through the same kernels (DENSE_W), so a
@@ -732,6 +867,39 @@ def _check_epilogue(x: torch.Tensor, M: int, N: int, bias, residual) -> None:
         check_tensor("residual", residual, dims=2, device=x.device)
         if tuple(residual.shape) != (M, N) or residual.stride(1) != 1:
             raise EtformerError(f"residual must be a row-major [{M}, {N}] tensor, got {tuple(residual.shape)}")
+
+
+def _check_ln(name: str, n, M: int, device, affine: bool) -> None:
+    if not isinstance(n, DeferredLN):
+        raise EtformerError(f"{name} must be a DeferredLN, not {type(n).__name__}")
+    check_tensor(f"{name}.stats", n.stats, dims=3, dtypes=(torch.float32,), device=device)
+    if n.stats.shape[0] != M or n.stats.shape[2] != 2 or n.stats.shape[1] < 1 or not n.stats.is_contiguous():
+        raise EtformerError(f"{name}.stats must be a contiguous [{M}, P, 2] fp32 tensor, got {tuple(n.stats.shape)}")
+    if not (isinstance(n.d, int) and n.d > 0 and float(n.eps) > 0):
+        raise EtformerError(f"{name} needs a row length d > 0 and eps > 0, got d={n.d!r}, eps={n.eps!r}")
+    if affine and (n.weight is None or n.bias is None):
+        raise EtformerError(f"{name} needs the LayerNorm's weight and bias")
+
+
+def _check_deferred(x, M, N, K, x_norm, x_colsum, residual, residual_norm) -> None:
+    """Clear errors for tile_linear's deferred-LayerNorm arguments."""
+    if (x_norm is None) != (x_colsum is None):
+        raise EtformerError("x_norm and x_colsum go together (fold_layernorm gives the column sums)")
+    if x_norm is not None:
+        _check_ln("x_norm", x_norm, M, x.device, affine=False)
+        if x_norm.d != K:
+            raise EtformerError(f"x_norm.d is {x_norm.d}, x has {K} features")
+        check_tensor("x_colsum", x_colsum, dims=1, dtypes=(torch.float32,), device=x.device)
+        if x_colsum.shape[0] != N or x_colsum.stride(0) != 1:
+            raise EtformerError(f"x_colsum must be a contiguous [{N}] fp32 tensor, got {tuple(x_colsum.shape)}")
+    if residual_norm is not None:
+        if residual is None:
+            raise EtformerError("residual_norm without a residual")
+        _check_ln("residual_norm", residual_norm, M, x.device, affine=True)
+        for nm, t in (("weight", residual_norm.weight), ("bias", residual_norm.bias)):
+            check_tensor(f"residual_norm.{nm}", t, dims=1, device=x.device)
+            if t.shape[0] != N or t.stride(0) != 1:
+                raise EtformerError(f"residual_norm.{nm} has {t.shape[0]} entries, expected {N}")
 
 
 def _tma_ok(x: torch.Tensor, w) -> bool:
@@ -868,8 +1036,15 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, out_col: int = 0,
                 backend: str = "auto", _config: tuple[int, int, int] | None = None,
                 split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None,
-                persistent: bool | None = None, sub: int | None = None, pair: bool | None = None) -> torch.Tensor:
+                persistent: bool | None = None, sub: int | None = None, pair: bool | None = None,
+                x_norm: DeferredLN | None = None, x_colsum: torch.Tensor | None = None,
+                residual_norm: DeferredLN | None = None, row_stats: bool = False):
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N].
+
+    Deferred LayerNorm (the engine's post-LN layers at scale; grid kernel only, not with split_k, persistent):
+    x_norm and x_colsum: x is un-normalised and w, bias and x_colsum come from fold_layernorm, so Y = LN(x) W^T + b.
+    residual_norm: the residual is un-normalised; LN(residual) is added (residual_norm needs weight and bias).
+    row_stats: also return the output's row moments, [M, P, 2] fp32, for the next consumer's DeferredLN: (Y, stats).
 
     w: a TileSparseWeight (the kernel visits its kept tiles only) or a dense [N, K] tensor (read in place as
     DENSE_TILE blocks: the small-batch path, for the fused epilogues).
@@ -896,15 +1071,21 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         raise EtformerError("persistent=True and split_k > 1 are exclusive")
     if persistent and (sub or 1) > 1:
         raise EtformerError("persistent=True and sub > 1 are exclusive")
+    deferred = x_norm is not None or residual_norm is not None or row_stats
+    _check_deferred(x, M, N, K, x_norm, x_colsum, residual, residual_norm)
+    if deferred and (persistent or (split_k or 1) > 1):
+        raise EtformerError("x_norm, residual_norm and row_stats run on the grid kernel: not with persistent or split_k")
     if not use_triton(x, backend):
-        y = tile_linear_reference(x, w, bias, activation, residual)
-        if out is None:
-            return y
-        out[:, out_col:out_col + N] = y.to(out.dtype)
-        return out
+        y = tile_linear_reference(x, w, bias, activation, residual, x_norm, x_colsum, residual_norm)
+        if out is not None:
+            out[:, out_col:out_col + N] = y.to(out.dtype)
+            y = out[:, out_col:out_col + N]
+        return (out if out is not None else y, row_stats_reference(y)) if row_stats else (out if out is not None else y)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if (WS_MIN_ROWS is not None and M >= WS_MIN_ROWS and isinstance(w, TileSparseWeight) and x.is_cuda
+    if deferred:
+        split_k, persistent = 1, False
+    if (WS_MIN_ROWS is not None and M >= WS_MIN_ROWS and isinstance(w, TileSparseWeight) and x.is_cuda and not deferred
             and split_k in (None, 1) and not persistent and sub in (None, 1) and not pair and _config is None
             and tma is not False):
         from . import tile_linear_ws as ws  # the arguments are checked above; what Gluon needs, here
@@ -913,7 +1094,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     if out is None:
         out, out_col = torch.empty(M, N, device=x.device, dtype=x.dtype), 0
     if M == 0:
-        return out
+        return (out, torch.zeros(0, 1, 2, device=x.device, dtype=torch.float32)) if row_stats else out
     dummy = x
     act = _act_code(activation, x)
     if split_k is None and not persistent:
@@ -952,17 +1133,26 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
             HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
             TMA_STORE=tma_store, PDL=pdl, num_warps=L.warps, num_stages=L.stages, **pdl_kwargs(pdl))
         return out
+    stats = torch.empty(M, triton.cdiv(N, L.BN), 2, device=x.device, dtype=torch.float32) if row_stats else None
+    res_tma = RES_TMA and tma_store and residual is not None and _aligned(residual)
+    r_desc = TensorDescriptor(residual, [M, N], [residual.stride(0), 1], [L.block_m, L.BN]) if res_tma else dummy
+    xn, rn = x_norm, residual_norm
     _tile_linear_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN),)](
         x_src, w_src, _values(L.w), L.row_ptr, L.col_idx, dummy if L.dense else _row_order(L.w),
         bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, y_desc,
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
+        xn.stats if xn else dummy, x_colsum if xn else dummy, rn.stats if rn else dummy, rn.weight if rn else dummy,
+        rn.bias if rn else dummy, stats if row_stats else dummy, 1.0 / xn.d if xn else 1.0, xn.eps if xn else 1.0,
+        1.0 / rn.d if rn else 1.0, rn.eps if rn else 1.0, r_desc,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
-        TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, PAIR=L.pair, num_warps=L.warps, num_stages=L.stages,
+        TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, PAIR=L.pair,
+        XS_P=xn.stats.shape[1] if xn else 0, RS_P=rn.stats.shape[1] if rn else 0,
+        SO_P=stats.shape[1] if row_stats else 0, RES_TMA=res_tma, num_warps=L.warps, num_stages=L.stages,
         **_extras(x, L),
     )
-    return out
+    return (out, stats) if row_stats else out
 
 
 def flops(M: int, w: TileSparseWeight) -> float:
