@@ -1,7 +1,7 @@
 """Deferred LayerNorm (engine.encoder.DEFERRED_LN_MIN_TOKENS) and the residual read through a descriptor
 (tile_linear.RES_TMA): same-run A/Bs on the H200.
 
-    python3 scripts/deferred_ln_ab.py OUTDIR [--parts k,e,a]
+    python3 scripts/deferred_ln_ab.py OUTDIR [--parts k,s,a,e]
 
 k. Kernels, BERT-base matrices with their bias, 128x64 tiles at densities 0.5 and 0.25 (balanced random), 4096 and
    16384 rows, graphs of 20 calls, every output checked against fp32 math:
@@ -9,9 +9,12 @@ k. Kernels, BERT-base matrices with their bias, 128x64 tiles at densities 0.5 an
      launches); "deferred" = one tile GEMM with the residual normalised on load and the row moments written
      (residual_norm, row_stats); and the plain residual epilogue with RES_TMA off and on;
    - QKV and FFN-in (GELU): the plain GEMM on a normalised input against the folded GEMM on the raw one (x_norm).
+   The deferred forms with their row moments read before the K loop (EARLY_MOMENTS, shipped) and in the epilogue.
 e. Engine, BERT-base-shaped (random weights) pruned to 50% and 70% tiles: GPU time of the graphed forward with the
    LayerNorms applied (DEFERRED_LN_MIN_TOKENS None) and deferred (from 2048 tokens), alternating rounds, at 16x128,
    32x128, 8x512, 128x128 and 32x512; outputs compared.
+s. The deferred forms' launches (BLOCK_M, warps, stages) at 50% and 25% tiles, 4096 and 16384 rows, against the
+   shipped table's.
 a. Accuracy of both forms against Hugging Face's fp32 forward of the same pruned model (relative error on the hidden
    states), beside HF's own fp16 forward, at 32x128 and 8x512.
 Writes deferred_ln_ab.json.
@@ -71,7 +74,10 @@ def part_k(bad):
                 deferred = lambda: T.tile_linear(a, w, b, residual=raw, residual_norm=n, row_stats=True)  # noqa
                 plain_res = lambda: T.tile_linear(a, w, b, residual=h)  # noqa: E731
                 row = {"matrix": name, "M": M, "density": d}
-                for key, fn, ref in (("applied_us", applied, ref_app), ("deferred_us", deferred, ref_def)):
+                for key, fn, ref, early in (("applied_us", applied, ref_app, True),
+                                            ("deferred_late_moments_us", deferred, ref_def, False),
+                                            ("deferred_us", deferred, ref_def, True)):
+                    T.EARLY_MOMENTS = early
                     y = fn()
                     y = y[0] if isinstance(y, tuple) else y
                     e = rel(y, ref)
@@ -79,6 +85,7 @@ def part_k(bad):
                         bad.append(f"k {name} M={M} d={d} {key}: relative error {e:.2e}")
                     row[key] = t20(fn)
                     row[key.replace("_us", "_rel_err")] = e
+                T.EARLY_MOMENTS = True
                 for flag in (False, True):
                     T.RES_TMA = flag
                     e = rel(plain_res(), base + h.float())
@@ -100,14 +107,62 @@ def part_k(bad):
                 folded = lambda: T.tile_linear(raw, f.weight, f.bias, activation=act, x_norm=n,  # noqa: E731
                                                x_colsum=f.colsum)
                 row = {"matrix": name, "M": M, "density": d}
-                for key, fn in (("plain_us", plain), ("folded_us", folded)):
+                for key, fn, early in (("plain_us", plain, True), ("folded_late_moments_us", folded, False),
+                                       ("folded_us", folded, True)):
+                    T.EARLY_MOMENTS = early
                     e = rel(fn(), ref)
                     if not e < 1e-2:
                         bad.append(f"k {name} M={M} d={d} {key}: relative error {e:.2e}")
                     row[key] = t20(fn)
                     row[key.replace("_us", "_rel_err")] = e
+                T.EARLY_MOMENTS = True
                 rows.append(row)
                 print("k", row, flush=True)
+    return rows
+
+
+RES_CONFIGS = (None, (64, 4, 5), (64, 4, 4), (128, 4, 4), (128, 8, 4), (128, 4, 3))
+FOLD_CONFIGS = (None, (128, 4, 4), (128, 4, 3), (64, 4, 5), (128, 8, 4))
+
+
+def part_s(bad):
+    """Launches (BLOCK_M, warps, stages) for the deferred forms at 50% and 25% tiles: None is the shipped table's."""
+    rows = []
+    g = (1 + 0.2 * torch.randn(D, device="cuda")).half()
+    be = (0.1 * torch.randn(D, device="cuda")).half()
+    for M in (4096, 16384):
+        raw = (torch.randn(M, D, device="cuda") * 2 + torch.randn(M, 1, device="cuda")).half()
+        n = DeferredLN(_moments(raw), D, EPS, g, be)
+        for name, K, N, act in (("o", D, D, None), ("ffn_out", 3072, D, None), ("qkv", D, 2304, None),
+                                ("ffn_in", D, 3072, "gelu")):
+            a = raw if K == D and name in ("qkv", "ffn_in") else torch.randn(M, K, device="cuda", dtype=torch.float16)
+            b = torch.randn(N, device="cuda", dtype=torch.float16) * 0.1
+            for d in (0.5, 0.25):
+                W = random_tile_weight(K, N, TILE, d, torch.float16, seed=M + K + N)
+                w = TileSparseWeight.from_dense(W, TILE)
+                row = {"matrix": name, "M": M, "density": d}
+                if name in ("o", "ffn_out"):
+                    ref = a.float() @ W.float().t() + b.float() + _ln(raw, g, be)
+                    for cfg in RES_CONFIGS:
+                        fn = lambda c=cfg: T.tile_linear(a, w, b, residual=raw, residual_norm=n, row_stats=True,  # noqa
+                                                         _config=c)
+                        e = rel(fn()[0], ref)
+                        if not e < 1e-2:
+                            bad.append(f"s {name} M={M} d={d} {cfg}: relative error {e:.2e}")
+                        row["table" if cfg is None else "_".join(map(str, cfg))] = t20(fn)
+                else:
+                    f = fold_layernorm(w, b, g, be)
+                    ref = _ln(raw, g, be) @ W.float().t() + b.float()
+                    ref = F.gelu(ref) if act else ref
+                    for cfg in FOLD_CONFIGS:
+                        fn = lambda c=cfg: T.tile_linear(a, f.weight, f.bias, activation=act, x_norm=n,  # noqa: E731
+                                                         x_colsum=f.colsum, _config=c)
+                        e = rel(fn(), ref)
+                        if not e < 1e-2:
+                            bad.append(f"s {name} M={M} d={d} {cfg}: relative error {e:.2e}")
+                        row["table" if cfg is None else "_".join(map(str, cfg))] = t20(fn)
+                rows.append(row)
+                print("s", row, flush=True)
     return rows
 
 
@@ -169,6 +224,8 @@ def main(out, parts):
     res = {"env": env_info(), "command": f"python3 scripts/deferred_ln_ab.py OUTDIR --parts {','.join(parts)}"}
     if "k" in parts:
         res["kernels"] = part_k(bad)
+    if "s" in parts:
+        res["launches"] = part_s(bad)
     if "e" in parts or "a" in parts:
         models = _models((0.5, 0.7))
         if "a" in parts:
