@@ -54,7 +54,7 @@ def tile_sig(tma, bm=128, bn=128):
             "r_desc": f"tensordesc<fp16[{bm},128]>" if tma else p16, "BN": C, "BK": C,
             "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
             "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C,
-            "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C, "EARLY_MOMENTS": C}
+            "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C}
 
 
 def tile_stats():
@@ -83,7 +83,7 @@ def tile_stats():
         consts = {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
                   "FP32_DOT": False, "TMA": True, "TMA_STORE": True, "DENSE_W": dense, "PDL": False, "PREFETCH": 0,
                   "LINE": 64, "BIAS_EARLY": False, "SUB": 1, "PAIR": False, "XS_P": xs, "RS_P": rs, "SO_P": so,
-                  "RES_TMA": res_tma, "EARLY_MOMENTS": True}
+                  "RES_TMA": res_tma}
         k = triton.compile(ASTSource(fn=T._tile_linear_kernel, signature=tile_sig(True), constexprs=consts),
                            target=tgt, options={"num_warps": warps, "num_stages": stages})
         with tempfile.TemporaryDirectory() as d:
@@ -114,7 +114,7 @@ for tma in (False, True):
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": True,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
           "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False, "XS_P": 0, "RS_P": 0,
-          "SO_P": 0, "RES_TMA": tma, "EARLY_MOMENTS": False},
+          "SO_P": 0, "RES_TMA": tma},
          f"tile_linear tma={tma} tma_store={tma}", stages=4)
     # deferred LayerNorm: a folded input with GELU (FFN-in), and a normalised residual with row moments out (FFN-out)
     for xs, rs, so, act, res, what in ((6, 0, 0, 3, False, "folded input + GELU"),
@@ -123,13 +123,13 @@ for tma in (False, True):
              {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
               "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
               "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False, "XS_P": xs,
-              "RS_P": rs, "SO_P": so, "RES_TMA": tma and res, "EARLY_MOMENTS": True},
+              "RS_P": rs, "SO_P": so, "RES_TMA": tma and res},
              f"tile_linear tma={tma}, deferred LayerNorm: {what}", stages=4)
     comp(T._tile_linear_kernel, tile_sig(tma, 64, 32),
          {"BN": 32, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": False,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": False, "DENSE_W": False, "PDL": tma,
           "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 4, "PAIR": True, "XS_P": 0, "RS_P": 0,
-          "SO_P": 0, "RES_TMA": False, "EARLY_MOMENTS": False},
+          "SO_P": 0, "RES_TMA": False},
          f"tile_linear tma={tma}, 4 programs a block-row, two tiles a trip (SUB, PAIR)", stages=4)
     xs = "tensordesc<fp16[64,64]>" if tma else p16
     comp(T._tile_linear_splitk_kernel,
@@ -160,10 +160,10 @@ comp(T._tile_linear_kernel,
       "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", **LN_SIG,
       "r_desc": p16, "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
       "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C,
-      "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C, "EARLY_MOMENTS": C},
+      "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C},
      {"BN": 64, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": False,
       "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True, "PDL": True, "PREFETCH": 1, "LINE": 64, "BIAS_EARLY": True, "SUB": 1,
-      "PAIR": False, "XS_P": 0, "RS_P": 0, "SO_P": 0, "RES_TMA": False, "EARLY_MOMENTS": False},
+      "PAIR": False, "XS_P": 0, "RS_P": 0, "SO_P": 0, "RES_TMA": False},
      "tile_linear dense W", stages=4)
 comp(F._ffn_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w1_src": "tensordesc<fp16[128,64]>", "b1_ptr": p16,

@@ -9,7 +9,6 @@ k. Kernels, BERT-base matrices with their bias, 128x64 tiles at densities 0.5 an
      launches); "deferred" = one tile GEMM with the residual normalised on load and the row moments written
      (residual_norm, row_stats); and the plain residual epilogue with RES_TMA off and on;
    - QKV and FFN-in (GELU): the plain GEMM on a normalised input against the folded GEMM on the raw one (x_norm).
-   The deferred forms with their row moments read before the K loop (EARLY_MOMENTS, shipped) and in the epilogue.
 e. Engine, BERT-base-shaped (random weights) pruned to 50% and 70% tiles: GPU time of the graphed forward with the
    LayerNorms applied (DEFERRED_LN_MIN_TOKENS None) and deferred (from 2048 tokens), alternating rounds, at 16x128,
    32x128, 8x512, 128x128 and 32x512; outputs compared.
@@ -74,10 +73,7 @@ def part_k(bad):
                 deferred = lambda: T.tile_linear(a, w, b, residual=raw, residual_norm=n, row_stats=True)  # noqa
                 plain_res = lambda: T.tile_linear(a, w, b, residual=h)  # noqa: E731
                 row = {"matrix": name, "M": M, "density": d}
-                for key, fn, ref, early in (("applied_us", applied, ref_app, True),
-                                            ("deferred_late_moments_us", deferred, ref_def, False),
-                                            ("deferred_us", deferred, ref_def, True)):
-                    T.EARLY_MOMENTS = early
+                for key, fn, ref in (("applied_us", applied, ref_app), ("deferred_us", deferred, ref_def)):
                     y = fn()
                     y = y[0] if isinstance(y, tuple) else y
                     e = rel(y, ref)
@@ -85,7 +81,6 @@ def part_k(bad):
                         bad.append(f"k {name} M={M} d={d} {key}: relative error {e:.2e}")
                     row[key] = t20(fn)
                     row[key.replace("_us", "_rel_err")] = e
-                T.EARLY_MOMENTS = True
                 for flag in (False, True):
                     T.RES_TMA = flag
                     e = rel(plain_res(), base + h.float())
@@ -107,15 +102,12 @@ def part_k(bad):
                 folded = lambda: T.tile_linear(raw, f.weight, f.bias, activation=act, x_norm=n,  # noqa: E731
                                                x_colsum=f.colsum)
                 row = {"matrix": name, "M": M, "density": d}
-                for key, fn, early in (("plain_us", plain, True), ("folded_late_moments_us", folded, False),
-                                       ("folded_us", folded, True)):
-                    T.EARLY_MOMENTS = early
+                for key, fn in (("plain_us", plain), ("folded_us", folded)):
                     e = rel(fn(), ref)
                     if not e < 1e-2:
                         bad.append(f"k {name} M={M} d={d} {key}: relative error {e:.2e}")
                     row[key] = t20(fn)
                     row[key.replace("_us", "_rel_err")] = e
-                T.EARLY_MOMENTS = True
                 rows.append(row)
                 print("k", row, flush=True)
     return rows

@@ -308,7 +308,7 @@ if HAS_TRITON:
                   xs_ptr, colsum_ptr, rs_ptr, rg_ptr, rb_ptr, so_ptr, x_inv_d, x_eps, r_inv_d, r_eps, r_desc,
                   BLOCK_M: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                   HAS_RES: tl.constexpr, TMA_STORE: tl.constexpr, XS_P: tl.constexpr = 0, RS_P: tl.constexpr = 0,
-                  SO_P: tl.constexpr = 0, RES_TMA: tl.constexpr = False, moments=None):
+                  SO_P: tl.constexpr = 0, RES_TMA: tl.constexpr = False):
         """The (BLOCK_M x BN) block of Y at (row0, col0): + bias, activation, + residual, store (into the column
         slice at out_col; through the descriptor y_desc when TMA_STORE).
 
@@ -318,8 +318,6 @@ if HAS_TRITON:
         RS_P: the residual is un-normalised too; it is normalised on load (moments from rs_ptr, gamma rg_ptr, beta rb_ptr).
         SO_P: each row's sum and sum of squares over this block's stored (rounded) values go to so_ptr [M, SO_P, 2]
         at this block's column index, for the next consumer's moments.
-        moments: (x mean, x rstd, residual mean, residual rstd) of the block's rows, read before the K loop
-        (_early_moments); None: read here.
         RES_TMA: the residual block comes through the descriptor r_desc (a bulk copy into shared memory), so the
         epilogue stays in the accumulator's register layout. A pointer load is coalesced along the row: the compiler
         then moves the accumulator into a layout where every thread holds one column of all the block's rows, and each
@@ -330,10 +328,7 @@ if HAS_TRITON:
         cols = col0 + tl.arange(0, BN)
         n_mask = cols < N
         if XS_P > 0:
-            if moments is None:
-                mean, rstd = _row_moments(xs_ptr, offs_m, m_mask, x_inv_d, x_eps, XS_P)
-            else:
-                mean, rstd = moments[0], moments[1]
+            mean, rstd = _row_moments(xs_ptr, offs_m, m_mask, x_inv_d, x_eps, XS_P)
             cs = tl.load(colsum_ptr + cols, mask=n_mask, other=0.0)
             acc = (acc - mean[:, None] * cs[None, :]) * rstd[:, None]
         if HAS_BIAS:
@@ -347,10 +342,7 @@ if HAS_TRITON:
                 res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=mask,
                               other=0.0).to(tl.float32)
             if RS_P > 0:
-                if moments is None:
-                    r_mean, r_rstd = _row_moments(rs_ptr, offs_m, m_mask, r_inv_d, r_eps, RS_P)
-                else:
-                    r_mean, r_rstd = moments[2], moments[3]
+                r_mean, r_rstd = _row_moments(rs_ptr, offs_m, m_mask, r_inv_d, r_eps, RS_P)
                 g = tl.load(rg_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
                 b = tl.load(rb_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
                 res = (res * r_rstd[:, None] - r_mean[:, None] * r_rstd[:, None]) * g[None, :] + b[None, :]
@@ -410,7 +402,6 @@ if HAS_TRITON:
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
         BIAS_EARLY: tl.constexpr = True, SUB: tl.constexpr = 1, PAIR: tl.constexpr = False,
         XS_P: tl.constexpr = 0, RS_P: tl.constexpr = 0, SO_P: tl.constexpr = 0, RES_TMA: tl.constexpr = False,
-        EARLY_MOMENTS: tl.constexpr = False,
     ):
         pid_m, lo, hi, w_row, col0 = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M,
                                                 GROUP_M, DENSE_W, SUB)
@@ -422,19 +413,6 @@ if HAS_TRITON:
         if HAS_BIAS and DENSE_W and BIAS_EARLY:
             bcols = col0 + tl.arange(0, BN)
             bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
-        moments = None
-        if EARLY_MOMENTS and (XS_P > 0 or RS_P > 0):
-            # the row moments, another kernel's output, right after the PDL wait (the K loop's own wait then passes
-            # at once), so their loads are in flight under the K loop instead of in the epilogue
-            pdl_enter(PDL)
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < M
-            xm, xr, rm, rr = 0.0, 1.0, 0.0, 1.0
-            if XS_P > 0:
-                xm, xr = _row_moments(xs_ptr, offs_m, m_mask, x_inv_d, x_eps, XS_P)
-            if RS_P > 0:
-                rm, rr = _row_moments(rs_ptr, offs_m, m_mask, r_inv_d, r_eps, RS_P)
-            moments = (xm, xr, rm, rr)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                         BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB, PAIR)
         if HAS_BIAS and DENSE_W and BIAS_EARLY:
@@ -442,7 +420,7 @@ if HAS_TRITON:
         _epilogue(acc, pid_m * BLOCK_M, col0, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
                   xs_ptr, colsum_ptr, rs_ptr, rg_ptr, rb_ptr, so_ptr, x_inv_d, x_eps, r_inv_d, r_eps, r_desc,
                   BLOCK_M, BN, HAS_BIAS and not (DENSE_W and BIAS_EARLY), ACT, HAS_RES, TMA_STORE, XS_P, RS_P, SO_P,
-                  RES_TMA, moments)
+                  RES_TMA)
 
 
     @triton.jit
@@ -763,8 +741,6 @@ except Exception:  # pragma: no cover - older Triton: pointer loads only
 USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it per call
 # The grid kernel reads a residual through a tensor descriptor where it stores through one (see _epilogue, RES_TMA).
 RES_TMA = True
-# Deferred LayerNorm: the grid kernel reads its rows' moments before the K loop (True) or in the epilogue (False).
-EARLY_MOMENTS = True
 
 
 # The small-batch path reads a dense W [N, K] in place, as (BN x BK) blocks, through the same kernels (DENSE_W), so a
@@ -1173,8 +1149,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
         TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, PAIR=L.pair,
         XS_P=xn.stats.shape[1] if xn else 0, RS_P=rn.stats.shape[1] if rn else 0,
-        SO_P=stats.shape[1] if row_stats else 0, RES_TMA=res_tma, EARLY_MOMENTS=EARLY_MOMENTS,
-        num_warps=L.warps, num_stages=L.stages,
+        SO_P=stats.shape[1] if row_stats else 0, RES_TMA=res_tma, num_warps=L.warps, num_stages=L.stages,
         **_extras(x, L),
     )
     return (out, stats) if row_stats else out
