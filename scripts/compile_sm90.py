@@ -57,9 +57,9 @@ def tile_sig(tma, bm=128, bn=128):
             "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C}
 
 
-def tile_stats():
-    """--tile-stats: what ptxas and the SASS say about the grid tile kernel's epilogues and the dense-weight form
-    (TMA, 128-row blocks, bias, PDL and prefetch off): registers, spills, shared memory, FP32 and MUFU instructions
+def tile_stats(bm=128):
+    """--tile-stats [--block-m 64]: what ptxas and the SASS say about the grid tile kernel's epilogues and the
+    dense-weight form (TMA, 128-row blocks or bm, bias, PDL and prefetch off): registers, spills, shared memory, FP32 and MUFU instructions
     per output element a thread, and whether ptxas serialises the wgmma (C7515)."""
     import collections
     import os
@@ -77,14 +77,14 @@ def tile_stats():
              ("deferred LayerNorm: residual LayerNorm, row moments, pointer load", 0, True, False, 4, 4, 0, 6, 6, False),
              ("deferred LayerNorm: residual LayerNorm, row moments, descriptor load", 0, True, False, 4, 4, 0, 6, 6,
               True)]
-    print(f"Triton {triton.__version__}, sm_90; grid tile kernel, 128x64 tiles, 128-row blocks, TMA, bias")
+    print(f"Triton {triton.__version__}, sm_90; grid tile kernel, 128x64 tiles, {bm}-row blocks, TMA, bias")
     for name, act, res, dense, warps, stages, *ln in cases:
         xs, rs, so, res_tma = ln or (0, 0, 0, False)
-        consts = {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
+        consts = {"BN": 128, "BK": 64, "BLOCK_M": bm, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
                   "FP32_DOT": False, "TMA": True, "TMA_STORE": True, "DENSE_W": dense, "PDL": False, "PREFETCH": 0,
                   "LINE": 64, "BIAS_EARLY": False, "SUB": 1, "PAIR": False, "XS_P": xs, "RS_P": rs, "SO_P": so,
                   "RES_TMA": res_tma}
-        k = triton.compile(ASTSource(fn=T._tile_linear_kernel, signature=tile_sig(True), constexprs=consts),
+        k = triton.compile(ASTSource(fn=T._tile_linear_kernel, signature=tile_sig(True, bm), constexprs=consts),
                            target=tgt, options={"num_warps": warps, "num_stages": stages})
         with tempfile.TemporaryDirectory() as d:
             ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
@@ -98,7 +98,7 @@ def tile_stats():
         spill = re.search(r"(\d+) bytes spill stores", log).group(1)
         ops = collections.Counter(m.group(1).split(".")[0] for m in
                                   re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
-        per = 128 * 128 / (32 * warps)  # output elements a thread holds
+        per = bm * 128 / (32 * warps)  # output elements a thread holds
         fp32 = sum(ops[o] for o in ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL"))
         print(f"{name}: {regs} registers, {spill} bytes spilled, {k.metadata.shared} bytes shared, "
               f"FP32 {fp32 / per:.1f} and MUFU {ops['MUFU'] / per:.1f} a thread's output element, "
@@ -106,7 +106,8 @@ def tile_stats():
 
 
 if "--tile-stats" in __import__("sys").argv:
-    tile_stats()
+    _argv = __import__("sys").argv
+    tile_stats(int(_argv[_argv.index("--block-m") + 1]) if "--block-m" in _argv else 128)
     raise SystemExit(0)
 for tma in (False, True):
     ws = "tensordesc<fp16[128,64]>" if tma else p16

@@ -10,5 +10,6 @@ from .tile_linear import (DeferredLN, FoldedLinear, fold_layernorm, tile_linear,
 
 __all__ = ["attention", "attention_reference", "attention_proj_partials", "attention_proj_reference",
            "fused_ffn_partials", "fused_ffn_reference", "add_layernorm", "add_layernorm_reference", "finish_padded",
-           "finish_padded_reference", "CompactV", "DeferredLN", "FoldedLinear", "fold_layernorm", "pruned_v_attention", "pruned_v_attention_reference", "tile_linear",
+           "finish_padded_reference", "CompactV", "DeferredLN", "FoldedLinear", "fold_layernorm", "pruned_v_attention",
+           "pruned_v_attention_reference", "tile_linear",
            "tile_linear_partials", "tile_linear_reference"]
