@@ -1,7 +1,7 @@
-"""Deferred LayerNorm (engine.encoder.DEFERRED_LN_MIN_TOKENS) and the residual read through a descriptor
+"""Deferred LayerNorm (engine.encoder.DEFERRED_LN_TOKENS) and the residual read through a descriptor
 (tile_linear.RES_TMA): same-run A/Bs on the H200.
 
-    python3 scripts/deferred_ln_ab.py OUTDIR [--parts k,s,a,e]
+    python3 scripts/deferred_ln_ab.py OUTDIR [--parts k,s,a,e] [--shapes 16x128,32x128] [--sparsities 0.5,0.7]
 
 k. Kernels, BERT-base matrices with their bias, 128x64 tiles at densities 0.5 and 0.25 (balanced random), 4096 and
    16384 rows, graphs of 20 calls, every output checked against fp32 math:
@@ -10,7 +10,7 @@ k. Kernels, BERT-base matrices with their bias, 128x64 tiles at densities 0.5 an
      (residual_norm, row_stats); and the plain residual epilogue with RES_TMA off and on;
    - QKV and FFN-in (GELU): the plain GEMM on a normalised input against the folded GEMM on the raw one (x_norm).
 e. Engine, BERT-base-shaped (random weights) pruned to 50% and 70% tiles: GPU time of the graphed forward with the
-   LayerNorms applied (DEFERRED_LN_MIN_TOKENS None) and deferred (from 2048 tokens), alternating rounds, at 16x128,
+   LayerNorms applied (DEFERRED_LN_TOKENS None) and deferred (from 2048 tokens up), alternating rounds, at 16x128,
    32x128, 8x512, 128x128 and 32x512; outputs compared.
 s. The deferred forms' launches (BLOCK_M, warps, stages) at 50% and 25% tiles, 4096 and 16384 rows, against the
    shipped table's.
@@ -172,19 +172,22 @@ def _models(sparsities):
 
 def deferred(on):
     def put():
-        E.DEFERRED_LN_MIN_TOKENS = 2048 if on else None
+        E.DEFERRED_LN_TOKENS = (2048, 1 << 40) if on else None
     return put
 
 
 FORMS = {"applied": deferred(False), "deferred": deferred(True)}
+SHIPPED_RANGE = E.DEFERRED_LN_TOKENS
 
 
-def part_e(models):
+SHAPES = ((16, 128), (32, 128), (8, 512), (128, 128), (32, 512))
+
+
+def part_e(models, shapes=SHAPES):
     try:
-        return engine_ab("deferred_ln", {k: enc for k, (_, enc) in models.items()},
-                         ((16, 128), (32, 128), (8, 512), (128, 128), (32, 512)), FORMS, 100)
+        return engine_ab("deferred_ln", {k: enc for k, (_, enc) in models.items()}, shapes, FORMS, 100)
     finally:
-        E.DEFERRED_LN_MIN_TOKENS = 2048
+        E.DEFERRED_LN_TOKENS = SHIPPED_RANGE
 
 
 def part_a(models, bad):
@@ -207,23 +210,23 @@ def part_a(models, bad):
                 rows.append(row)
                 print("a", row, flush=True)
     finally:
-        E.DEFERRED_LN_MIN_TOKENS = 2048
+        E.DEFERRED_LN_TOKENS = SHIPPED_RANGE
     return rows
 
 
-def main(out, parts):
+def main(out, parts, shapes=SHAPES, sparsities=(0.5, 0.7)):
     bad = []
-    res = {"env": env_info(), "command": f"python3 scripts/deferred_ln_ab.py OUTDIR --parts {','.join(parts)}"}
+    res = {"env": env_info(), "command": "python3 scripts/deferred_ln_ab.py OUTDIR " + " ".join(sys.argv[2:])}
     if "k" in parts:
         res["kernels"] = part_k(bad)
     if "s" in parts:
         res["launches"] = part_s(bad)
     if "e" in parts or "a" in parts:
-        models = _models((0.5, 0.7))
+        models = _models(sparsities)
         if "a" in parts:
             res["accuracy"] = part_a(models, bad)
         if "e" in parts:
-            res["engine"] = part_e(models)
+            res["engine"] = part_e(models, shapes)
     res["bad"] = bad
     atomic_write_json(f"{out}/deferred_ln_ab.json", res)
     print("BAD" if bad else "all outputs within tolerance", bad, flush=True)
@@ -232,4 +235,8 @@ def main(out, parts):
 if __name__ == "__main__":
     args = sys.argv[1:]
     parts = args[args.index("--parts") + 1].split(",") if "--parts" in args else ["k", "a", "e"]
-    main(args[0], parts)
+    shapes = (tuple(tuple(int(v) for v in s.split("x")) for s in args[args.index("--shapes") + 1].split(","))
+              if "--shapes" in args else SHAPES)
+    sparsities = (tuple(float(v) for v in args[args.index("--sparsities") + 1].split(","))
+                  if "--sparsities" in args else (0.5, 0.7))
+    main(args[0], parts, shapes, sparsities)

@@ -146,19 +146,21 @@ GRAPH_ROW_MULTIPLE = 64
 # with 1 to 32 (129: 405.6 -> 378.2, 160: 383.7 -> 378.9, 213: 429.4 -> 412.8) and loses with 40 to 63 (168: 375.4 ->
 # 379.1, 184: 371.8 -> 378.5, 240: 410.3 -> 413.8, 255: 407.2 -> 413.2).
 GRAPH_ROW_ROUND_MAX_FILL = {128: 48, 256: 32}
-# Deferred LayerNorm: where every matrix of a post-LN stack runs on its tiles (from this many tokens), no LayerNorm
-# after the embeddings' runs as a pass of its own until the last. The output projection and FFN-out write the
-# un-normalised sum X and each row's partial moments (sum, sum of squares per column block) from their epilogues; the
-# next GEMM reads X with the LayerNorm folded into its weight (W diag(gamma), tile pattern unchanged; the mean
-# subtracted and 1/std applied per row in its epilogue, W beta + b as its bias), and the next residual is normalised
-# as it is loaded. 23 of the 25 add+LayerNorm launches of a 12-layer forward go, and with them a write and a read of
-# every hidden state. The folded QKV and FFN-in tiles are a second copy of those matrices (built on first use).
-# Same-run A/B on the H200 (benchmarks/results/h200/deferred_ln/deferred_ln_ab_a2d93da.json; BERT-base, GPU time of
-# the graphed forward, applied -> deferred): 50% tiles 801 -> 773 us at 16x128, 1205 -> 1149-1163 at 32x128, 1363 ->
-# 1313 at 8x512; 70% tiles 983 -> 921-925 at 32x128, 1138 -> 1075 at 8x512; at 16384 tokens within the run's spread
-# (50%: 4524-4618 -> 4571-4578 at 128x128, 5199-5287 -> 5156-5190 at 32x512; 70%: 3812 -> 3659 and 4284 -> 4270).
-# Hidden-state error against HF fp32 1.117e-3 against 1.106e-3 applied (HF's own fp16: 1.499e-3). None turns it off.
-DEFERRED_LN_MIN_TOKENS: int | None = 2048
+# Deferred LayerNorm: where every matrix of a post-LN stack runs on its tiles and the batch has DEFERRED_LN_TOKENS
+# tokens (a range, both ends included), no LayerNorm after the embeddings' runs as a pass of its own until the last.
+# The output projection and FFN-out write the un-normalised sum X and each row's partial moments (sum, sum of squares
+# per column block) from their epilogues; the next GEMM reads X with the LayerNorm folded into its weight
+# (W diag(gamma), tile pattern unchanged; the mean subtracted and 1/std applied per row in its epilogue, W beta + b as
+# its bias), and the next residual is normalised as it is loaded. 23 of the 25 add+LayerNorm launches of a 12-layer
+# forward go, and with them a write and a read of every hidden state. The folded QKV and FFN-in tiles are a second
+# copy of those matrices (built on first use). Same-run A/Bs on the H200 (benchmarks/results/h200/deferred_ln/;
+# BERT-base, GPU time of the graphed forward, applied -> deferred): 50% tiles 801 -> 773 us at 16x128, 1205 ->
+# 1149-1163 at 32x128, 1363 -> 1313 at 8x512; 70% tiles 983 -> 921-925 at 32x128, 1138 -> 1075 at 8x512. Above
+# 4096 tokens it loses (range/deferred_ln_8192.json: 50% tiles 2307 -> 2498 at 64x128 and 2586 -> 2762 at 16x512,
+# 30% tiles 10% slower; at 16384 tokens 0-1% slower): there the output projection and FFN-out run 128-row blocks,
+# whose deferred epilogue takes 255 registers. Hidden-state error against HF fp32 1.117e-3 against 1.106e-3 applied
+# (HF's own fp16: 1.499e-3). None turns it off.
+DEFERRED_LN_TOKENS: tuple[int, int] | None = (2048, 4096)
 
 
 def tile_min_rows(density: float) -> int:
@@ -529,12 +531,12 @@ class ETEncoder(torch.nn.Module):
                              activation=cfg.activation, counter=counter, backend=self.backend)
 
     def _deferred_folds(self, x) -> list | None:
-        """The folded weights when this batch runs with its LayerNorms deferred (DEFERRED_LN_MIN_TOKENS), else None:
+        """The folded weights when this batch runs with its LayerNorms deferred (DEFERRED_LN_TOKENS), else None:
         a post-LN stack whose every matrix runs on its tiles for x. Built on first use (never inside a graph capture:
         the warm-up calls before it build them)."""
         cfg, bk = self.cfg, self.backend
-        if (DEFERRED_LN_MIN_TOKENS is None or x.shape[0] < DEFERRED_LN_MIN_TOKENS or cfg.norm_first
-                or not _on_kernels(x, bk)):
+        if (DEFERRED_LN_TOKENS is None or not DEFERRED_LN_TOKENS[0] <= x.shape[0] <= DEFERRED_LN_TOKENS[1]
+                or cfg.norm_first or not _on_kernels(x, bk)):
             return None
         for L in self.layers:
             for lin, act in ((L.qkv, None), (L.o, None), (L.ffn_in, cfg.activation), (L.ffn_out, None)):
@@ -549,7 +551,7 @@ class ETEncoder(torch.nn.Module):
         return self._folds
 
     def _deferred_stack(self, x, folds, attend):
-        """The post-LN layer stack with deferred LayerNorms (DEFERRED_LN_MIN_TOKENS): x normalised on entry (the
+        """The post-LN layer stack with deferred LayerNorms (DEFERRED_LN_TOKENS): x normalised on entry (the
         embeddings' LayerNorm), normalised on exit; in between each hidden state exists only un-normalised, with its
         row moments."""
         cfg, bk = self.cfg, self.backend
