@@ -1080,10 +1080,11 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         raise EtformerError("x_norm, residual_norm and row_stats run on the grid kernel: not with persistent or split_k")
     if not use_triton(x, backend):
         y = tile_linear_reference(x, w, bias, activation, residual, x_norm, x_colsum, residual_norm)
+        result = y
         if out is not None:
             out[:, out_col:out_col + N] = y.to(out.dtype)
-            y = out[:, out_col:out_col + N]
-        return (out if out is not None else y, row_stats_reference(y)) if row_stats else (out if out is not None else y)
+            result, y = out, out[:, out_col:out_col + N]
+        return (result, row_stats_reference(y)) if row_stats else result
     if x.stride(1) != 1:
         x = x.contiguous()
     if deferred:
