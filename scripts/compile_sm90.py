@@ -51,11 +51,10 @@ def tile_sig(tma, bm=128, bn=128):
             "w_ptr": p16, "row_ptr": i32, "col_idx": i32, "order_ptr": i32, "bias_ptr": p16, "res_ptr": p16,
             "y_ptr": p16, "y_desc": f"tensordesc<fp16[{bm},128]>" if tma else p16, "M": "i32", "N": "i32", "K": "i32",
             "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", **LN_SIG,
-            "r_desc": f"tensordesc<fp16[{bm},128]>" if tma else p16, "fix_ws": "*fp32",
-            "fix_desc": f"tensordesc<fp32[{bm},128]>" if tma else "*fp32", "fix_cnt": i32, "BN": C, "BK": C,
+            "r_desc": f"tensordesc<fp16[{bm},128]>" if tma else p16, "BN": C, "BK": C,
             "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
             "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C,
-            "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C, "FIXUP": C}
+            "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C}
 
 
 def tile_stats(bm=128):
@@ -77,17 +76,14 @@ def tile_stats(bm=128):
              ("deferred LayerNorm: folded input, no activation", 0, False, False, 4, 4, 6, 0, 0, False),
              ("deferred LayerNorm: residual LayerNorm, row moments, pointer load", 0, True, False, 4, 4, 0, 6, 6, False),
              ("deferred LayerNorm: residual LayerNorm, row moments, descriptor load", 0, True, False, 4, 4, 0, 6, 6,
-              True),
-             ("two programs an item (FIXUP), no activation", 0, False, False, 4, 4, 0, 0, 0, False, True),
-             ("two programs an item (FIXUP), residual LayerNorm, row moments, descriptor load", 0, True, False, 4, 4,
-              0, 6, 6, True, True)]
+              True)]
     print(f"Triton {triton.__version__}, sm_90; grid tile kernel, 128x64 tiles, {bm}-row blocks, TMA, bias")
     for name, act, res, dense, warps, stages, *ln in cases:
-        xs, rs, so, res_tma, fixup = (ln + [False])[:5] if ln else (0, 0, 0, False, False)
+        xs, rs, so, res_tma = ln or (0, 0, 0, False)
         consts = {"BN": 128, "BK": 64, "BLOCK_M": bm, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
                   "FP32_DOT": False, "TMA": True, "TMA_STORE": True, "DENSE_W": dense, "PDL": False, "PREFETCH": 0,
                   "LINE": 64, "BIAS_EARLY": False, "SUB": 1, "PAIR": False, "XS_P": xs, "RS_P": rs, "SO_P": so,
-                  "RES_TMA": res_tma, "FIXUP": 2 if fixup else 0}
+                  "RES_TMA": res_tma}
         k = triton.compile(ASTSource(fn=T._tile_linear_kernel, signature=tile_sig(True, bm), constexprs=consts),
                            target=tgt, options={"num_warps": warps, "num_stages": stages})
         with tempfile.TemporaryDirectory() as d:
@@ -119,21 +115,8 @@ for tma in (False, True):
          {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": True,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
           "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False, "XS_P": 0, "RS_P": 0,
-          "SO_P": 0, "RES_TMA": tma, "FIXUP": 0},
+          "SO_P": 0, "RES_TMA": tma},
          f"tile_linear tma={tma} tma_store={tma}", stages=4)
-    # two programs an item (FIXUP): the second adds the first's sum, through gpu-scope release/acquire atomics
-    fix_ptx = comp(T._tile_linear_kernel, tile_sig(tma),
-                   {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 0, "HAS_RES": True,
-                    "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
-                    "PREFETCH": 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False, "XS_P": 0, "RS_P": 6,
-                    "SO_P": 6, "RES_TMA": tma, "FIXUP": 2},
-                   f"tile_linear tma={tma}, two programs an item (FIXUP), residual LayerNorm + row moments", stages=4)
-    if fix_ptx is not None:
-        rel = "atom.global.gpu.release.add" in fix_ptx or "red.global.gpu.release.add" in fix_ptx
-        acq = "ld.global.gpu.acquire" in fix_ptx or "atom.global.gpu.acquire.add" in fix_ptx
-        fence = "fence.proxy.async.global" in fix_ptx or not tma  # before the workspace's bulk read
-        print(f"  FIXUP: release arrival {rel}, acquire spin {acq}, proxy fence {fence}")
-        ok = ok and rel and acq and fence
     # deferred LayerNorm: a folded input with GELU (FFN-in), and a normalised residual with row moments out (FFN-out)
     for xs, rs, so, act, res, what in ((6, 0, 0, 3, False, "folded input + GELU"),
                                        (0, 6, 6, 0, True, "residual LayerNorm (descriptor load) + row moments")):
@@ -141,13 +124,13 @@ for tma in (False, True):
              {"BN": 128, "BK": 64, "BLOCK_M": 128, "GROUP_M": 8, "HAS_BIAS": True, "ACT": act, "HAS_RES": res,
               "FP32_DOT": False, "TMA": tma, "TMA_STORE": tma, "DENSE_W": False, "PDL": tma,
               "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 1, "PAIR": False, "XS_P": xs,
-              "RS_P": rs, "SO_P": so, "RES_TMA": tma and res, "FIXUP": 0},
+              "RS_P": rs, "SO_P": so, "RES_TMA": tma and res},
              f"tile_linear tma={tma}, deferred LayerNorm: {what}", stages=4)
     comp(T._tile_linear_kernel, tile_sig(tma, 64, 32),
          {"BN": 32, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": False,
           "FP32_DOT": False, "TMA": tma, "TMA_STORE": False, "DENSE_W": False, "PDL": tma,
           "PREFETCH": 1 if tma else 0, "LINE": 64, "BIAS_EARLY": True, "SUB": 4, "PAIR": True, "XS_P": 0, "RS_P": 0,
-          "SO_P": 0, "RES_TMA": False, "FIXUP": 0},
+          "SO_P": 0, "RES_TMA": False},
          f"tile_linear tma={tma}, 4 programs a block-row, two tiles a trip (SUB, PAIR)", stages=4)
     xs = "tensordesc<fp16[64,64]>" if tma else p16
     comp(T._tile_linear_splitk_kernel,
@@ -176,12 +159,12 @@ comp(T._tile_linear_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w_src": "tensordesc<fp16[64,64]>", "w_ptr": p16, "row_ptr": p16, "col_idx": p16,
       "order_ptr": p16, "bias_ptr": p16, "res_ptr": p16, "y_ptr": p16, "y_desc": p16, "M": "i32", "N": "i32",
       "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_rm": "i32", "out_col": "i32", **LN_SIG,
-      "r_desc": p16, "fix_ws": "*fp32", "fix_desc": "*fp32", "fix_cnt": i32, "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
+      "r_desc": p16, "BN": C, "BK": C, "BLOCK_M": C, "GROUP_M": C, "HAS_BIAS": C, "ACT": C, "HAS_RES": C, "FP32_DOT": C, "TMA": C,
       "TMA_STORE": C, "DENSE_W": C, "PDL": C, "PREFETCH": C, "LINE": C, "BIAS_EARLY": C, "SUB": C, "PAIR": C,
-      "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C, "FIXUP": C},
+      "XS_P": C, "RS_P": C, "SO_P": C, "RES_TMA": C},
      {"BN": 64, "BK": 64, "BLOCK_M": 64, "GROUP_M": 8, "HAS_BIAS": True, "ACT": 3, "HAS_RES": False,
       "FP32_DOT": False, "TMA": True, "TMA_STORE": False, "DENSE_W": True, "PDL": True, "PREFETCH": 1, "LINE": 64, "BIAS_EARLY": True, "SUB": 1,
-      "PAIR": False, "XS_P": 0, "RS_P": 0, "SO_P": 0, "RES_TMA": False, "FIXUP": 0},
+      "PAIR": False, "XS_P": 0, "RS_P": 0, "SO_P": 0, "RES_TMA": False},
      "tile_linear dense W", stages=4)
 comp(F._ffn_kernel,
      {"x_src": "tensordesc<fp16[64,64]>", "w1_src": "tensordesc<fp16[128,64]>", "b1_ptr": p16,

@@ -33,8 +33,8 @@ from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS, encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
 from ..kernels.padded import finish_padded
-from ..kernels.tile_linear import (DeferredLN, _dense_bucket, _tma_on, apply_activation, fixup_counters, fixup_scope,
-                                   fold_layernorm, tile_linear, tile_linear_partials)
+from ..kernels.tile_linear import (DeferredLN, _dense_bucket, _tma_on, apply_activation, fold_layernorm, tile_linear,
+                                   tile_linear_partials)
 from ..sparse.tiles import TileSparseWeight
 
 # Tile density at or above which a matrix runs on cuBLAS instead: on the H200 the TMA tile kernel is 0.87-0.93x cuBLAS
@@ -241,9 +241,7 @@ class EncoderConfig:
 
 def capture_graph(run):
     """(CUDA graph, its output) for the no-argument callable run: two warm-up calls on a side stream (compile the
-    kernels, settle the allocator), then one captured call. Replaying the graph recomputes the output in place.
-    The graph owns the arrival counters of its tile kernels that split work items over two programs
-    (tile_linear.fixup_counters), so graphs replayed on concurrent streams never share them."""
+    kernels, settle the allocator), then one captured call. Replaying the graph recomputes the output in place."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -251,10 +249,8 @@ def capture_graph(run):
             run()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    counters = fixup_counters(torch.device("cuda", torch.cuda.current_device()))
-    with fixup_scope(counters), torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):
         out = run()
-    graph.fixup_counters = counters  # kept as long as the graph
     return graph, out
 
 

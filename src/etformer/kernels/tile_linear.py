@@ -366,44 +366,6 @@ if HAS_TRITON:
             tl.store(y, yv, mask=mask)
 
     @triton.jit
-    def _fixup(acc, fix_ws, fix_desc, fix_cnt, item, BLOCK_M: tl.constexpr, BN: tl.constexpr,
-               WS_TMA: tl.constexpr, FENCE: tl.constexpr):
-        """Two programs share work item `item`, each with the fp32 sum over half its K loop in acc: the first to get
-        here parks its sum in the workspace and leaves (done = True); the second adds it to its own and runs the
-        epilogue (done = False). fp32 addition commutes, so the result is the same whichever half arrives first.
-
-        Arrivals count in fix_cnt[item] (0 before the launch): each half adds 1 on arrival, and the first adds 2 more
-        with release semantics once its sum is stored, so the second spins (acquire loads) until it reads 4. The
-        second only spins after the first has arrived, i.e. while the first is running, so it cannot wait on a
-        program that has not started. The second puts the count back to 0 for the next launch.
-        fix_ws points at the workspace, [items, BLOCK_M, BN] fp32, where the first stores. WS_TMA: fix_desc is a tensor
-        descriptor of it as [items * BLOCK_M, BN] and the second reads through it, so the sum arrives in the accumulator's register layout and the epilogue stays in it (a pointer load is
-        coalesced along the row and pulls the epilogue into a row-major layout, as a pointer-read residual does).
-        FENCE: a proxy fence orders that bulk copy after the acquire (inline PTX: not in the interpreter, which runs
-        programs one after another)."""
-        cnt = fix_cnt + item
-        first = tl.atomic_add(cnt, 1, sem="relaxed", scope="gpu") == 0
-        ptrs = fix_ws + item.to(tl.int64) * (BLOCK_M * BN) + (tl.arange(0, BLOCK_M)[:, None] * BN
-                                                              + tl.arange(0, BN)[None, :])
-        if first:
-            tl.store(ptrs, acc)
-            tl.debug_barrier()  # every thread's part is stored before the release
-            tl.atomic_add(cnt, 2, sem="release", scope="gpu")
-        else:
-            while tl.atomic_add(cnt, 0, sem="acquire", scope="gpu") < 4:
-                pass
-            tl.debug_barrier()
-            if WS_TMA:
-                if FENCE:
-                    tl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, 0;", "=r", [],
-                                              dtype=tl.int32, is_pure=False, pack=1)
-                acc += fix_desc.load([item * BLOCK_M, 0])
-            else:
-                acc += tl.load(ptrs, cache_modifier=".cg")
-            tl.store(cnt, 0)
-        return acc, first
-
-    @triton.jit
     def _grid_item(pid, M, N, K, order_ptr, row_ptr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                    GROUP_M: tl.constexpr, DENSE_W: tl.constexpr, SUB: tl.constexpr):
         """Program pid's work in the grid kernel: (row block pid_m, its tiles lo..hi, the row w_row of W or of each
@@ -436,25 +398,16 @@ if HAS_TRITON:
         x_src, w_src, w_ptr, row_ptr, col_idx, order_ptr, bias_ptr, res_ptr, y_ptr, y_desc,
         M, N, K,
         stride_xm, stride_ym, stride_rm, out_col,
-        xs_ptr, colsum_ptr, rs_ptr, rg_ptr, rb_ptr, so_ptr, x_inv_d, x_eps, r_inv_d, r_eps, r_desc, fix_ws, fix_desc,
-        fix_cnt, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+        xs_ptr, colsum_ptr, rs_ptr, rg_ptr, rb_ptr, so_ptr, x_inv_d, x_eps, r_inv_d, r_eps, r_desc,
+        BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, FP32_DOT: tl.constexpr,
         TMA: tl.constexpr, TMA_STORE: tl.constexpr, DENSE_W: tl.constexpr,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
         BIAS_EARLY: tl.constexpr = True, SUB: tl.constexpr = 1, PAIR: tl.constexpr = False,
         XS_P: tl.constexpr = 0, RS_P: tl.constexpr = 0, SO_P: tl.constexpr = 0, RES_TMA: tl.constexpr = False,
-        FIXUP: tl.constexpr = 0,
     ):
-        # FIXUP: two programs per work item, each over half of its K loop (see _fixup); 2 on a GPU (the proxy fence)
-        item = tl.program_id(0)
-        if FIXUP:
-            item = item // 2
-        pid_m, lo, hi, w_row, col0 = _grid_item(item, M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M, GROUP_M, DENSE_W,
-                                                SUB)
-        if FIXUP:
-            mid = lo + (hi - lo + 1) // 2
-            second = tl.program_id(0) % 2
-            lo, hi = tl.where(second == 0, lo, mid), tl.where(second == 0, mid, hi)
+        pid_m, lo, hi, w_row, col0 = _grid_item(tl.program_id(0), M, N, K, order_ptr, row_ptr, BN, BK, BLOCK_M,
+                                                GROUP_M, DENSE_W, SUB)
         # The small-batch path (DENSE_W) fetches the bias, a parameter and no kernel's output, before the PDL wait and
         # the K loop: its kernels are latency-bound chains (small_latency_bias.json: 258.0 -> 243.6 us at B=1, S=32,
         # 369.7 -> 357.2 at 1 x 256). The tile kernels keep the load in the epilogue: a later kernels run had the
@@ -465,10 +418,6 @@ if HAS_TRITON:
             bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                         BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB, PAIR)
-        if FIXUP:
-            acc, done = _fixup(acc, fix_ws, fix_desc, fix_cnt, item, BLOCK_M, BN, TMA_STORE, FIXUP == 2)
-            if done:  # the other half finishes the item
-                return
         if HAS_BIAS and DENSE_W and BIAS_EARLY:
             acc += bias[None, :]
         _epilogue(acc, pid_m * BLOCK_M, col0, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
@@ -858,75 +807,6 @@ TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 WS_MIN_ROWS: int | None = None
 
 
-# Two programs per work item (FIXUP): each runs half of the item's K loop, and the second to finish adds the first's
-# fp32 sum and runs the epilogue (_fixup). It doubles the programs of a launch whose work items fill too few waves of
-# the GPU (BERT-base's output projection and FFN-out at 4096 rows: 192 items of 128 rows for 132 SMs), without a
-# second launch and without rounding differences between runs. FIXUP_MODE: "off", "on" (every grid-kernel launch that
-# can take it), or "auto" (where _fixup_wanted's rule says so). Counters: see fixup_counters.
-FIXUP_MODE = "off"
-# Work items a launch may have and still take the fixup: the size of a counter buffer (int32 each).
-FIXUP_MAX_ITEMS = 1 << 16
-_FIX_EAGER: dict = {}
-_FIX_SCOPE: list = []
-
-
-def fixup_counters(device) -> torch.Tensor:
-    """A zeroed arrival-counter buffer for the FIXUP launches of one CUDA graph (FIXUP_MAX_ITEMS int32). Every launch
-    leaves its counters at zero again, so one buffer serves any number of launches that do not run at the same time:
-    the launches of one stream, or of one graph (a graph never runs concurrently with itself). Give it to the launches
-    captured into a graph with fixup_scope, and keep it as long as the graph."""
-    return torch.zeros(FIXUP_MAX_ITEMS, dtype=torch.int32, device=device)
-
-
-class fixup_scope:
-    """Within this block, tile_linear launches captured into a CUDA graph use `counters` (from fixup_counters). A
-    capture without one runs those launches without the fixup: a buffer allocated during a capture would belong to
-    the graph's memory pool and would have to be zeroed inside the graph."""
-
-    def __init__(self, counters: torch.Tensor):
-        self.counters = counters
-
-    def __enter__(self):
-        _FIX_SCOPE.append(self.counters)
-        return self.counters
-
-    def __exit__(self, *exc):
-        _FIX_SCOPE.pop()
-
-
-def _fix_buffer(x: torch.Tensor, items: int) -> torch.Tensor | None:
-    """The counter buffer for a FIXUP launch on x's device from the current stream, or None where there is none to
-    take (too many items; a graph capture outside fixup_scope). Outside a capture each (device, stream) has its own
-    buffer, so launches on concurrent streams never share counters."""
-    if items > FIXUP_MAX_ITEMS:
-        return None
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        buf = _FIX_SCOPE[-1] if _FIX_SCOPE else None
-        return buf if buf is not None and buf.device == x.device else None
-    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0)
-    buf = _FIX_EAGER.get(key)
-    if buf is None:
-        buf = _FIX_EAGER[key] = fixup_counters(x.device)
-    return buf
-
-
-# FIXUP_MODE "auto": (up to rows, up to block-rows of tiles, launch (BLOCK_M, num_warps, num_stages)), the first
-# entry that holds for a TileSparseWeight on a GPU with no launch asked for.
-FIXUP_AUTO: tuple[tuple[int, int, tuple[int, int, int]], ...] = ()
-
-
-def _fixup_plan(fixup: bool | None, x: torch.Tensor, w, M: int, N: int, config):
-    """(whether a grid-kernel launch splits its items over two programs, the launch config to use): the caller's
-    fixup, else FIXUP_MODE ("auto": FIXUP_AUTO's entry and its launch where no config was given)."""
-    if fixup is not None or FIXUP_MODE != "auto":
-        return (fixup if fixup is not None else FIXUP_MODE == "on"), config
-    if config is not None or not x.is_cuda or not isinstance(w, TileSparseWeight):
-        return False, config
-    rows = triton.cdiv(N, w.tile[0])
-    hit = next((launch for max_m, max_r, launch in FIXUP_AUTO if M <= max_m and rows <= max_r), None)
-    return (True, hit) if hit is not None else (False, config)
-
-
 def _dense_bucket(M: int) -> int:
     """The row bucket of the dense-weight tables: the small-batch path's 128 and 256 rows, then _m_bucket's."""
     return 128 if M <= 128 else (256 if M <= 256 else _m_bucket(M))
@@ -1161,7 +1041,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
                 split_k: int | None = None, tma: bool | None = None, tma_store: bool | None = None,
                 persistent: bool | None = None, sub: int | None = None, pair: bool | None = None,
                 x_norm: DeferredLN | None = None, x_colsum: torch.Tensor | None = None,
-                residual_norm: DeferredLN | None = None, row_stats: bool = False, fixup: bool | None = None):
+                residual_norm: DeferredLN | None = None, row_stats: bool = False):
     """Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual). x: [M, K]; returns [M, N], or writes out[:, out_col:out_col+N].
 
     Deferred LayerNorm (the engine's post-LN layers at scale; grid kernel only, not with split_k, persistent):
@@ -1178,8 +1058,6 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     sub: split each block-row of tiles by its output rows over that many programs (tile height / sub rows each, a
     multiple of 16); None: TILE_SUB's entry on a GPU, else 1. Not for the persistent kernel.
     pair: two kept tiles a K-loop trip (None: within TILE_PAIR_ROWS rows on a GPU). Not for the persistent kernel.
-    fixup: split each work item's K loop over two programs, the second to finish adding the first's sum and running
-    the epilogue (grid kernel only; None: FIXUP_MODE). Inside a CUDA graph capture it needs fixup_scope.
     _config: (BLOCK_M, num_warps, num_stages), plus programs per SM for the persistent kernel."""
     check_tensor("x", x, dims=2)
     _act_code(activation)
@@ -1196,8 +1074,6 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         raise EtformerError("persistent=True and split_k > 1 are exclusive")
     if persistent and (sub or 1) > 1:
         raise EtformerError("persistent=True and sub > 1 are exclusive")
-    if fixup and (persistent or (split_k or 1) > 1):
-        raise EtformerError("fixup=True runs on the grid kernel: not with persistent or split_k")
     deferred = x_norm is not None or residual_norm is not None or row_stats
     _check_deferred(x, M, N, K, x_norm, x_colsum, residual, residual_norm)
     if deferred and (persistent or (split_k or 1) > 1):
@@ -1213,11 +1089,9 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         x = x.contiguous()
     if deferred:
         split_k, persistent = 1, False
-    if fixup:
-        split_k, persistent = 1, False
     if (WS_MIN_ROWS is not None and M >= WS_MIN_ROWS and isinstance(w, TileSparseWeight) and x.is_cuda and not deferred
             and split_k in (None, 1) and not persistent and sub in (None, 1) and not pair and _config is None
-            and tma is not False and not fixup):
+            and tma is not False):
         from . import tile_linear_ws as ws  # the arguments are checked above; what Gluon needs, here
         if ws.tile_linear_ws_supported(x, w, out, out_col) is None:
             return ws.launch(x, w, bias, _activation_id(activation), residual, out, out_col)
@@ -1245,7 +1119,6 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     per_sm = FLAT_PROGRAMS_PER_SM
     if _config is not None and len(_config) == 4:
         _config, per_sm = _config[:3], _config[3]
-    fix, _config = (False, _config) if flat else _fixup_plan(fixup, x, w, M, N, _config)
     L = _plan(x, w, tma, _config, 1 if flat else sub, False if flat else pair)
     x_src, w_src = _sources(x, L.w, L.block_m, L.tma, L.BN, L.BK)
     if tma_store is None:
@@ -1268,25 +1141,19 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
     res_tma = RES_TMA and tma_store and residual is not None and _aligned(residual)
     r_desc = TensorDescriptor(residual, [M, N], [residual.stride(0), 1], [L.block_m, L.BN]) if res_tma else dummy
     xn, rn = x_norm, residual_norm
-    items = triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN)
-    cnt = _fix_buffer(x, items) if fix else None
-    fix_ws = torch.empty(items, L.block_m, L.BN, device=x.device, dtype=torch.float32) if cnt is not None else dummy
-    fix_desc = (TensorDescriptor(fix_ws.view(-1, L.BN), [items * L.block_m, L.BN], [L.BN, 1], [L.block_m, L.BN])
-                if cnt is not None and tma_store else dummy)
-    _tile_linear_kernel[(items * (2 if cnt is not None else 1),)](
+    _tile_linear_kernel[(triton.cdiv(M, L.block_m) * triton.cdiv(N, L.BN),)](
         x_src, w_src, _values(L.w), L.row_ptr, L.col_idx, dummy if L.dense else _row_order(L.w),
         bias if bias is not None else dummy,
         residual if residual is not None else dummy, out, y_desc,
         M, N, K, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0, out_col,
         xn.stats if xn else dummy, x_colsum if xn else dummy, rn.stats if rn else dummy, rn.weight if rn else dummy,
         rn.bias if rn else dummy, stats if row_stats else dummy, 1.0 / xn.d if xn else 1.0, xn.eps if xn else 1.0,
-        1.0 / rn.d if rn else 1.0, rn.eps if rn else 1.0, r_desc, fix_ws, fix_desc, cnt if cnt is not None else dummy,
+        1.0 / rn.d if rn else 1.0, rn.eps if rn else 1.0, r_desc,
         BN=L.BN, BK=L.BK, BLOCK_M=L.block_m, GROUP_M=8, HAS_BIAS=bias is not None, ACT=act,
         HAS_RES=residual is not None, FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=L.tma,
         TMA_STORE=tma_store, DENSE_W=L.dense, SUB=L.sub, PAIR=L.pair,
         XS_P=xn.stats.shape[1] if xn else 0, RS_P=rn.stats.shape[1] if rn else 0,
-        SO_P=stats.shape[1] if row_stats else 0, RES_TMA=res_tma, FIXUP=0 if cnt is None else (2 if x.is_cuda else 1), num_warps=L.warps,
-        num_stages=L.stages,
+        SO_P=stats.shape[1] if row_stats else 0, RES_TMA=res_tma, num_warps=L.warps, num_stages=L.stages,
         **_extras(x, L),
     )
     return (out, stats) if row_stats else out
