@@ -203,10 +203,27 @@ for one, bn, km in ((True, 128, False), (False, 64, False), (True, 128, True)):
          {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*i64" if km else "*fp32", "stride_t": "i32",
           "stride_o": "i32", "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C, "DV": C,
           "qk_scale": "fp32", "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C,
-          "HAS_BIAS": C, "FP32_DOT": C, "PDL": C, "KEY_MASK": C},
+          "HAS_BIAS": C, "FP32_DOT": C, "PDL": C, "KEY_MASK": C, "q_desc": p16, "kv_desc": p16, "TMA": C},
          {"D": 64, "DV": 64, "BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_DV": 64, "ONE_PASS": one,
-          "CAUSAL": not km, "HAS_BIAS": True, "FP32_DOT": False, "PDL": one, "KEY_MASK": km},
+          "CAUSAL": not km, "HAS_BIAS": True, "FP32_DOT": False, "PDL": one, "KEY_MASK": km, "TMA": False},
          f"attention one_pass={one}" + (" key_mask" if km else ""), stages=1 if one else 3)
+# Q, K and V as bulk tensor copies (attention(tma=True)): 128-row query blocks and 64-key blocks (S > 128), and the
+# one-pass kernel's 64 x 128; the key blocks inside the sequence must come by cp.async.bulk.tensor
+for one, bm, bn, w in ((False, 128, 64, 8), (True, 64, 128, 4)):
+    att_ptx = comp(A._attn_kernel,
+                   {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*fp32", "stride_t": "i32",
+                    "stride_o": "i32", "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C,
+                    "DV": C, "qk_scale": "fp32", "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C,
+                    "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C, "PDL": C, "KEY_MASK": C,
+                    "q_desc": f"tensordesc<fp16[{bm},64]>", "kv_desc": f"tensordesc<fp16[{bn},64]>", "TMA": C},
+                   {"D": 64, "DV": 64, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_DV": 64, "ONE_PASS": one,
+                    "CAUSAL": False, "HAS_BIAS": False, "FP32_DOT": False, "PDL": True, "KEY_MASK": False,
+                    "TMA": True},
+                   f"attention one_pass={one}, TMA", warps=w, stages=1 if one else 3)
+    if att_ptx is not None:
+        bulk = "cp.async.bulk.tensor" in att_ptx
+        print(f"  attention TMA one_pass={one}: bulk tensor loads {bulk}")
+        ok = ok and bulk
 # attention with the O projection's per-head partial sums (the small-batch path), plain and with a key mask
 for km in (False, True):
     ap_sig = {"qkv_ptr": p16, "cu_ptr": i32, "wo_ptr": p16, "ws_ptr": "*fp32", "bias_ptr": "*i8" if km else p16,
@@ -239,14 +256,15 @@ comp(N._add_ln_kernel,
 sig = {"qkv_ptr": p16, "out_ptr": p16, "cu_ptr": i32, "bias_ptr": "*fp32", "stride_t": "i32", "stride_o": "i32",
        "stride_bb": "i32", "q_col": "i32", "k_col": "i32", "v_col": "i32", "D": C, "DV": C, "qk_scale": "fp32",
        "BLOCK_M": C, "BLOCK_N": C, "BLOCK_D": C, "BLOCK_DV": C, "ONE_PASS": C, "CAUSAL": C, "HAS_BIAS": C, "FP32_DOT": C,
-       "PDL": C, "KEY_MASK": C}
+       "PDL": C, "KEY_MASK": C, "q_desc": p16, "kv_desc": p16, "TMA": C}
 names = list(sig)
 aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in ("qkv_ptr", "out_ptr", "cu_ptr", "stride_t", "stride_o",
                                                                   "q_col", "k_col", "v_col")}
 try:
     k = triton.compile(ASTSource(fn=A._attn_kernel, signature=sig, attrs=aligned, constexprs={
         "D": 200, "DV": 200, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 256, "BLOCK_DV": 256, "ONE_PASS": False,
-        "CAUSAL": True, "HAS_BIAS": False, "FP32_DOT": False, "PDL": False, "KEY_MASK": False}), target=tgt, options={"num_warps": 8, "num_stages": 2})
+        "CAUSAL": True, "HAS_BIAS": False, "FP32_DOT": False, "PDL": False, "KEY_MASK": False, "TMA": False}),
+        target=tgt, options={"num_warps": 8, "num_stages": 2})
     ptx = k.asm["ptx"]
     vec = "ld.global.v4" in ptx and "cp.async" in ptx
     print(f"attention D=200: compiled, 16-byte loads and cp.async pipelining: {vec}")

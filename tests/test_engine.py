@@ -260,6 +260,56 @@ def test_deferred_layernorm_matches_hf(plan, monkeypatch):
             assert _rel_on_tokens(yg, ref, mask) <= limit
 
 
+def test_switch_generation_counts_switch_changes(monkeypatch):
+    """Assigning an upper-case setting of a switch module, or changing one of its tables in place, counts a switch
+    change (the engine then recaptures its graphs); lower-case names and private caches do not."""
+    from etformer.kernels import _common as C
+    T = importlib.import_module("etformer.kernels.tile_linear")
+    A = importlib.import_module("etformer.kernels.attention")
+    E = importlib.import_module("etformer.engine.encoder")
+    assert isinstance(T.TILE_SUB, C.SwitchTable) and isinstance(E.GRAPH_ROW_ROUND_MAX_FILL, C.SwitchTable)
+    g = C.switch_generation()
+    monkeypatch.setattr(A, "USE_TMA", not A.USE_TMA)
+    assert C.switch_generation() == g + 1
+    monkeypatch.setattr(E, "DEFERRED_LN_TOKENS", None)
+    assert C.switch_generation() == g + 2
+    saved = dict(T.DENSE_LAUNCH)
+    T.DENSE_LAUNCH[128] = (32, 4, 4)
+    T.DENSE_LAUNCH.update(saved)
+    assert C.switch_generation() == g + 4 and T.DENSE_LAUNCH == saved
+    T._ORDER_CACHE.clear()
+    monkeypatch.setattr(E, "tile_linear", E.tile_linear)
+    assert C.switch_generation() == g + 4
+
+
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="CUDA graphs need a GPU")
+def test_graphs_recaptured_after_a_switch_changes(monkeypatch):
+    """A graph bakes in the switches of its capture: after one changes, the next call captures again, in the new
+    form (here the deferred LayerNorm, whose add+LayerNorm launches are counted while Python runs the layers)."""
+    from conftest import tiny_bert
+    E = importlib.import_module("etformer.engine.encoder")
+    plan = PruningPlan.uniform("tile", 0.5, (16, 16))
+    model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
+    with torch.no_grad():
+        for p, mask in hard_masks(model, plan).values():
+            p.mul_(mask)
+    enc = optimize(model, plan, dtype=torch.float16, device="cuda", backend="triton")
+    enc.sync_free_max_tokens = 0
+    ids = torch.randint(1, 100, (2, 24), device="cuda")
+    monkeypatch.setattr(E, "DEFERRED_LN_TOKENS", None)
+    first = enc(ids).last_hidden_state.clone()
+    lns = []
+    real_ln = E.add_layernorm
+    monkeypatch.setattr(E, "add_layernorm", lambda *a, **k: lns.append(1) or real_ln(*a, **k))
+    assert torch.equal(enc(ids).last_hidden_state, first) and not lns  # a replay: no Python layer code runs
+    monkeypatch.setattr(E, "DEFERRED_LN_TOKENS", (0, 1 << 40))
+    y = enc(ids).last_hidden_state
+    assert lns and len(lns) % 2 == 0  # captured again: two add+LayerNorm launches a run (embeddings and the last)
+    enc.use_graphs = False
+    eager = enc(ids).last_hidden_state.float()
+    assert float((y.float() - eager).abs().max()) <= 1e-2 * float(eager.abs().max())
+
+
 @needs_triton
 @pytest.mark.parametrize("fused_layer", [False, True], ids=["", "fused-layer"])
 def test_graph_replay_with_new_mask_same_bucket(fused_layer, monkeypatch):

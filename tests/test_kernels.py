@@ -296,7 +296,9 @@ def _sdpa_peer(qkv, cu, H, D, DV, causal, bias):
     ([120, 3], 2, 32, True, False),
     ([128, 5, 60, 1, 33], 2, 64, False, True),  # ragged short batch: on the GPU the online kernel, 32-key blocks
 ])
-def test_attention(dtype, lens, H, D, causal, bias):
+@pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
+def test_attention(dtype, lens, H, D, causal, bias, tma):
+    """tma: Q, K and V as bulk tensor copies; head widths that are not a power of two must refuse it."""
     qkv, cu = _qkv(lens, H, D, dtype)
     kb = None
     if bias:
@@ -304,10 +306,29 @@ def test_attention(dtype, lens, H, D, causal, bias):
         kb[:, ::3] = -10000.0  # mask every third key
         kb[:, 0] = 0.0
     out = torch.full((qkv.shape[0], H * D), float("nan"), device=DEVICE, dtype=dtype)
-    attention(qkv, cu, max(lens), H, D, causal=causal, key_bias=kb, out=out, backend="triton")
+    if tma and D & (D - 1):
+        with pytest.raises(EtformerError, match="tma=True"):
+            attention(qkv, cu, max(lens), H, D, causal=causal, key_bias=kb, out=out, backend="triton", tma=True)
+        return
+    attention(qkv, cu, max(lens), H, D, causal=causal, key_bias=kb, out=out, backend="triton", tma=tma)
     ref = attention_reference(qkv.double(), cu, H, D, causal=causal, key_bias=kb.double() if kb is not None else None)
     peer = _sdpa_peer(qkv, cu, H, D, D, causal, kb)
     assert_close(out, peer, ref, f"attention lens={lens} D={D}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens", [[64, 64], [200, 70], [128, 1]])
+@pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
+def test_attention_sequences_stay_apart(dtype, lens, tma):
+    """A non-finite value in one sequence never reaches another's output: key blocks that reach past a sequence are
+    read with masks, not as bulk copies of the next sequence's rows."""
+    H, D = 2, 32
+    qkv, cu = _qkv(lens, H, D, dtype)
+    qkv[lens[0]:] = float("nan")
+    out = attention(qkv, cu, max(lens), H, D, backend="triton", tma=tma)
+    ref = attention_reference(qkv[:lens[0]].double(), cu[:2], H, D)
+    assert torch.isfinite(out[:lens[0]]).all(), "the next sequence's NaN reached this one"
+    assert_close(out[:lens[0]], _sdpa_peer(qkv[:lens[0]], cu[:2], H, D, D, False, None), ref, f"lens={lens}")
 
 
 def test_attention_launch_rule():
@@ -330,7 +351,8 @@ def test_attention_launch_rule():
     ([128, 128], 128, 64, False, torch.int32),    # one-pass kernel
     ([200], 200, 64, True, torch.bool),           # online kernel, causal
 ])
-def test_attention_key_mask(dtype, lens, S, D, causal, mdtype):
+@pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
+def test_attention_key_mask(dtype, lens, S, D, causal, mdtype, tma):
     """key_mask (zeros not attended) equals the additive 0 / -inf bias; a row whose keys are all masked gives 0."""
     H = 2
     qkv, cu = _qkv(lens, H, D, dtype)
@@ -341,7 +363,7 @@ def test_attention_key_mask(dtype, lens, S, D, causal, mdtype):
         mask[1] = False  # a sequence with nothing to attend to
     bias = torch.zeros(len(lens), S, device=DEVICE).masked_fill(~mask, float("-inf"))
     out = torch.full((qkv.shape[0], H * D), float("nan"), device=DEVICE, dtype=dtype)
-    attention(qkv, cu, S, H, D, causal=causal, key_mask=mask.to(mdtype), out=out, backend="triton")
+    attention(qkv, cu, S, H, D, causal=causal, key_mask=mask.to(mdtype), out=out, backend="triton", tma=tma)
     ref = attention_reference(qkv.double(), cu, H, D, causal=causal, key_mask=mask)
     assert torch.equal(ref, attention_reference(qkv.double(), cu, H, D, causal=causal, key_bias=bias.double())
                        .nan_to_num(0.0))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EtformerError
-from ..kernels._common import pdl_on
+from ..kernels._common import pdl_on, switch_generation, switch_module
 from ..kernels.attention import attention
 from ..kernels.attention_proj import attention_proj_partials
 from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS, encoder_layer
@@ -257,7 +257,13 @@ def capture_graph(run):
 def replay_graph(cache: OrderedDict, key, inputs, run):
     """Copy inputs into the static inputs of the graph kept in cache under key and replay it; on first use capture
     run(*static copies of inputs) (None stays None). Returns the graph's output (overwritten by the next replay).
-    At most GRAPH_CACHE graphs are kept, the least recently used dropped."""
+    At most GRAPH_CACHE graphs are kept, the least recently used dropped; all of them when a module switch or launch
+    table has changed since they were captured (kernels._common.switch_generation), since a graph bakes in what the
+    switches said at its capture."""
+    gen = switch_generation()
+    if getattr(cache, "switch_generation", gen) != gen:  # a switch changed since these graphs were captured
+        cache.clear()
+    cache.switch_generation = gen
     g = cache.get(key)
     if g is None:
         static = [None if t is None else t.clone() for t in inputs]
@@ -764,3 +770,6 @@ class EncoderOutput(dict):
 
     def __getitem__(self, k):
         return self.last_hidden_state if k == 0 else super().__getitem__(k)
+
+
+switch_module(__name__)  # its upper-case switches count as switches (replay_graph)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import types
 
 import torch
 
@@ -40,6 +42,73 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # launch. Every kernel launched this way waits before it reads anything an earlier kernel wrote and before it writes
 # anything, so the order of memory effects is the stream order. Module switch, for A/B runs.
 USE_PDL = True
+
+
+# Module switches. A CUDA graph bakes in what the switches and launch tables said when it was captured, so the engine
+# drops its graphs when one changes (engine.encoder.replay_graph). Every assignment to an upper-case attribute of a
+# module made a switch module by switch_module, and every change to one of its upper-case dict tables (item
+# assignment, update, clear, ...), counts one more switch generation; the engine compares the count, which costs
+# nothing per call, instead of the values.
+_GENERATION = [0]
+
+
+def switch_generation() -> int:
+    """How many times a module switch or launch table has changed in this process."""
+    return _GENERATION[0]
+
+
+class SwitchTable(dict):
+    """A launch table: any change to it counts as a switch change."""
+
+    def __setitem__(self, key, value):
+        _GENERATION[0] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _GENERATION[0] += 1
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs):
+        _GENERATION[0] += 1
+        super().update(*args, **kwargs)
+
+    def clear(self):
+        _GENERATION[0] += 1
+        super().clear()
+
+    def pop(self, *args):
+        _GENERATION[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        _GENERATION[0] += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        _GENERATION[0] += 1
+        return super().setdefault(key, default)
+
+    def __ior__(self, other):
+        _GENERATION[0] += 1
+        return super().__ior__(other)
+
+
+class SwitchModule(types.ModuleType):
+    """A module whose upper-case attributes are switches: assigning one counts as a switch change."""
+
+    def __setattr__(self, name, value):
+        if name[:1].isupper():
+            _GENERATION[0] += 1
+        super().__setattr__(name, value)
+
+
+def switch_module(name: str) -> None:
+    """Make module `name` a switch module, its upper-case dicts SwitchTables (called at the end of the module)."""
+    mod = sys.modules[name]
+    for key, value in list(vars(mod).items()):
+        if key[:1].isupper() and type(value) is dict:
+            setattr(mod, key, SwitchTable(value))
+    mod.__class__ = SwitchModule
 
 
 def interpreting() -> bool:
@@ -103,3 +172,6 @@ def check_tensor(name: str, t: torch.Tensor, dims: int | None = None, dtypes=KER
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+switch_module(__name__)  # USE_PDL is a switch

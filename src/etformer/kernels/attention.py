@@ -23,7 +23,13 @@ import math
 import torch
 
 from ..errors import EtformerError
-from ._common import HAS_TRITON, check_tensor, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
+from ._common import (HAS_TRITON, capability, check_tensor, next_pow2, pdl_kwargs, pdl_on, switch_module, tl, triton,
+                      use_triton)
+
+try:  # host-side tensor descriptors (TMA); Triton 3.4 and later
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
 
 if HAS_TRITON:
     from ._common import pdl_enter
@@ -130,6 +136,28 @@ if HAS_TRITON:
         return s, v
 
     @triton.jit
+    def _scores_tma(q, kv_desc, start, n0, k_off, v_off, cols, offs_m, bias_row, qk_scale, CAUSAL: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr):
+        """_scores for a block of keys that lies inside the sequence, K and V read as bulk tensor copies (kv_desc:
+        the packed buffer in [BLOCK_N, BLOCK_D] boxes) at columns k_off and v_off: no key is out of range, so only a
+        causal mask or a key bias or mask applies. A block that reaches past the sequence takes _scores (masked
+        pointer loads): its extra rows would be the next sequence's tokens, and a non-finite value there would
+        reach this one's output through the zero weights of the PV product."""
+        k = kv_desc.load([start + n0, k_off])
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_BIAS:
+            if KEY_MASK:
+                s = tl.where((tl.load(bias_row + cols) != 0)[None, :], s, float("-inf"))
+            else:
+                s += tl.load(bias_row + cols).to(tl.float32)[None, :] * 1.4426950408889634
+        if CAUSAL:
+            s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+        return s, kv_desc.load([start + n0, v_off])
+
+    @triton.jit
     def _pv(p, v, FP32_DOT: tl.constexpr):
         if FP32_DOT:
             o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -194,8 +222,11 @@ if HAS_TRITON:
         D: tl.constexpr, DV: tl.constexpr, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         ONE_PASS: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-        PDL: tl.constexpr = False, KEY_MASK: tl.constexpr = False,
+        PDL: tl.constexpr = False, KEY_MASK: tl.constexpr = False, q_desc=None, kv_desc=None,
+        TMA: tl.constexpr = False,
     ):
+        """TMA: Q, K and V come as bulk tensor copies through q_desc ([BLOCK_M, D] boxes of the packed buffer) and
+        kv_desc ([BLOCK_N, D] boxes); D == DV == BLOCK_D. Otherwise pointer loads."""
         pdl_enter(PDL)
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
@@ -204,12 +235,54 @@ if HAS_TRITON:
         L = tl.load(cu_ptr + b + 1) - start
         if pid_m * BLOCK_M >= L:
             return
+        bias_row = bias_ptr + b * stride_bb
+        if TMA:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, BLOCK_D)
+            offs_dv = tl.arange(0, BLOCK_DV)
+            offs_n = tl.arange(0, BLOCK_N)
+            m_ok = offs_m < L
+            rows = (start + offs_m).to(tl.int64)
+            # query rows past the sequence are the next one's tokens: computed, never stored
+            q = q_desc.load([start + pid_m * BLOCK_M, q_col + h * D])
+            k_base = qkv_ptr + k_col + h * D
+            v_base = qkv_ptr + v_col + h * DV
+            hi = L
+            if CAUSAL:
+                hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+            full = hi - hi % BLOCK_N  # key blocks wholly inside the sequence: bulk copies, no range mask
+            if ONE_PASS:
+                if full > 0:
+                    s, v = _scores_tma(q, kv_desc, start, 0, k_col + h * D, v_col + h * DV, offs_n, offs_m, bias_row,
+                                       qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
+                else:
+                    s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
+                                   bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
+                m = tl.maximum(tl.max(s, 1), -1e30)
+                p = tl.exp2(s - m[:, None])
+                l = tl.sum(p, 1)
+                acc = _pv(p, v, FP32_DOT)
+            else:
+                m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+                l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+                for n0 in range(0, full, BLOCK_N):
+                    s, v = _scores_tma(q, kv_desc, start, n0, k_col + h * D, v_col + h * DV, n0 + offs_n, offs_m,
+                                       bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
+                    m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
+                if full < hi:  # the last, partial block of keys
+                    s, v = _scores(q, k_base, v_base, start, full + offs_n, offs_m, offs_d, offs_dv, L, D, DV,
+                                   stride_t, bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
+                    m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
+            o = _normalize(l, acc)
+            tl.store(out_ptr + rows[:, None] * stride_o + h * DV + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None])
+            return
         offs_m, offs_d, offs_dv, offs_n, m_ok, rows, q = _query_block(qkv_ptr, start, L, pid_m, q_col, h, stride_t, D,
                                                                       BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, "")
         k_base = qkv_ptr + k_col + h * D
         v_base = qkv_ptr + v_col + h * DV
 
-        bias_row = bias_ptr + b * stride_bb
         if ONE_PASS:  # the whole sequence in one block of keys: one exact softmax
             s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row,
                            qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
@@ -248,6 +321,10 @@ def _blocks(max_seqlen: int, bd: int, on_gpu: bool, fill: float = 1.0) -> tuple[
     return False, 128, 64, 8, 3  # best at S=512
 
 
+# Q, K and V read as bulk tensor copies (TMA) where they can be (module switch; attention(tma=...) per call).
+USE_TMA = False
+
+
 def check_attention_inputs(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, q_col, k_col, v_col, v_head_dim,
                            key_bias, key_mask) -> tuple[int, int, int, int, int, int]:
     """The checks every attention operator makes of its inputs; returns (H, D, DV, k_col, v_col, B)."""
@@ -279,9 +356,10 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
               q_col: int = 0, k_col: int | None = None, v_col: int | None = None, v_head_dim: int | None = None,
               causal: bool = False, key_bias: torch.Tensor | None = None, sm_scale: float | None = None,
               out: torch.Tensor | None = None, backend: str = "auto", _config: tuple | None = None,
-              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+              key_mask: torch.Tensor | None = None, tma: bool | None = None) -> torch.Tensor:
     """Varlen multi-head attention out of a fused QKV buffer; returns [T, H*DV]. key_bias (float, added) or key_mask
-    (bool or integer, zeros not attended): [B, >= max_seqlen], row-major, indexed by position within each sequence."""
+    (bool or integer, zeros not attended): [B, >= max_seqlen], row-major, indexed by position within each sequence.
+    tma: read Q, K and V as bulk tensor copies (None: USE_TMA where _tma_ok allows; True where it does not raises)."""
     H, D, DV, k_col, v_col, B = check_attention_inputs(qkv, cu_seqlens, max_seqlen, num_heads, head_dim, q_col,
                                                        k_col, v_col, v_head_dim, key_bias, key_mask)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
@@ -302,17 +380,41 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
     grid = (triton.cdiv(max_seqlen, bm), H, B)
     pdl = pdl_on(qkv)
     kb, stride_bb, has_bias, is_mask = key_args(qkv, key_bias, key_mask)
+    ok = _tma_ok(qkv, D, DV, bd, bdv, q_col, k_col, v_col)
+    tma = USE_TMA and ok if tma is None else tma
+    if tma and not ok:
+        raise EtformerError("tma=True needs equal power-of-two Q/K and V head widths and a 16-byte aligned buffer")
+    q_desc = TensorDescriptor(qkv, list(qkv.shape), [qkv.stride(0), 1], [bm, bd]) if tma else qkv
+    kv_desc = TensorDescriptor(qkv, list(qkv.shape), [qkv.stride(0), 1], [bn, bd]) if tma else qkv
     _attn_kernel[grid](
         qkv, out, cu_seqlens, kb,
         qkv.stride(0), out.stride(0), stride_bb, q_col, k_col, v_col,
         D, DV, scale * LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, ONE_PASS=one, CAUSAL=causal,
         HAS_BIAS=has_bias, FP32_DOT=qkv.dtype == torch.float32 and not qkv.is_cuda,
-        num_warps=warps, num_stages=stages, PDL=pdl, KEY_MASK=is_mask, **pdl_kwargs(pdl),
+        num_warps=warps, num_stages=stages, PDL=pdl, KEY_MASK=is_mask, q_desc=q_desc, kv_desc=kv_desc, TMA=tma,
+        **pdl_kwargs(pdl),
     )
     return out
+
+
+
+def _tma_ok(qkv: torch.Tensor, D: int, DV: int, bd: int, bdv: int, q_col: int, k_col: int, v_col: int) -> bool:
+    """Whether the heads can come as bulk tensor copies: sm_90+ (or the interpreter), a host tensor-descriptor API,
+    Q/K and V heads of one power-of-two width (the box is the head, so no neighbouring column is read), and every
+    head's first column and the row stride 16-byte aligned."""
+    if TensorDescriptor is None or D != DV or bd != D or bdv != DV:
+        return False
+    if qkv.is_cuda and capability(qkv.device.index)[0] < 9:
+        return False
+    e = qkv.element_size()
+    return (qkv.data_ptr() % 16 == 0 and (qkv.stride(0) * e) % 16 == 0 and qkv.stride(1) == 1
+            and all((c * e) % 16 == 0 for c in (q_col, k_col, v_col, D)))
 
 
 def attention_flops(seqlens, num_heads: int, head_dim: int, v_head_dim: int | None = None) -> float:
     dv = v_head_dim or head_dim
     return float(sum(2.0 * L * L * num_heads * (head_dim + dv) for L in seqlens))
+
+
+switch_module(__name__)  # its upper-case settings are switches: see _common.switch_module

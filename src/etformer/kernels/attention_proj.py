@@ -29,7 +29,8 @@ import math
 import torch
 
 from ..errors import EtformerError
-from ._common import HAS_TRITON, check_tensor, interpreting, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
+from ._common import (HAS_TRITON, check_tensor, interpreting, next_pow2, pdl_kwargs, pdl_on, switch_module, tl, triton,
+                      use_triton)
 from .attention import LOG2E, attention_reference, check_attention_inputs, head_blocks, key_args
 
 if HAS_TRITON:
@@ -174,3 +175,6 @@ def attention_proj_partials(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
         LINES=max(1, bdv // line), LINE=line, num_warps=warps, num_stages=stages, **pdl_kwargs(pdl),
     )
     return out
+
+
+switch_module(__name__)  # its upper-case settings are switches: see _common.switch_module

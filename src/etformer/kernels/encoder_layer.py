@@ -33,7 +33,8 @@ import math
 import torch
 
 from ..errors import EtformerError
-from ._common import HAS_TRITON, check_tensor, interpreting, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
+from ._common import (HAS_TRITON, check_tensor, interpreting, next_pow2, pdl_kwargs, pdl_on, switch_module, tl, triton,
+                      use_triton)
 from .attention import LOG2E, attention_reference, head_blocks
 from .layernorm import add_layernorm_reference
 from .tile_linear import _act_code, tile_linear_reference
@@ -319,3 +320,6 @@ def encoder_layer(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, nu
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(pdl),
     )
     return y
+
+
+switch_module(__name__)  # its upper-case settings are switches: see _common.switch_module

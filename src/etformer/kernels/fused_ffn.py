@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import EtformerError
-from ._common import HAS_TRITON, check_tensor, tl, triton, use_triton
+from ._common import HAS_TRITON, check_tensor, switch_module, tl, triton, use_triton
 from .tile_linear import TensorDescriptor, _act_code, _tma_on, apply_activation
 
 if HAS_TRITON:
@@ -124,3 +124,6 @@ def fused_ffn_partials(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | Non
         BLOCK_M=bm, BI=bi, BK=bk, BD=bd, ACT=act, HAS_B1=b1 is not None,
         FP32_DOT=x.dtype == torch.float32 and not x.is_cuda, TMA=tma, num_warps=warps, num_stages=stages)
     return ws
+
+
+switch_module(__name__)  # its upper-case settings are switches: see _common.switch_module

@@ -24,7 +24,7 @@ import torch
 from ..errors import EtformerError
 from ..sparse.tiles import TileSparseWeight
 from ._common import (HAS_TRITON, capability, check_tensor, interpreting, pdl_kwargs, pdl_on, tl, triton,
-                      use_triton)
+                      switch_module, use_triton)
 
 if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
@@ -1166,3 +1166,6 @@ def flops(M: int, w: TileSparseWeight) -> float:
 def min_bytes(M: int, w: TileSparseWeight, elem: int = 2) -> float:
     """Each operand read once, the output written once."""
     return elem * (M * w.in_features + w.nnz_tiles * w.tile[0] * w.tile[1] + M * w.out_features)
+
+
+switch_module(__name__)  # its upper-case settings are switches: see _common.switch_module

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import EtformerError
 from ..sparse.tiles import TileSparseWeight
-from ._common import capability, check_tensor
+from ._common import capability, check_tensor, switch_module
 from .tile_linear import _activation_id, _check_epilogue, _row_order, _weight_shape, tile_linear_reference
 
 try:
@@ -355,3 +355,6 @@ def launch(x, w, bias, act: int, residual, out, out_col: int, config=None) -> to
 
 # The plain-PyTorch reference: the operation is tile_linear's.
 tile_linear_ws_reference = tile_linear_reference
+
+
+switch_module(__name__)  # its upper-case settings are switches: see _common.switch_module
