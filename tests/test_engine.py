@@ -232,7 +232,7 @@ def test_deferred_layernorm_matches_hf(plan, monkeypatch):
     dt = torch.float16 if DEVICE == "cuda" else torch.float32
     enc = optimize(model, plan, dtype=dt, device=DEVICE, backend="triton")
     enc.sync_free_max_tokens = 0
-    enc.use_graphs = False  # eager first: a captured graph keeps the form it was captured in
+    enc.use_graphs = False  # eager first; the graphs below
     ids = torch.randint(1, 100, (3, 40))
     mask = torch.ones(3, 40, dtype=torch.long)
     mask[1, 25:] = 0
