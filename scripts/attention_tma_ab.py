@@ -26,10 +26,10 @@ from etformer.pruning import PruningPlan, apply_plan
 from etformer.pruning.plan import DEFAULT_TILE
 from etformer.sparse.tiles import atomic_write_json
 from tile_sub_ab import engine_ab  # scripts/
+from tune_attention_varlen import H, D, batch  # scripts/
 
 A = importlib.import_module("etformer.kernels.attention")
 C = importlib.import_module("etformer.kernels._common")
-H, D = 12, 64
 CASES = ((1, 128, 128), (32, 128, 128), (128, 128, 128), (32, 384, 384), (8, 512, 512), (32, 512, 512),
          (32, 128, 1), (32, 512, 1))  # (B, S, shortest length): S = full batch
 
@@ -52,13 +52,8 @@ def part_k(bad, cases=CASES):
     C.USE_PDL = False
     try:
         for B, S, lo in cases:
-            g = torch.Generator().manual_seed(B * 1000 + S)
-            lens = torch.randint(lo, S + 1, (B,), generator=g).tolist() if lo < S else [S] * B
+            lens, cu, qkv, o, q = batch(B, S, lo)  # the same draws as tune_attention_varlen's
             T = sum(lens)
-            cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-            qkv = torch.randn(T, 3 * H * D, device="cuda", dtype=torch.float16)
-            o = torch.empty(T, H * D, device="cuda", dtype=torch.float16)
-            q = torch.randn(B, H, S, D, device="cuda", dtype=torch.float16)
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                 sdpa = t20(lambda: F.scaled_dot_product_attention(q, q, q))
             ref = A.attention_reference(qkv.float(), cu, H, D)

@@ -30,6 +30,18 @@ def candidates(S):
     return c
 
 
+def batch(B, S, lo):
+    """A batch of B sequences with lengths uniform in lo..S (all S when lo = S; seeded by B*1000+S): (lengths,
+    cu_seqlens, packed qkv [T, 3*H*D], an output [T, H*D], a padded [B, H, S, D] input for SDPA), fp16 on the GPU."""
+    g = torch.Generator().manual_seed(B * 1000 + S)
+    lens = torch.randint(lo, S + 1, (B,), generator=g).tolist() if lo < S else [S] * B
+    T = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    return (lens, cu, torch.randn(T, 3 * H * D, device="cuda", dtype=torch.float16),
+            torch.empty(T, H * D, device="cuda", dtype=torch.float16),
+            torch.randn(B, H, S, D, device="cuda", dtype=torch.float16))
+
+
 def main(out_dir):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -38,14 +50,9 @@ def main(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for B, S, lo in CASES:
-        g = torch.Generator().manual_seed(B * 1000 + S)
         varlen = lo < S
-        lens = torch.randint(lo, S + 1, (B,), generator=g).tolist() if varlen else [S] * B
+        lens, cu, qkv, o, q = batch(B, S, lo)
         T = sum(lens)
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-        qkv = torch.randn(T, 3 * H * D, device="cuda", dtype=torch.float16)
-        o = torch.empty(T, H * D, device="cuda", dtype=torch.float16)
-        q = torch.randn(B, H, S, D, device="cuda", dtype=torch.float16)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             sdpa = time_cuda(lambda: F.scaled_dot_product_attention(q, q, q), graph=True, min_ms=30,
                              per_graph=PER_GRAPH)["median_us"]

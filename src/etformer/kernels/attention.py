@@ -158,6 +158,24 @@ if HAS_TRITON:
         return s, kv_desc.load([start + n0, v_off])
 
     @triton.jit
+    def _one_block(q, kv_desc, k_base, v_base, start, full, k_off, v_off, offs_n, offs_m, offs_d, offs_dv, L, D, DV,
+                   stride_t, bias_row, qk_scale, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+                   KEY_MASK: tl.constexpr, TMA: tl.constexpr):
+        """The one-pass kernel's scores and V block: by bulk copies when TMA and the block lies inside the sequence
+        (full > 0), else by masked pointer loads."""
+        if TMA:
+            if full > 0:
+                s, v = _scores_tma(q, kv_desc, start, 0, k_off, v_off, offs_n, offs_m, bias_row, qk_scale, CAUSAL,
+                                   HAS_BIAS, FP32_DOT, KEY_MASK)
+            else:
+                s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
+                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
+        else:
+            s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row,
+                           qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
+        return s, v
+
+    @triton.jit
     def _pv(p, v, FP32_DOT: tl.constexpr):
         if FP32_DOT:
             o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -176,16 +194,19 @@ if HAS_TRITON:
         return m_new, l, acc
 
     @triton.jit
+    def _query_rows(start, L, blk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr):
+        """Query block blk of a sequence starting at token `start` with L tokens: (offs_m, offs_d, offs_dv, offs_n,
+        m_ok, rows)."""
+        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        return (offs_m, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_N), offs_m < L,
+                (start + offs_m).to(tl.int64))
+
+    @triton.jit
     def _query_block(qkv_ptr, start, L, blk, q_col, h, stride_t, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CACHE: tl.constexpr):
-        """Query rows blk*BLOCK_M.. of a sequence starting at token `start` with L tokens, head h: (offs_m, offs_d,
-        offs_dv, offs_n, m_ok, rows, q), q read from columns q_col + h*D of the packed buffer (rows past L as zeros)."""
-        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        offs_n = tl.arange(0, BLOCK_N)
-        m_ok = offs_m < L
-        rows = (start + offs_m).to(tl.int64)
+        """_query_rows and q, read from columns q_col + h*D of the packed buffer (rows past L as zeros)."""
+        offs_m, offs_d, offs_dv, offs_n, m_ok, rows = _query_rows(start, L, blk, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         q = tl.load(qkv_ptr + rows[:, None] * stride_t + q_col + h * D + offs_d[None, :],
                     mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0, cache_modifier=CACHE)
         return offs_m, offs_d, offs_dv, offs_n, m_ok, rows, q
@@ -236,60 +257,40 @@ if HAS_TRITON:
         if pid_m * BLOCK_M >= L:
             return
         bias_row = bias_ptr + b * stride_bb
-        if TMA:
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_d = tl.arange(0, BLOCK_D)
-            offs_dv = tl.arange(0, BLOCK_DV)
-            offs_n = tl.arange(0, BLOCK_N)
-            m_ok = offs_m < L
-            rows = (start + offs_m).to(tl.int64)
-            # query rows past the sequence are the next one's tokens: computed, never stored
+        if TMA:  # query rows past the sequence are the next one's tokens: computed, never stored
+            offs_m, offs_d, offs_dv, offs_n, m_ok, rows = _query_rows(start, L, pid_m, BLOCK_M, BLOCK_N, BLOCK_D,
+                                                                      BLOCK_DV)
             q = q_desc.load([start + pid_m * BLOCK_M, q_col + h * D])
-            k_base = qkv_ptr + k_col + h * D
-            v_base = qkv_ptr + v_col + h * DV
-            hi = L
-            if CAUSAL:
-                hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
-            full = hi - hi % BLOCK_N  # key blocks wholly inside the sequence: bulk copies, no range mask
-            if ONE_PASS:
-                if full > 0:
-                    s, v = _scores_tma(q, kv_desc, start, 0, k_col + h * D, v_col + h * DV, offs_n, offs_m, bias_row,
-                                       qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
-                else:
-                    s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
-                                   bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
-                m = tl.maximum(tl.max(s, 1), -1e30)
-                p = tl.exp2(s - m[:, None])
-                l = tl.sum(p, 1)
-                acc = _pv(p, v, FP32_DOT)
-            else:
-                m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
-                l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-                for n0 in range(0, full, BLOCK_N):
-                    s, v = _scores_tma(q, kv_desc, start, n0, k_col + h * D, v_col + h * DV, n0 + offs_n, offs_m,
-                                       bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
-                    m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
-                if full < hi:  # the last, partial block of keys
-                    s, v = _scores(q, k_base, v_base, start, full + offs_n, offs_m, offs_d, offs_dv, L, D, DV,
-                                   stride_t, bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
-                    m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
-            o = _normalize(l, acc)
-            tl.store(out_ptr + rows[:, None] * stride_o + h * DV + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
-                     mask=m_ok[:, None])
-            return
-        offs_m, offs_d, offs_dv, offs_n, m_ok, rows, q = _query_block(qkv_ptr, start, L, pid_m, q_col, h, stride_t, D,
-                                                                      BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, "")
+        else:
+            offs_m, offs_d, offs_dv, offs_n, m_ok, rows, q = _query_block(qkv_ptr, start, L, pid_m, q_col, h,
+                                                                          stride_t, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                                                                          BLOCK_DV, "")
         k_base = qkv_ptr + k_col + h * D
         v_base = qkv_ptr + v_col + h * DV
-
+        hi = L
+        if CAUSAL:
+            hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+        full = hi - hi % BLOCK_N  # key blocks wholly inside the sequence: with TMA, bulk copies and no range mask
         if ONE_PASS:  # the whole sequence in one block of keys: one exact softmax
-            s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row,
-                           qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
+            s, v = _one_block(q, kv_desc, k_base, v_base, start, full, k_col + h * D, v_col + h * DV, offs_n, offs_m,
+                              offs_d, offs_dv, L, D, DV, stride_t, bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT,
+                              KEY_MASK, TMA)
             m = tl.maximum(tl.max(s, 1), -1e30)
             p = tl.exp2(s - m[:, None])
             l = tl.sum(p, 1)
             acc = _pv(p, v, FP32_DOT)
+        elif TMA:  # online softmax: the whole key blocks by bulk copies, then the last, partial one masked
+            m = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+            l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+            for n0 in range(0, full, BLOCK_N):
+                s, v = _scores_tma(q, kv_desc, start, n0, k_col + h * D, v_col + h * DV, n0 + offs_n, offs_m,
+                                   bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
+                m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
+            if full < hi:
+                s, v = _scores(q, k_base, v_base, start, full + offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
+                               bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK, "")
+                m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
         else:  # online softmax over key blocks
             l, acc = _online_softmax(q, k_base, v_base, start, L, pid_m, offs_m, offs_n, offs_d, offs_dv, D, DV,
                                      stride_t, bias_row, qk_scale, BLOCK_M, BLOCK_N, BLOCK_DV, CAUSAL, HAS_BIAS,
