@@ -282,13 +282,14 @@ if WS.HAS_GLUON:
     def _ws_desc(block):
         return f"tensordesc<fp16[{block[0]},{block[1]}],{WS.shared_layout(block, torch.float16)!r}>"
 
-    for cons, stages, act, res in ((2, 4, 1, False), (1, 2, 0, True)):
-        name = f"tile_linear_ws consumers={cons} stages={stages}"
+    for cons, stages, act, res, coop in ((2, 4, 1, False, False), (1, 2, 0, True, False), (2, 3, 1, False, True)):
+        name = f"tile_linear_ws consumers={cons} stages={stages}" + (" cooperative" if coop else "")
         sig = {"x_desc": _ws_desc([128, 64]), "w_desc": _ws_desc([128, 64]), "y_desc": _ws_desc([128, 128]),
                "brow_ptr": i32, "col_idx": i32, "bias_ptr": p16, "res_ptr": p16, "M": "i32", "N": "i32", "nnz": "i32",
                "stride_rm": "i32", "num_items": "i32"}
         consts = dict(BLOCK_M=128, BN=128, BK=64, GROUP_M=8, STAGES=stages, CONSUMERS=cons, HAS_BIAS=True, ACT=act,
-                      HAS_RES=res, LOADER_REGS=WS.LOADER_REGS, CONSUMER_REGS=WS.CONSUMER_REGS, AHEAD=WS.WS_AHEAD)
+                      HAS_RES=res, LOADER_REGS=WS.LOADER_REGS, CONSUMER_REGS=WS.CONSUMER_REGS, AHEAD=WS.WS_AHEAD,
+                      COOP=coop)
         sig.update({k: C for k in consts})
         try:
             k = triton.compile(GluonASTSource(fn=WS._tile_linear_ws_kernel, signature=sig, constexprs=consts),

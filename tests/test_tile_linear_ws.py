@@ -57,7 +57,9 @@ def test_refuses_what_it_cannot_run_with_a_reason():
 @pytest.mark.parametrize("config", [(128, 2, 1, 2), (128, 4, 2, 1), (64, 5, 2, 1)])
 @pytest.mark.parametrize("M", [1, 77, 1000])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_matches_reference(dtype, config, M, density):
+@pytest.mark.parametrize("coop", [False, True], ids=["", "coop"])
+def test_matches_reference(dtype, config, M, density, coop):
+    """coop: the consumers share each item of 2 x BLOCK_M rows (at 77 rows the second one's are all past the end)."""
     K, N = 768, 640
     W = _weight(K, N, density, dtype, "cuda", seed=M)
     if density == 0.0:
@@ -67,12 +69,12 @@ def test_matches_reference(dtype, config, M, density):
     b = torch.randn(N, device="cuda", dtype=dtype) * 0.1
     r = torch.randn(M, N, device="cuda", dtype=dtype)
     for act, res in ((None, None), ("gelu", None), ("relu", r)):
-        y = WS.tile_linear_ws(x, w, b, activation=act, residual=res, config=config)
+        y = WS.tile_linear_ws(x, w, b, activation=act, residual=res, config=config, coop=coop)
         ref = tile_linear_reference(x.float(), W.float(), b.float(), act, None if res is None else res.float())
         err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-6))
         assert err < 1e-2, (act, res is not None, err)
     wide = torch.zeros(M, N + 128, device="cuda", dtype=dtype)
-    WS.tile_linear_ws(x, w, b, out=wide, out_col=64, config=config)
+    WS.tile_linear_ws(x, w, b, out=wide, out_col=64, config=config, coop=coop)
     assert torch.all(wide[:, :64] == 0) and torch.all(wide[:, 64 + N:] == 0)
     ref = tile_linear_reference(x.float(), W.float(), b.float())
     assert float((wide[:, 64:64 + N].float() - ref).norm() / ref.norm()) < 1e-2
@@ -101,10 +103,21 @@ def test_tile_linear_routes_to_it_from_ws_min_rows(monkeypatch):
     w = TileSparseWeight.from_dense(W, (128, 64))
     x = torch.randn(300, 768, device="cuda", dtype=torch.float16)
     b = torch.randn(640, device="cuda", dtype=torch.float16)
+    monkeypatch.setattr(T, "WS_MIN_ROWS", None)
     grid = T.tile_linear(x, w, b, activation="gelu")
     monkeypatch.setattr(T, "WS_MIN_ROWS", 256)
+    monkeypatch.setattr(T, "WS_WITH_ACTIVATION", True)
+    monkeypatch.setattr(T, "WS_MIN_ITEMS", 0)
     routed = T.tile_linear(x, w, b, activation="gelu")
     assert torch.equal(routed, WS.tile_linear_ws(x, w, b, activation="gelu"))
     assert float((routed.float() - grid.float()).norm() / grid.float().norm()) < 1e-2
     monkeypatch.setattr(T, "WS_MIN_ROWS", 301)  # fewer rows than that: the grid kernel
     assert torch.equal(T.tile_linear(x, w, b, activation="gelu"), grid)
+    monkeypatch.setattr(T, "WS_MIN_ROWS", 256)
+    for setting, value, back in (("WS_WITH_ACTIVATION", False, True), ("WS_MAX_K", 512, None),
+                                 ("WS_MIN_ITEMS", 16, 0)):
+        monkeypatch.setattr(T, setting, value)  # an activation, K = 768 > 512, 3 x 5 = 15 items: the grid kernel
+        assert torch.equal(T.tile_linear(x, w, b, activation="gelu"), grid), setting
+        monkeypatch.setattr(T, setting, back)
+    assert torch.equal(T.tile_linear(x, w, b, activation="gelu"), routed)
+

@@ -799,12 +799,24 @@ TILE_SUB: dict[tuple, tuple[tuple[int, float, int], ...]] = {
 TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 
 
-# From this many rows a TileSparseWeight on an sm_90 GPU takes the warp-specialised Gluon kernel
-# (kernels/tile_linear_ws.py) where it can run and no launch form was asked for (split_k, sub, pair, persistent,
-# _config, tma=False); None: never. Alone it is 0.92x this grid kernel at 4096 rows and 1.03x at 16384 (geometric
-# means over BERT-base's matrices, benchmarks/results/h200/ws/ws_ab.json); off until an engine-level A/B says where it
-# pays (scripts/ws_engine_ab.py).
-WS_MIN_ROWS: int | None = None
+# From WS_MIN_ROWS rows a TileSparseWeight on an sm_90 GPU takes the warp-specialised Gluon kernel
+# (kernels/tile_linear_ws.py, its ping-pong form) where it can run and no launch form was asked for (split_k, sub,
+# pair, persistent, _config, tma=False, the deferred LayerNorm), for weights of at most WS_MAX_K input features, calls
+# without an activation (unless WS_WITH_ACTIVATION), and launches of at least WS_MIN_ITEMS work items of its 128-row
+# blocks; None: never. Its two consumer warpgroups hide one item's epilogue under the other's K loop, which pays where
+# the loop is short (K = 768 at half density: 6 steps), the epilogue light (GELU's is as long as such a loop) and the
+# items many (one program an SM deals them out). Same-run on the H200 (ws_coop/ws_coop_ab.json, graphs of 20 calls,
+# BERT-base matrices against this grid kernel): at 16384 rows QKV 1.15x at half density and 1.21x at a quarter, the
+# output projection 1.12x and 1.15x, FFN-in with GELU 0.97x and 0.94x, FFN-out 1.01x and 1.05x; at 4096 rows 0.97-1.08x
+# for QKV (576 items) and 0.85-0.86x for the output projection (192 items). In the encoder (ws_route/ws_route_ab.json,
+# GPU time of the graphed forward, two rounds each, QKV and the output projection routed from 16384 rows): 50% tiles
+# 4573/4615 -> 4519/4515 us at 128x128 and 5243/5152 -> 5154/5090 at 32x512, 70% tiles 3698/3677 -> 3595/3598 and
+# 4274/4253 -> 4164/4187; from 8192 rows (the output projection's 384 items included) 64x128 gained 0.5-1.2% and
+# 16x512 was even, so the rows stay at 16384, where BERT-base's output projection has its 768 items.
+WS_MIN_ROWS: int | None = 16384
+WS_MAX_K: int | None = 1024
+WS_WITH_ACTIVATION = False
+WS_MIN_ITEMS = 768
 
 
 def _dense_bucket(M: int) -> int:
@@ -1091,7 +1103,9 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         split_k, persistent = 1, False
     if (WS_MIN_ROWS is not None and M >= WS_MIN_ROWS and isinstance(w, TileSparseWeight) and x.is_cuda and not deferred
             and split_k in (None, 1) and not persistent and sub in (None, 1) and not pair and _config is None
-            and tma is not False):
+            and tma is not False and (WS_MAX_K is None or K <= WS_MAX_K)
+            and (WS_WITH_ACTIVATION or _activation_id(activation) == 0)
+            and triton.cdiv(M, 128) * triton.cdiv(N, w.tile[0]) >= WS_MIN_ITEMS):
         from . import tile_linear_ws as ws  # the arguments are checked above; what Gluon needs, here
         if ws.tile_linear_ws_supported(x, w, out, out_col) is None:
             return ws.launch(x, w, bias, _activation_id(activation), residual, out, out_col)

@@ -10,15 +10,19 @@ the way Hopper GEMMs reach their peak, which Triton's own compiler does not buil
   while the current one's epilogue runs, so a short sparse K loop pays no pipeline fill of its own;
 - **consumer** warpgroups (CONSUMERS of them, 4 warps each) wait for a buffer, issue the wgmma asynchronously, and
   release the previous buffer once one wgmma is left in flight. With two consumers they take the program's items in
-  turn ("ping-pong"): one runs its epilogue (bias, GELU, residual, bulk store) while the other's MMAs run.
+  turn ("ping-pong"): one runs its epilogue (bias, GELU, residual, bulk store) while the other's MMAs run. With
+  coop=True they share each item of 2 x BLOCK_M rows instead, one row block each, and each stage's tile.
 
 The grid is persistent (programs per SM x SMs, at most one program an item); items are dealt round-robin in the grid
 kernel's order (groups of GROUP_M row blocks sweep the block-rows, heaviest block-row first), so the heaviest work
 starts first.
 
-Opt-in: tile_linear takes it from tile_linear.WS_MIN_ROWS rows (None by default). Measured on the H200 it is 0.92x
-the grid kernel at 4096 rows and 1.03x at 16384 (WS_DEFAULT below), and no faster in the encoder
-(benchmarks/results/h200/ws/, docs/NOTES.md item 15).
+tile_linear takes it from tile_linear.WS_MIN_ROWS rows for weights of at most WS_MAX_K input features, calls without
+an activation and launches of at least WS_MIN_ITEMS items (BERT-base's QKV and output projection from 16384 rows).
+Measured on the H200 (benchmarks/results/h200/ws/, ws_coop/, ws_route/): 0.92x the grid kernel at 4096 rows and 1.03-
+1.05x at 16384 over BERT-base's four matrices, 1.12-1.21x for QKV and the output projection at 16384; 1.5-2.5% off the
+encoder's forward at 16384 tokens (docs/NOTES.md item 15). The cooperative form (coop=True) lost: 0.84-0.86x at 4096
+rows, 1.02x at 16384.
 
 Gluon kernels run on sm_90 GPUs only: no interpreter. tile_linear_ws_supported() says whether a call can take it;
 the CPU tests compile it for sm_90 (scripts/compile_sm90.py) and check the host-side planning, and the GPU tests
@@ -98,10 +102,13 @@ if HAS_GLUON:
                    bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items,
                    BLOCK_M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr,
                    STAGES: gl.constexpr, CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
-                   HAS_RES: gl.constexpr, CID: gl.constexpr, AHEAD: gl.constexpr):
+                   HAS_RES: gl.constexpr, CID: gl.constexpr, AHEAD: gl.constexpr, COOP: gl.constexpr):
         """The loader warp: every kept tile of every item of this program, into the ring, in order (AHEAD & 1: the
-        next tile's column index loaded a step ahead, its latency under the wait)."""
-        num_m = gl.cdiv(M, BLOCK_M)
+        next tile's column index loaded a step ahead, its latency under the wait). COOP: an item is CONSUMERS row
+        blocks, and each stage holds one X block per consumer beside the shared tile."""
+        ITEM_M: gl.constexpr = BLOCK_M * CONSUMERS if COOP else BLOCK_M
+        XB: gl.constexpr = CONSUMERS if COOP else 1
+        num_m = gl.cdiv(M, ITEM_M)
         num_r = gl.cdiv(N, BN)
         P = gl.num_programs(0)
         n = 0
@@ -119,8 +126,9 @@ if HAS_GLUON:
                 # a fresh mbarrier counts as having completed phase 1, so the first round's waits pass
                 mbarrier.wait(empty.index(s), ((n // STAGES) & 1) ^ 1)
                 bar = ready.index(s)
-                mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                _tma_load(x_desc, [pid_m * BLOCK_M, kc * BK], bar, x_bufs.index(s))
+                mbarrier.expect(bar, XB * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                for c in gl.static_range(XB):
+                    _tma_load(x_desc, [pid_m * ITEM_M + c * BLOCK_M, kc * BK], bar, x_bufs.index(s * XB + c))
                 _tma_load(w_desc, [t * BN, 0], bar, w_bufs.index(s))
                 if AHEAD & 1:
                     kc = kc_next
@@ -131,12 +139,16 @@ if HAS_GLUON:
                      bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items,
                      BLOCK_M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr,
                      STAGES: gl.constexpr, CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
-                     HAS_RES: gl.constexpr, CID: gl.constexpr, AHEAD: gl.constexpr):
-        """Consumer CID: the MMAs and the epilogue of every CONSUMERS-th item of this program, from the CID-th."""
+                     HAS_RES: gl.constexpr, CID: gl.constexpr, AHEAD: gl.constexpr, COOP: gl.constexpr):
+        """Consumer CID: the MMAs and the epilogue of every CONSUMERS-th item of this program, from the CID-th; COOP:
+        of row block CID of every item (the consumers share each stage's tile and release it together)."""
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BN, 16])
+        ITEM_M: gl.constexpr = BLOCK_M * CONSUMERS if COOP else BLOCK_M
+        XB: gl.constexpr = CONSUMERS if COOP else 1
+        XC: gl.constexpr = CID if COOP else 0
         c_smem = c_bufs.index(CID)
-        num_m = gl.cdiv(M, BLOCK_M)
+        num_m = gl.cdiv(M, ITEM_M)
         num_r = gl.cdiv(N, BN)
         P = gl.num_programs(0)
         pid_m, b = _ws_where(gl.program_id(0), num_m, num_r, GROUP_M)
@@ -153,8 +165,8 @@ if HAS_GLUON:
                 r, lo, hi = _ws_brow(brow_ptr, b)
             else:
                 row, t0, t1 = _ws_brow(brow_ptr, b)
-            if j % CONSUMERS == CID:
-                if CONSUMERS > 1:
+            if COOP or j % CONSUMERS == CID:
+                if CONSUMERS > 1 and not COOP:
                     # the ring is consumed in item order: wait until the other consumer has taken its item's last
                     # buffer (a wait on a parity is only unambiguous within one phase of the barrier). A fresh
                     # barrier counts as having completed phase 1, so consumer 0's first wait passes.
@@ -163,16 +175,17 @@ if HAS_GLUON:
                 for t in range(t0, t1):
                     s = n % STAGES
                     mbarrier.wait(ready.index(s), (n // STAGES) & 1)
-                    acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma(x_bufs.index(s * XB + XC), w_bufs.index(s).permute((1, 0)), acc,
+                                        is_async=True)
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
                     # the previous step's wgmma has finished reading its buffers: hand them back to the loader
                     mbarrier.arrive(empty.index((n + STAGES - 1) % STAGES), pred=t > t0)
                     n += 1
-                if CONSUMERS > 1:
+                if CONSUMERS > 1 and not COOP:
                     mbarrier.arrive(turn.index(1 - CID))  # the other consumer's MMAs may start
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(empty.index((n + STAGES - 1) % STAGES), pred=t1 > t0)
-                row0 = pid_m * BLOCK_M
+                row0 = pid_m * ITEM_M + XC * BLOCK_M
                 col0 = row * BN
                 cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
                 if HAS_BIAS:
@@ -202,8 +215,9 @@ if HAS_GLUON:
                                BLOCK_M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr,
                                STAGES: gl.constexpr, CONSUMERS: gl.constexpr, HAS_BIAS: gl.constexpr,
                                ACT: gl.constexpr, HAS_RES: gl.constexpr, LOADER_REGS: gl.constexpr,
-                               CONSUMER_REGS: gl.constexpr, AHEAD: gl.constexpr):
-        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BK], x_desc.layout)
+                               CONSUMER_REGS: gl.constexpr, AHEAD: gl.constexpr, COOP: gl.constexpr):
+        XB: gl.constexpr = CONSUMERS if COOP else 1
+        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * XB, BLOCK_M, BK], x_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
         c_bufs = gl.allocate_shared_memory(y_desc.dtype, [CONSUMERS, BLOCK_M, BN], y_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -211,29 +225,29 @@ if HAS_GLUON:
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+            mbarrier.init(empty.index(i), count=XB)  # COOP: every consumer releases each stage
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         if CONSUMERS == 1:
             gl.warp_specialize([
                 (_ws_consumer, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
                                 bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
-                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD)),
+                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD, COOP)),
                 (_ws_loader, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
                               bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
-                              STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD)),
+                              STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD, COOP)),
             ], [1], [LOADER_REGS])
         else:
             gl.warp_specialize([
                 (_ws_consumer, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
                                 bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
-                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD)),
+                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD, COOP)),
                 (_ws_consumer, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
                                 bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
-                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 1, AHEAD)),
+                                STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 1, AHEAD, COOP)),
                 (_ws_loader, (x_desc, w_desc, y_desc, x_bufs, w_bufs, c_bufs, ready, empty, turn, brow_ptr, col_idx,
                               bias_ptr, res_ptr, M, N, nnz, stride_rm, num_items, BLOCK_M, BN, BK, GROUP_M,
-                              STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD)),
+                              STAGES, CONSUMERS, HAS_BIAS, ACT, HAS_RES, 0, AHEAD, COOP)),
             ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -304,10 +318,11 @@ def tile_linear_ws_supported(x: torch.Tensor, w, out: torch.Tensor | None = None
 def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | None = None, *,
                    activation: str | None = None, residual: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, out_col: int = 0,
-                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                   config: tuple[int, int, int, int] | None = None, coop: bool = False) -> torch.Tensor:
     """tile_linear's Y = X W^T (+ bias) (-> GELU or ReLU) (+ residual) by the warp-specialised Hopper kernel.
-    config: (BLOCK_M, STAGES, CONSUMERS, programs per SM); None: WS_DEFAULT. Raises EtformerError where the kernel
-    cannot run (tile_linear_ws_supported says why)."""
+    config: (BLOCK_M, STAGES, CONSUMERS, programs per SM); None: WS_DEFAULT. coop: the consumers work on one item of
+    CONSUMERS x BLOCK_M rows together, each on its row block, sharing every stage's tile (instead of taking items in
+    turn). Raises EtformerError where the kernel cannot run (tile_linear_ws_supported says why)."""
     check_tensor("x", x, dims=2, dtypes=(torch.float16, torch.bfloat16))
     act = _activation_id(activation)  # every GELU runs the kernel's polynomial erf
     M, K = x.shape
@@ -322,10 +337,10 @@ def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | No
     _check_epilogue(x, M, N, bias, residual)
     if config is not None and (config[2] not in (1, 2) or config[1] < 1 or config[0] not in (64, 128)):
         raise EtformerError(f"config {config} must have BLOCK_M 64 or 128, STAGES >= 1 and 1 or 2 consumers")
-    return launch(x, w, bias, act, residual, out, out_col, config)
+    return launch(x, w, bias, act, residual, out, out_col, config, coop)
 
 
-def launch(x, w, bias, act: int, residual, out, out_col: int, config=None) -> torch.Tensor:
+def launch(x, w, bias, act: int, residual, out, out_col: int, config=None, coop: bool = False) -> torch.Tensor:
     """The kernel launch, for arguments already checked (tile_linear_ws, or tile_linear routing to it after its own
     checks and tile_linear_ws_supported): act is 0 none, 1 GELU, 2 ReLU; config None: WS_DEFAULT."""
     M, K = x.shape
@@ -341,7 +356,7 @@ def launch(x, w, bias, act: int, residual, out, out_col: int, config=None) -> to
     w_desc = GluonDescriptor(vals, [vals.shape[0], BK], [BK, 1], [BN, BK], shared_layout([BN, BK], x.dtype))
     y_desc = GluonDescriptor(out[:, out_col:], [M, N], [out.stride(0), 1], [block_m, BN],
                              shared_layout([block_m, BN], x.dtype))
-    items = -(-M // block_m) * (-(-N // BN))
+    items = -(-M // (block_m * (consumers if coop else 1))) * (-(-N // BN))
     grid = (max(1, min(items, _sms(x.device.index) * per_sm)), )
     _tile_linear_ws_kernel[grid](
         x_desc, w_desc, y_desc, _block_rows(w), w.col_idx, bias if bias is not None else x,
@@ -349,7 +364,7 @@ def launch(x, w, bias, act: int, residual, out, out_col: int, config=None) -> to
         items,
         BLOCK_M=block_m, BN=BN, BK=BK, GROUP_M=8, STAGES=stages, CONSUMERS=consumers, HAS_BIAS=bias is not None,
         ACT=act, HAS_RES=residual is not None, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, AHEAD=WS_AHEAD,
-        num_warps=4, maxnreg=_maxnreg(consumers))
+        COOP=bool(coop), num_warps=4, maxnreg=_maxnreg(consumers))
     return out
 
 
