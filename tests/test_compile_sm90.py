@@ -43,7 +43,10 @@ def test_kernels_compile_for_sm90(toolchain):
                  "tile_linear tma=False, deferred LayerNorm: folded input + GELU:"):
         assert any(l.startswith(name) and "wgmma=True" in l for l in lines), (name, r.stdout)
     assert any(l.startswith("attention D=200:") and l.endswith("pipelining: True") for l in lines), r.stdout
-    assert sum("partitions (setmaxnreg, bulk loads, mbarriers): True" in l for l in lines) == 2, r.stdout
+    assert sum("partitions (setmaxnreg, bulk loads, mbarriers): True" in l for l in lines) == 3, r.stdout
+    assert any(l.startswith("tile_linear_ws consumers=2 stages=3 cooperative:") for l in lines), r.stdout
+    for one in (False, True):
+        assert f"  attention TMA one_pass={one}: bulk tensor loads True" in r.stdout.splitlines(), r.stdout
     assert any(l.startswith("finish padded:") and "PDL=True" in l for l in lines), r.stdout
     assert any(l.startswith("encoder layer barrier:") and l.endswith("spin: True, pipelined loads (cp.async): True") for l in r.stdout.splitlines()), \
         r.stdout
