@@ -37,6 +37,17 @@ def test_block_row_table_is_heaviest_first_with_bounds():
     assert WS._block_rows(w) is WS._block_rows(w)  # cached
 
 
+def test_shared_memory_of_a_launch():
+    """shared_bytes matches what the compiler allocated on sm_90 (Triton 3.6): 196,872 bytes for two ping-pong
+    consumers at 4 stages, 213,216 for the cooperative pair at 3 (scripts/compile_sm90.py), and counts the cooperative
+    ring's second X block: 262,376 at 4 stages, which the H200 refused (232,448 a block)."""
+    assert WS.shared_bytes((128, 4, 2, 1), False, (128, 64)) <= 196872
+    assert WS.shared_bytes((128, 3, 2, 1), True, (128, 64)) <= 213216
+    assert WS.shared_bytes((128, 4, 2, 1), True, (128, 64)) > 232448
+    assert WS.shared_bytes((128, 4, 2, 1), True, (128, 64)) - WS.shared_bytes((128, 4, 2, 1), False, (128, 64)) \
+        == 4 * 128 * 64 * 2
+
+
 def test_refuses_what_it_cannot_run_with_a_reason():
     W = _weight(256, 256, 0.5, torch.float16, "cpu")
     w = TileSparseWeight.from_dense(W, (128, 64))
@@ -68,6 +79,10 @@ def test_matches_reference(dtype, config, M, density, coop):
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     b = torch.randn(N, device="cuda", dtype=dtype) * 0.1
     r = torch.randn(M, N, device="cuda", dtype=dtype)
+    if WS.shared_bytes(config, coop, (128, 64)) > WS._smem_limit(torch.cuda.current_device()):
+        with pytest.raises(EtformerError, match="shared memory"):  # (128, 4, 2, 1) cooperative: 256 KB
+            WS.tile_linear_ws(x, w, b, config=config, coop=coop)
+        return
     for act, res in ((None, None), ("gelu", None), ("relu", r)):
         y = WS.tile_linear_ws(x, w, b, activation=act, residual=res, config=config, coop=coop)
         ref = tile_linear_reference(x.float(), W.float(), b.float(), act, None if res is None else res.float())

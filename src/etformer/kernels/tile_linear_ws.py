@@ -337,7 +337,27 @@ def tile_linear_ws(x: torch.Tensor, w: TileSparseWeight, bias: torch.Tensor | No
     _check_epilogue(x, M, N, bias, residual)
     if config is not None and (config[2] not in (1, 2) or config[1] < 1 or config[0] not in (64, 128)):
         raise EtformerError(f"config {config} must have BLOCK_M 64 or 128, STAGES >= 1 and 1 or 2 consumers")
+    need, have = shared_bytes(config or WS_DEFAULT, coop, w.tile, x.element_size()), _smem_limit(x.device.index)
+    if need + 1024 > have:  # the compiler's alignment adds up to ~200 bytes (compile_sm90.py's figures)
+        raise EtformerError(f"config {config or WS_DEFAULT}{' cooperative' if coop else ''} needs {need} bytes of "
+                            f"shared memory a program, this GPU has {have}: fewer stages or 64-row blocks")
     return launch(x, w, bias, act, residual, out, out_col, config, coop)
+
+
+def shared_bytes(config, coop: bool, tile: tuple[int, int], elem: int = 2) -> int:
+    """Shared memory a program of the kernel allocates at launch config (BLOCK_M, STAGES, CONSUMERS, per SM), less the
+    compiler's alignment: the ring (per stage one X block, or one per consumer when coop, and one tile), each
+    consumer's output block and the mbarriers."""
+    block_m, stages, consumers, _ = config
+    bn, bk = tile
+    xb = consumers if coop else 1
+    return elem * (stages * (xb * block_m * bk + bn * bk) + consumers * block_m * bn) + 8 * (2 * stages + 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(index) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 232448))
 
 
 def launch(x, w, bias, act: int, residual, out, out_col: int, config=None, coop: bool = False) -> torch.Tensor:
