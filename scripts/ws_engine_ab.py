@@ -17,13 +17,13 @@ from tile_sub_ab import encoders, engine_ab  # scripts/
 T = importlib.import_module("etformer.kernels.tile_linear")
 
 
-SHIPPED = (T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS)
+SHIPPED = (T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS, T.WS_MAX_ROWS)
 
 
 def ws_from(rows):
     """Every tile matrix from `rows` rows (None: none), whatever its K, activation and item count."""
     def put():
-        T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS = rows, None, True, 0
+        T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS, T.WS_MAX_ROWS = rows, None, True, 0, None
     return put
 
 
@@ -33,6 +33,6 @@ if __name__ == "__main__":
     try:
         rows = engine_ab("ws", encoders((0.5,)), ((32, 128), (128, 128), (32, 512)), forms, 100)
     finally:
-        T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS = SHIPPED
+        T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS, T.WS_MAX_ROWS = SHIPPED
     atomic_write_json(f"{outdir}/ws_engine_ab.json", {"env": env_info(), "command": "python3 scripts/ws_engine_ab.py OUTDIR",
                                                       "rows": rows})

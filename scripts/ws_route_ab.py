@@ -16,14 +16,14 @@ from deferred_ln_ab import _models  # scripts/
 from tile_sub_ab import engine_ab  # scripts/
 
 T = importlib.import_module("etformer.kernels.tile_linear")
-SHIPPED = (T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS)
+SHIPPED = (T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS, T.WS_MAX_ROWS)
 
 
 def route(min_rows):
     """QKV and the output projection on the ping-pong kernel from min_rows rows (None: every matrix on the grid
     kernel); no item-count floor."""
     def put():
-        T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS = min_rows, 1024, False, 0
+        T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS, T.WS_MAX_ROWS = min_rows, 1024, False, 0, None
     return put
 
 
@@ -32,7 +32,7 @@ def main(out, shapes, sparsities):
     try:
         rows = engine_ab("ws_route", {k: enc for k, (_, enc) in _models(sparsities).items()}, shapes, forms, 100)
     finally:
-        T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS = SHIPPED
+        T.WS_MIN_ROWS, T.WS_MAX_K, T.WS_WITH_ACTIVATION, T.WS_MIN_ITEMS, T.WS_MAX_ROWS = SHIPPED
     atomic_write_json(f"{out}/ws_route_ab.json", {"env": env_info(), "command": "python3 scripts/ws_route_ab.py "
                                                   + " ".join(sys.argv[1:]), "rows": rows})
 

@@ -123,6 +123,7 @@ def test_tile_linear_routes_to_it_from_ws_min_rows(monkeypatch):
     monkeypatch.setattr(T, "WS_MIN_ROWS", 256)
     monkeypatch.setattr(T, "WS_WITH_ACTIVATION", True)
     monkeypatch.setattr(T, "WS_MIN_ITEMS", 0)
+    monkeypatch.setattr(T, "WS_MAX_ROWS", None)
     routed = T.tile_linear(x, w, b, activation="gelu")
     assert torch.equal(routed, WS.tile_linear_ws(x, w, b, activation="gelu"))
     assert float((routed.float() - grid.float()).norm() / grid.float().norm()) < 1e-2
@@ -130,8 +131,8 @@ def test_tile_linear_routes_to_it_from_ws_min_rows(monkeypatch):
     assert torch.equal(T.tile_linear(x, w, b, activation="gelu"), grid)
     monkeypatch.setattr(T, "WS_MIN_ROWS", 256)
     for setting, value, back in (("WS_WITH_ACTIVATION", False, True), ("WS_MAX_K", 512, None),
-                                 ("WS_MIN_ITEMS", 16, 0)):
-        monkeypatch.setattr(T, setting, value)  # an activation, K = 768 > 512, 3 x 5 = 15 items: the grid kernel
+                                 ("WS_MIN_ITEMS", 16, 0), ("WS_MAX_ROWS", 299, None)):
+        monkeypatch.setattr(T, setting, value)  # an activation, K = 768 > 512, 3 x 5 = 15 items, 300 > 299 rows
         assert torch.equal(T.tile_linear(x, w, b, activation="gelu"), grid), setting
         monkeypatch.setattr(T, setting, back)
     assert torch.equal(T.tile_linear(x, w, b, activation="gelu"), routed)

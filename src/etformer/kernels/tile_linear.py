@@ -813,7 +813,13 @@ TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 # 4573/4615 -> 4519/4515 us at 128x128 and 5243/5152 -> 5154/5090 at 32x512, 70% tiles 3698/3677 -> 3595/3598 and
 # 4274/4253 -> 4164/4187; from 8192 rows (the output projection's 384 items included) 64x128 gained 0.5-1.2% and
 # 16x512 was even, so the rows stay at 16384, where BERT-base's output projection has its 768 items.
+# Up to WS_MAX_ROWS rows (None: any): the A/B timed graphed forwards, whose rows stop at the engine's
+# GRAPH_MAX_TOKENS (16384). The one bench run with the routing on above that too (bench_ws_route/, 128x512 tokens,
+# eager forwards) had those slower and far more spread (70% tiles 1.92x -> 1.79x the peer; variable length, 30% tiles
+# 13.3 -> 18.1 ms, p10-p90 14.9-19.3), plausibly the Gluon launcher's host cost on every eager call; not re-measured
+# with this bound.
 WS_MIN_ROWS: int | None = 16384
+WS_MAX_ROWS: int | None = 16384
 WS_MAX_K: int | None = 1024
 WS_WITH_ACTIVATION = False
 WS_MIN_ITEMS = 768
@@ -1103,7 +1109,7 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         split_k, persistent = 1, False
     if (WS_MIN_ROWS is not None and M >= WS_MIN_ROWS and isinstance(w, TileSparseWeight) and x.is_cuda and not deferred
             and split_k in (None, 1) and not persistent and sub in (None, 1) and not pair and _config is None
-            and tma is not False and (WS_MAX_K is None or K <= WS_MAX_K)
+            and tma is not False and (WS_MAX_K is None or K <= WS_MAX_K) and (WS_MAX_ROWS is None or M <= WS_MAX_ROWS)
             and (WS_WITH_ACTIVATION or _activation_id(activation) == 0)
             and triton.cdiv(M, 128) * triton.cdiv(N, w.tile[0]) >= WS_MIN_ITEMS):
         from . import tile_linear_ws as ws  # the arguments are checked above; what Gluon needs, here
