@@ -804,11 +804,12 @@ TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 # pair, persistent, _config, tma=False, the deferred LayerNorm), for weights of at most WS_MAX_K input features, calls
 # without an activation (unless WS_WITH_ACTIVATION), and launches of at least WS_MIN_ITEMS work items of its 128-row
 # blocks; None: never. Its two consumer warpgroups hide one item's epilogue under the other's K loop, which pays where
-# the loop is short (K = 768 at half density: 6 steps), the epilogue light (GELU's is as long as such a loop) and the
-# items many (one program an SM deals them out). Same-run on the H200 (ws_coop/ws_coop_ab.json, graphs of 20 calls,
-# BERT-base matrices against this grid kernel): at 16384 rows QKV 1.15x at half density and 1.21x at a quarter, the
-# output projection 1.12x and 1.15x, FFN-in with GELU 0.97x and 0.94x, FFN-out 1.01x and 1.05x; at 4096 rows 0.97-1.08x
-# for QKV (576 items) and 0.85-0.86x for the output projection (192 items). In the encoder (ws_route/ws_route_ab.json,
+# the loop is short (K = 768 at half density: 6 steps) and the items many (one program an SM deals them out).
+# Same-run on the H200 (ws_coop/ws_coop_ab.json, graphs of 20 calls, BERT-base matrices against this grid kernel): at
+# 16384 rows QKV 1.15x at half density and 1.21x at a quarter, the output projection 1.12x and 1.15x, FFN-in with its
+# GELU 1.03x and 0.94x, FFN-out 1.01x and 1.05x; at 4096 rows 1.03-1.08x for QKV (576 items) and 0.82-0.86x for the
+# output projection (192 items). FFN-in (its GELU epilogue) and FFN-out (K = 3072) were left out of the routing and of
+# its engine A/B. In the encoder (ws_route/ws_route_ab.json,
 # GPU time of the graphed forward, two rounds each, QKV and the output projection routed from 16384 rows): 50% tiles
 # 4573/4615 -> 4519/4515 us at 128x128 and 5243/5152 -> 5154/5090 at 32x512, 70% tiles 3698/3677 -> 3595/3598 and
 # 4274/4253 -> 4164/4187; from 8192 rows (the output projection's 384 items included) 64x128 gained 0.5-1.2% and
