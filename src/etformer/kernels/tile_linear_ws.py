@@ -19,9 +19,9 @@ starts first.
 
 tile_linear takes it from tile_linear.WS_MIN_ROWS rows for weights of at most WS_MAX_K input features, calls without
 an activation and launches of at least WS_MIN_ITEMS items (BERT-base's QKV and output projection from 16384 rows).
-Measured on the H200 (benchmarks/results/h200/ws/, ws_coop/, ws_route/): 0.92-0.93x the grid kernel at 4096 rows and 1.03-
-1.05x at 16384 over BERT-base's four matrices, 1.12-1.21x for QKV and the output projection at 16384; 1.5-2.5% off the
-encoder's forward at 16384 tokens (docs/NOTES.md item 15). The cooperative form (coop=True) lost: 0.84-0.86x at 4096
+Measured on the H200 (benchmarks/results/h200/ws/, ws_coop/, ws_route/): 0.92-0.93x the grid kernel at 4096 rows
+and 1.03-1.05x at 16384 over BERT-base's four matrices, 1.12-1.21x for QKV and the output projection at 16384;
+1.5-2.5% off the encoder's forward at 16384 tokens (docs/NOTES.md item 15). The cooperative form (coop=True) lost: 0.84-0.86x at 4096
 rows, 1.02x at 16384.
 
 Gluon kernels run on sm_90 GPUs only: no interpreter. tile_linear_ws_supported() says whether a call can take it;
