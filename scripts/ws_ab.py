@@ -49,6 +49,22 @@ def ref_of(x, W, b, act, res=None):
     return y if res is None else y + res.float()
 
 
+def time_forms(row, forms, ref, bad, what):
+    """Each form's output checked against ref (relative error under 1e-2, else a line in bad) and timed into
+    row[key + "_us"]."""
+    for key, fn in forms.items():
+        e = rel(fn(), ref)
+        if not e < 1e-2:
+            bad.append(f"{what} {key}: {e:.2e}")
+        row[key + "_us"] = t20(fn)
+
+
+def geomean_ratio(rows, base, key, M):
+    """Geometric mean over the rows at M rows of row[base] / row[key]."""
+    sel = [r for r in rows if r["M"] == M]
+    return round(math.exp(sum(math.log(r[base] / r[key]) for r in sel) / len(sel)), 3)
+
+
 def check():
     bad, n = [], 0
     for dtype in (torch.float16, torch.bfloat16):
@@ -100,11 +116,7 @@ def time_all(outdir):
                 forms = {"tile_linear": lambda: tile_linear(x, w, b, activation=act)}
                 for cfg in CONFIGS:
                     forms["ws_" + "_".join(map(str, cfg))] = (lambda c: lambda: ws(x, w, b, act, None, c))(cfg)
-                for key, fn in forms.items():
-                    e = rel(fn(), ref)
-                    if not e < 1e-2:
-                        bad.append(f"{name} M={M} d={d} {key}: {e:.2e}")
-                    row[key + "_us"] = t20(fn)
+                time_forms(row, forms, ref, bad, f"{name} M={M} d={d}")
                 times = {k: v for k, v in row.items() if k.startswith("ws_")}
                 best = min(times, key=times.get)
                 row["ws_best"] = best[3:-3]
@@ -117,9 +129,7 @@ def time_all(outdir):
     for cfg in CONFIGS:
         key = "ws_" + "_".join(map(str, cfg)) + "_us"
         for M in (4096, 16384):
-            sel = [r for r in rows if r["M"] == M]
-            summary[f"{key[:-3]} M={M} geomean vs tile_linear"] = round(math.exp(sum(
-                math.log(r["tile_linear_us"] / r[key]) for r in sel) / len(sel)), 3)
+            summary[f"{key[:-3]} M={M} geomean vs tile_linear"] = geomean_ratio(rows, "tile_linear_us", key, M)
     out = {"env": env_info(), "command": "python3 scripts/ws_ab.py OUTDIR time", "rows": rows, "summary": summary,
            "failures": bad}
     atomic_write_json(f"{outdir}/ws_ab.json", out)

@@ -12,7 +12,6 @@ calls (kernels without PDL): cuBLAS (+ torch's GELU), tile_linear's grid kernel,
 each of COOP. Every output checked. Writes ws_coop_ab.json.
 """
 import json
-import math
 import sys
 
 import torch
@@ -25,7 +24,7 @@ from etformer.kernels import tile_linear_ws as WS
 from etformer.kernels.tile_linear import tile_linear
 from etformer.sparse.tiles import TileSparseWeight, atomic_write_json
 from gelu_epilogue_ab import rel, t20  # scripts/
-from ws_ab import SHAPES, TILE, ref_of  # scripts/
+from ws_ab import SHAPES, TILE, geomean_ratio, ref_of, time_forms  # scripts/
 
 # (BLOCK_M, STAGES, CONSUMERS, programs per SM): items of CONSUMERS x BLOCK_M rows
 COOP = ((128, 3, 2, 1), (64, 5, 2, 1), (64, 4, 2, 1))
@@ -83,11 +82,7 @@ def time_all(outdir):
                 for cfg in COOP:
                     forms["coop_" + "_".join(map(str, cfg))] = (
                         lambda c: lambda: WS.tile_linear_ws(x, w, b, activation=act, config=c, coop=True))(cfg)
-                for key, fn in forms.items():
-                    e = rel(fn(), ref)
-                    if not e < 1e-2:
-                        bad.append(f"{name} M={M} d={d} {key}: {e:.2e}")
-                    row[key + "_us"] = t20(fn)
+                time_forms(row, forms, ref, bad, f"{name} M={M} d={d}")
                 coops = {k: v for k, v in row.items() if k.startswith("coop_")}
                 best = min(coops, key=coops.get)
                 row["coop_best"] = best[5:-3]
@@ -100,9 +95,7 @@ def time_all(outdir):
     summary = {}
     for key in ["pingpong"] + ["coop_" + "_".join(map(str, c)) for c in COOP]:
         for M in (4096, 16384):
-            sel = [r for r in rows if r["M"] == M]
-            summary[f"{key} M={M} geomean vs grid"] = round(math.exp(sum(
-                math.log(r["grid_us"] / r[key + "_us"]) for r in sel) / len(sel)), 3)
+            summary[f"{key} M={M} geomean vs grid"] = geomean_ratio(rows, "grid_us", key + "_us", M)
     out = {"env": env_info(), "command": "python3 scripts/ws_coop_ab.py OUTDIR time", "rows": rows,
            "summary": summary, "failures": bad}
     atomic_write_json(f"{outdir}/ws_coop_ab.json", out)
