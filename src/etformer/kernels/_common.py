@@ -33,6 +33,11 @@ try:  # grid dependency control (programmatic dependent launch, sm_90+)
 except Exception:  # pragma: no cover - Triton without it
     HAS_PDL = False
 
+try:  # host-side tensor descriptors (TMA); Triton 3.4 and later
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

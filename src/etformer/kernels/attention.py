@@ -23,13 +23,8 @@ import math
 import torch
 
 from ..errors import EtformerError
-from ._common import (HAS_TRITON, capability, check_tensor, next_pow2, pdl_kwargs, pdl_on, switch_module, tl, triton,
-                      use_triton)
-
-try:  # host-side tensor descriptors (TMA); Triton 3.4 and later
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except Exception:  # pragma: no cover - older Triton: pointer loads only
-    TensorDescriptor = None
+from ._common import (HAS_TRITON, TensorDescriptor, capability, check_tensor, next_pow2, pdl_kwargs, pdl_on,
+                      switch_module, tl, triton, use_triton)
 
 if HAS_TRITON:
     from ._common import pdl_enter
@@ -381,9 +376,9 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
     grid = (triton.cdiv(max_seqlen, bm), H, B)
     pdl = pdl_on(qkv)
     kb, stride_bb, has_bias, is_mask = key_args(qkv, key_bias, key_mask)
-    ok = _tma_ok(qkv, D, DV, bd, bdv, q_col, k_col, v_col)
-    tma = USE_TMA and ok if tma is None else tma
-    if tma and not ok:
+    asked = tma  # the layout checks only where bulk copies are wanted: this runs on every call
+    tma = bool(USE_TMA if tma is None else tma) and _tma_ok(qkv, D, DV, bd, bdv, q_col, k_col, v_col)
+    if asked and not tma:
         raise EtformerError("tma=True needs equal power-of-two Q/K and V head widths and a 16-byte aligned buffer")
     q_desc = TensorDescriptor(qkv, list(qkv.shape), [qkv.stride(0), 1], [bm, bd]) if tma else qkv
     kv_desc = TensorDescriptor(qkv, list(qkv.shape), [qkv.stride(0), 1], [bn, bd]) if tma else qkv

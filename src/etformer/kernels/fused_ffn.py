@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import EtformerError
-from ._common import HAS_TRITON, check_tensor, switch_module, tl, triton, use_triton
-from .tile_linear import TensorDescriptor, _act_code, _tma_on, apply_activation
+from ._common import HAS_TRITON, TensorDescriptor, check_tensor, switch_module, tl, triton, use_triton
+from .tile_linear import _act_code, _tma_on, apply_activation
 
 if HAS_TRITON:
     from .tile_linear import _activate

@@ -23,8 +23,8 @@ import torch
 
 from ..errors import EtformerError
 from ..sparse.tiles import TileSparseWeight
-from ._common import (HAS_TRITON, capability, check_tensor, interpreting, pdl_kwargs, pdl_on, tl, triton,
-                      switch_module, use_triton)
+from ._common import (HAS_TRITON, TensorDescriptor, capability, check_tensor, interpreting, pdl_kwargs, pdl_on,
+                      switch_module, tl, triton, use_triton)
 
 if HAS_TRITON:
     from ._common import pdl_enter, prefetch_l2
@@ -736,11 +736,6 @@ def _launch_params(M: int, tile: tuple[int, int], on_gpu: bool, tma: bool, N: in
     return (bm, warps, 3)
 
 
-try:  # host-side tensor descriptors (TMA); Triton 3.4 and later
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except Exception:  # pragma: no cover - older Triton: pointer loads only
-    TensorDescriptor = None
-
 USE_TMA = True  # module switch, for A/B runs; tile_linear(tma=...) overrides it per call
 # The grid kernel reads a residual through a tensor descriptor where it stores through one (see _epilogue, RES_TMA).
 RES_TMA = True
@@ -824,6 +819,17 @@ WS_MAX_ROWS: int | None = 16384
 WS_MAX_K: int | None = 1024
 WS_WITH_ACTIVATION = False
 WS_MIN_ITEMS = 768
+
+
+def _ws_route(x: torch.Tensor, w, M: int, N: int, K: int, activation) -> bool:
+    """Whether a call that asked for no launch form of its own takes the warp-specialised kernel (the WS_* rule
+    above; tile_linear_ws_supported then says whether it can)."""
+    if not (WS_MIN_ROWS is not None and WS_MIN_ROWS <= M and (WS_MAX_ROWS is None or M <= WS_MAX_ROWS)
+            and isinstance(w, TileSparseWeight) and x.is_cuda and (WS_MAX_K is None or K <= WS_MAX_K)
+            and (WS_WITH_ACTIVATION or _activation_id(activation) == 0)):
+        return False
+    from . import tile_linear_ws as ws
+    return -(-M // ws.WS_DEFAULT[0]) * -(-N // w.tile[0]) >= WS_MIN_ITEMS  # items of its default launch
 
 
 def _dense_bucket(M: int) -> int:
@@ -1108,11 +1114,8 @@ def tile_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, activat
         x = x.contiguous()
     if deferred:
         split_k, persistent = 1, False
-    if (WS_MIN_ROWS is not None and M >= WS_MIN_ROWS and isinstance(w, TileSparseWeight) and x.is_cuda and not deferred
-            and split_k in (None, 1) and not persistent and sub in (None, 1) and not pair and _config is None
-            and tma is not False and (WS_MAX_K is None or K <= WS_MAX_K) and (WS_MAX_ROWS is None or M <= WS_MAX_ROWS)
-            and (WS_WITH_ACTIVATION or _activation_id(activation) == 0)
-            and triton.cdiv(M, 128) * triton.cdiv(N, w.tile[0]) >= WS_MIN_ITEMS):
+    if (not deferred and split_k in (None, 1) and not persistent and sub in (None, 1) and not pair and _config is None
+            and tma is not False and _ws_route(x, w, M, N, K, activation)):
         from . import tile_linear_ws as ws  # the arguments are checked above; what Gluon needs, here
         if ws.tile_linear_ws_supported(x, w, out, out_col) is None:
             return ws.launch(x, w, bias, _activation_id(activation), residual, out, out_col)
