@@ -9,6 +9,8 @@ k. Kernel, 12 heads of 64, fp16: full batches 1x128, 32x128, 128x128, 32x384, 8x
    on the padded batch.
 e. Engine, BERT-base-shaped (random weights), dense and 50% tiles: GPU time of the graphed forward with USE_TMA off
    and on (the shipped launches), alternating rounds, at 32x128, 8x512 and 32x512; outputs compared.
+s. Engine, the same models: full batches of 128 tokens with the one-pass kernel against the online kernel's 64x64
+   launch (SHORT_ONLINE_MIN_TOKENS never / 0), alternating rounds, at 32x128, 64x128 and 128x128.
 Writes attention_tma_ab.json.
 """
 import copy
@@ -57,7 +59,7 @@ def part_k(bad, cases=CASES):
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                 sdpa = t20(lambda: F.scaled_dot_product_attention(q, q, q))
             ref = A.attention_reference(qkv.float(), cu, H, D)
-            ship = A._blocks(max(lens), 64, True, T / (B * max(lens)))
+            ship = A._blocks(max(lens), 64, True, T / (B * max(lens)), T)
             row = {"B": B, "S": S, "min_len": lo, "tokens": T, "sdpa_padded_us": sdpa, "shipped_launch": ship,
                    "times": {}}
             for cfg in launches(max(lens)) + ([] if ship in launches(max(lens)) else [ship]):
@@ -118,6 +120,21 @@ def part_e():
         A.USE_TMA = shipped
 
 
+def online_from(tokens):
+    def put():
+        A.SHORT_ONLINE_MIN_TOKENS = tokens
+    return put
+
+
+def part_s():
+    shipped = A.SHORT_ONLINE_MIN_TOKENS
+    try:
+        return engine_ab("attention_short", _models(), ((32, 128), (64, 128), (128, 128)),
+                         {"one_pass": online_from(1 << 62), "online": online_from(0)}, 100)
+    finally:
+        A.SHORT_ONLINE_MIN_TOKENS = shipped
+
+
 def main(out, parts, cases=CASES):
     bad = []
     res = {"env": env_info(), "command": "python3 scripts/attention_tma_ab.py " + " ".join(sys.argv[1:])}
@@ -126,6 +143,8 @@ def main(out, parts, cases=CASES):
         atomic_write_json(f"{out}/attention_tma_ab.json", {**res, "failures": bad})
     if "e" in parts:
         res["engine"] = part_e()
+    if "s" in parts:
+        res["engine_short"] = part_s()
     res["failures"] = bad
     atomic_write_json(f"{out}/attention_tma_ab.json", res)
     print("failures:", bad)

@@ -57,7 +57,7 @@ def main(out_dir):
             sdpa = time_cuda(lambda: F.scaled_dot_product_attention(q, q, q), graph=True, min_ms=30,
                              per_graph=PER_GRAPH)["median_us"]
         ref = attention_reference(qkv.float(), cu, H, D)
-        cur = _blocks(max(lens), 64, True, T / (B * max(lens)))
+        cur = _blocks(max(lens), 64, True, T / (B * max(lens)), T)
         res = []
         for c in candidates(max(lens)):
             try:

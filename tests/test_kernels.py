@@ -333,7 +333,8 @@ def test_attention_sequences_stay_apart(dtype, lens, tma):
 
 def test_attention_launch_rule():
     """Which kernel and blocks the GPU launch takes: one pass up to SHORT_MAX keys, the online kernel with 32-key
-    blocks for ragged short batches (heads up to 64 wide), online beyond."""
+    blocks for ragged short batches (heads up to 64 wide) and with 64-key blocks for full ones from
+    SHORT_ONLINE_MIN_TOKENS tokens, online beyond."""
     import importlib
     A = importlib.import_module("etformer.kernels.attention")
     assert A._blocks(128, 64, True)[0] and A._blocks(128, 64, True, fill=0.61)[0]
@@ -342,6 +343,11 @@ def test_attention_launch_rule():
     assert A._blocks(128, 128, True, fill=0.5)[0]   # wider heads: not swept, one pass stays
     assert not A._blocks(384, 64, True, fill=0.5)[0]
     assert A._blocks(128, 64, False, fill=0.5)[0]   # the interpreter keeps its own blocks
+    n = A.SHORT_ONLINE_MIN_TOKENS
+    assert A._blocks(128, 64, True, tokens=n - 1)[0]
+    assert A._blocks(128, 64, True, tokens=n) == A.SHORT_ONLINE_LAUNCH
+    assert A._blocks(128, 64, True, fill=0.5, tokens=n) == A.RAGGED_SHORT_LAUNCH   # ragged first
+    assert A._blocks(128, 128, True, tokens=n)[0] and A._blocks(128, 64, False, tokens=n)[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

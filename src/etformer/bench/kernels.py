@@ -183,8 +183,8 @@ def main(argv=None):
            "per_graph": a.per_graph, "pdl": a.pdl, "replay_floor": replay_floor(a.per_graph)}
     print(f"replay of a trivial kernel, us a call by calls a graph: {res['replay_floor']}", flush=True)
     res["linear"] = [] if a.skip_linear else bench_linear(peaks, Ms, tiles, dens, shapes, per_graph=a.per_graph)
-    cases = [(32, 128, False), (32, 384, False), (32, 512, False), (1, 128, False), (8, 512, False),
-             (32, 128, True), (32, 384, True), (32, 512, True)]
+    cases = [(32, 128, False), (64, 128, False), (128, 128, False), (32, 384, False), (32, 512, False),
+             (1, 128, False), (8, 512, False), (32, 128, True), (32, 384, True), (32, 512, True)]
     res["attention"] = [] if a.skip_attention else bench_attention(peaks, cases, per_graph=a.per_graph)
     os.makedirs(a.out, exist_ok=True)
 

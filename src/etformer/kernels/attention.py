@@ -49,6 +49,14 @@ MIN_BLOCK_DV = 16
 # (fill 0.51): 4.18 against 4.34; fill 0.79: 9.76 against 9.24; 0.87: 10.46 against 9.37; full: 10.63 against 9.66.
 RAGGED_SHORT_FILL = 0.6
 RAGGED_SHORT_LAUNCH = (False, 64, 32, 4, 3)
+# Full batches of short sequences from SHORT_ONLINE_MIN_TOKENS packed tokens on: the online kernel's 64x64 launch
+# instead of one pass. Same-run sweeps on the H200 (12 heads of 64, fp16, graphs of 20 calls, PDL off; S = 128, full
+# lengths): at 128x128 tokens 36.98 us against 40.57 for one pass (SDPA flash 40.0), at 64x128 20.3 against 21.48
+# (SDPA 19.55), at 32x128 9.71 against 9.66 (benchmarks/results/h200/attention_short/; 36.76 against 40.29 at
+# 128x128 in attention_tma/). In the BERT-base encoder the two launches measured within that run's spread (GPU
+# time of the graphed forward, 50% tiles: 64x128 2255/2262 -> 2228/2238 us, 128x128 4361/4377 -> 4396/4558).
+SHORT_ONLINE_MIN_TOKENS = 8192
+SHORT_ONLINE_LAUNCH = (False, 64, 64, 4, 3)
 
 
 def head_blocks(D: int, DV: int, on_gpu: bool) -> tuple[int, int]:
@@ -296,14 +304,18 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launcher
-def _blocks(max_seqlen: int, bd: int, on_gpu: bool, fill: float = 1.0) -> tuple[bool, int, int, int, int]:
-    """(one_pass, BLOCK_M, BLOCK_N, num_warps, num_stages). fill: tokens / (sequences x max_seqlen)."""
+def _blocks(max_seqlen: int, bd: int, on_gpu: bool, fill: float = 1.0,
+            tokens: int = 0) -> tuple[bool, int, int, int, int]:
+    """(one_pass, BLOCK_M, BLOCK_N, num_warps, num_stages). fill: tokens / (sequences x max_seqlen); tokens: the
+    packed rows."""
     if bd > 128 and on_gpu:  # wide heads (E.T.'s Transformer: 200, padded to 256): scripts/tune_attention_wide.py,
         # H=4, causal, fp16 (tune_attention_wide.json): one pass with 32-row blocks at S <= 128 (11.1 us at B=1, SDPA
         # flash 12.6); online with 128x64 blocks, 8 warps, 2 stages beyond (31.7 / 104.6 us at 8x512 / 32x512)
         return (True, 32, 128, 4, 1) if max_seqlen <= SHORT_MAX else (False, 128, 64, 8, 2)
     if max_seqlen <= SHORT_MAX and on_gpu and bd <= 64 and fill <= RAGGED_SHORT_FILL:
         return RAGGED_SHORT_LAUNCH
+    if max_seqlen <= SHORT_MAX and on_gpu and bd <= 64 and tokens >= SHORT_ONLINE_MIN_TOKENS:
+        return SHORT_ONLINE_LAUNCH
     if max_seqlen <= SHORT_MAX:
         bn = max(16, next_pow2(max_seqlen))
         bm = SHORT_BLOCK_M if on_gpu else 16
@@ -372,7 +384,7 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
     if T == 0 or max_seqlen == 0:
         return out
     bd, bdv = head_blocks(D, DV, qkv.is_cuda)
-    one, bm, bn, warps, stages = _config or _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda, T / (B * max_seqlen))
+    one, bm, bn, warps, stages = _config or _blocks(max_seqlen, max(bd, bdv), qkv.is_cuda, T / (B * max_seqlen), T)
     grid = (triton.cdiv(max_seqlen, bm), H, B)
     pdl = pdl_on(qkv)
     kb, stride_bb, has_bias, is_mask = key_args(qkv, key_bias, key_mask)
