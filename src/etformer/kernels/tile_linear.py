@@ -812,8 +812,8 @@ TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 # Up to WS_MAX_ROWS rows (None: any): the A/B timed graphed forwards, whose rows stop at the engine's
 # GRAPH_MAX_TOKENS (16384). The one bench run with the routing on above that too (bench_ws_route/, 128x512 tokens,
 # eager forwards) had those slower and far more spread (70% tiles 1.92x -> 1.79x the peer; variable length, 30% tiles
-# 13.3 -> 18.1 ms, p10-p90 14.9-19.3), plausibly the Gluon launcher's host cost on every eager call; not re-measured
-# with this bound.
+# 13.3 -> 18.1 ms, p10-p90 14.9-19.3), plausibly the Gluon launcher's host cost on every eager call. With this bound
+# (bench_ws_bounded/) they are back at 1.92x and 12.9 ms (p10-p90 12.7-13.1).
 WS_MIN_ROWS: int | None = 16384
 WS_MAX_ROWS: int | None = 16384
 WS_MAX_K: int | None = 1024
