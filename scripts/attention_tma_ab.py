@@ -105,34 +105,23 @@ def _models():
     return out
 
 
-def tma(on):
-    def put():
-        A.USE_TMA = on
-    return put
+def switch_ab(tag, switch, forms, shapes):
+    """engine_ab of the attention module's `switch` set to each value of forms {name: value}; restored after."""
+    shipped = getattr(A, switch)
+    try:
+        return engine_ab(tag, _models(), shapes,
+                         {k: (lambda v=v: setattr(A, switch, v)) for k, v in forms.items()}, 100)
+    finally:
+        setattr(A, switch, shipped)
 
 
 def part_e():
-    shipped = A.USE_TMA
-    try:
-        return engine_ab("attention_tma", _models(), ((32, 128), (8, 512), (32, 512)),
-                         {"ptr": tma(False), "tma": tma(True)}, 100)
-    finally:
-        A.USE_TMA = shipped
-
-
-def online_from(tokens):
-    def put():
-        A.SHORT_ONLINE_MIN_TOKENS = tokens
-    return put
+    return switch_ab("attention_tma", "USE_TMA", {"ptr": False, "tma": True}, ((32, 128), (8, 512), (32, 512)))
 
 
 def part_s():
-    shipped = A.SHORT_ONLINE_MIN_TOKENS
-    try:
-        return engine_ab("attention_short", _models(), ((32, 128), (64, 128), (128, 128)),
-                         {"one_pass": online_from(1 << 62), "online": online_from(0)}, 100)
-    finally:
-        A.SHORT_ONLINE_MIN_TOKENS = shipped
+    return switch_ab("attention_short", "SHORT_ONLINE_MIN_TOKENS", {"one_pass": 1 << 62, "online": 0},
+                     ((32, 128), (64, 128), (128, 128)))
 
 
 def main(out, parts, cases=CASES):
