@@ -120,6 +120,12 @@ ATTN_PROJ = False
 # and 420 vs 415). Without the check the packed path reads nothing after its replay and stays ahead (390 and 465 us),
 # so it is taken there.
 SYNC_FREE_MAX_TOKENS = 256
+# How the packed path reads a masked batch's sequence lengths before its launch shapes are known (module switch, for
+# A/Bs): "pinned" counts each row's nonzero mask entries in one reduction and copies the B counts into a page-locked
+# host buffer kept per batch size, then waits for the stream; "pageable" builds the boolean mask, sums its rows and
+# copies the sums to pageable memory (.tolist(): two launches and a staged copy). Either way the boolean mask is made
+# only for a batch that has padding (the unpad indices need it).
+LENGTHS_READ = "pinned"
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # Graphs for a (batch, length) shape are captured for the exact token count for the first GRAPH_EXACT_PER_SHAPE
@@ -397,13 +403,19 @@ class ETEncoder(torch.nn.Module):
         self.sync_free_max_tokens = SYNC_FREE_MAX_TOKENS if self.device.type == "cuda" else 0
         self._graphs: OrderedDict = OrderedDict()
         self._const_cache: dict = {}
+        self._host_lengths: dict = {}  # batch size -> page-locked int64 buffer of that many lengths (LENGTHS_READ)
         self._folds: list | None = None  # per layer (QKV folded with the previous layer's LN2, FFN-in with its LN1)
 
     # ------------------------------------------------------------------ inputs
     def _validate(self, input_ids, attention_mask, token_type_ids):
-        """Check the inputs; the boolean keep mask (None without a mask)."""
+        """Check the inputs; the mask as given (None without one): its nonzero entries are the real tokens."""
         self._check(input_ids, attention_mask, token_type_ids)
-        return None if attention_mask is None else attention_mask.ne(0)
+        return attention_mask
+
+    @staticmethod
+    def _keep(mask):
+        """The boolean keep mask of a batch with padding (the unpad indices are built from it)."""
+        return mask if mask.dtype == torch.bool else mask.ne(0)
 
     def _check(self, input_ids, attention_mask, token_type_ids):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -427,11 +439,20 @@ class ETEncoder(torch.nn.Module):
         if token_type_ids is not None and (token_type_ids.shape != input_ids.shape or token_type_ids.device != self.device):
             raise EtformerError(f"token_type_ids must be {(B, S)} on {self.device}")
 
-    def _lengths(self, keep, B, S) -> tuple[int, int]:
-        """(T, max_len) on the host: the only values the launch shapes need. One copy of B lengths, none without a mask."""
-        if keep is None:
+    def _lengths(self, mask, B, S) -> tuple[int, int]:
+        """(T, max_len) on the host: the only values the launch shapes need. One copy of B lengths (the nonzero
+        entries of each mask row; LENGTHS_READ says how), none without a mask."""
+        if mask is None:
             return B * S, S
-        lens = keep.sum(1).tolist()
+        if LENGTHS_READ == "pinned" and mask.is_cuda:
+            buf = self._host_lengths.get(B)
+            if buf is None:
+                buf = self._host_lengths[B] = torch.empty(B, dtype=torch.int64, pin_memory=True)
+            buf.copy_(torch.count_nonzero(mask, dim=1), non_blocking=True)
+            torch.cuda.current_stream(mask.device).synchronize()
+            lens = buf.tolist()
+        else:
+            lens = mask.ne(0).sum(1).tolist()
         if 0 in lens:
             raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
         return sum(lens), max(lens)
@@ -650,11 +671,10 @@ class ETEncoder(torch.nn.Module):
         if self._sync_free(input_ids, attention_mask):
             self._check(input_ids, attention_mask, token_type_ids)
             return EncoderOutput(self._padded(input_ids, attention_mask, token_type_ids))
-        keep = self._validate(input_ids, attention_mask, token_type_ids)
+        mask = self._validate(input_ids, attention_mask, token_type_ids)
         B, S = input_ids.shape
-        T, max_len = self._lengths(keep, B, S)
-        if T == B * S:
-            keep = None  # nothing to unpad
+        T, max_len = self._lengths(mask, B, S)
+        keep = None if T == B * S else self._keep(mask)  # None: nothing to unpad
         if self.use_graphs and B * S <= GRAPH_MAX_TOKENS:
             y = self._graphed(input_ids, token_type_ids, keep, T, max_len, B, S)
         else:
@@ -721,9 +741,9 @@ class ETEncoder(torch.nn.Module):
         self(input_ids, attention_mask, token_type_ids)
         if self._sync_free(input_ids, attention_mask):
             return self._graphs[("padded", *input_ids.shape, token_type_ids is not None)][0].replay
-        keep = self._validate(input_ids, attention_mask, token_type_ids)
-        T, max_len = self._lengths(keep, *input_ids.shape)
-        keep = None if T == input_ids.numel() else keep
+        mask = self._validate(input_ids, attention_mask, token_type_ids)
+        T, max_len = self._lengths(mask, *input_ids.shape)
+        keep = None if T == input_ids.numel() else self._keep(mask)
         return self._graphs[choose_graph_key(self._graphs, *input_ids.shape, T, max_len, (token_type_ids is not None,),
                                              self._rows(keep, input_ids), padded=keep is not None)][0].replay
 
