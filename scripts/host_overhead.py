@@ -2,14 +2,13 @@
 
     python3 scripts/host_overhead.py OUT_DIR [--batches 1,2 --seq 128]
 
-For each batch (all-ones mask, as a served request of one length), on the packed path (sync_free_max_tokens = 0), with
-each way of reading the lengths (LENGTHS_READ): the median of N calls of each host step of the forward timed with
-perf_counter: input checks, the lengths read (a device-to-host copy, so a sync), the graph lookup and input copies,
-the replay's submission, the output copy and the finite check (which waits for the GPU). Then a same-run A/B, in two
-rounds (forward, then reverse order): the packed path and the padded, sync-free one (sync_free_max_tokens = 256) with
-the finite check on, and the packed path with it off (the padded path is only taken with the check on), the packed
-path with either lengths read: end to end (time_cuda of the call), the forward's wall time, and the graph replay
-alone (GPU time). Writes host_overhead.json.
+For each batch (all-ones mask, as a served request of one length), on the packed path (sync_free_max_tokens = 0): the
+median of N calls of each host step of the forward timed with perf_counter: input checks, the lengths read (a
+device-to-host copy, so a sync), the graph lookup and input copies, the replay's submission, the output copy and the
+finite check (which waits for the GPU). Then a same-run A/B, in two rounds (forward, then reverse order): the packed
+path and the padded, sync-free one (sync_free_max_tokens = 256) with the finite check on, and the packed path with
+it off (the padded path is only taken with the check on): end to end (time_cuda of the call), the forward's wall
+time, and the graph replay alone (GPU time). Writes host_overhead.json.
 """
 import argparse
 import os
@@ -24,9 +23,6 @@ from etformer.bench.timing import env_info, time_cuda
 from etformer.engine import encoder as E
 from etformer.engine import optimize
 from etformer.sparse.tiles import atomic_write_json
-
-LENGTHS = ("pinned", "pageable")
-SHIPPED = E.LENGTHS_READ
 
 
 def steps(enc, ids, mask):
@@ -68,22 +64,18 @@ def main():
         ids, mask = make_inputs(B, a.seq, False, base.config.vocab_size)
         enc.sync_free_max_tokens = 0
         enc(ids, mask)  # capture
-        for how in LENGTHS:
-            E.LENGTHS_READ = how
-            runs = []
-            for _ in range(a.n):
-                torch.cuda.synchronize()
-                runs.append(steps(enc, ids, mask))
-            med = {k: statistics.median(r[k] for r in runs) * 1e6 for k in runs[0]}
-            rows.append({"B": B, "S": a.seq, "lengths_read": how, "steps_us": med})
-            print(f"B={B} S={a.seq} packed path, lengths {how}, host steps: " +
-                  ", ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
-        configs = [(0, True, "pinned"), (E.SYNC_FREE_MAX_TOKENS, True, "pinned"), (0, False, "pinned"),
-                   (0, False, "pageable"), (0, True, "pageable")]
+        runs = []
+        for _ in range(a.n):
+            torch.cuda.synchronize()
+            runs.append(steps(enc, ids, mask))
+        med = {k: statistics.median(r[k] for r in runs) * 1e6 for k in runs[0]}
+        rows.append({"B": B, "S": a.seq, "steps_us": med})
+        print(f"B={B} S={a.seq} packed path, host steps: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()),
+              flush=True)
+        configs = [(0, True), (E.SYNC_FREE_MAX_TOKENS, True), (0, False)]
         for rnd, order in enumerate((configs, configs[::-1])):
-            for knob, check, how in order:
+            for knob, check in order:
                 enc.sync_free_max_tokens, enc.check_finite = knob, check
-                E.LENGTHS_READ = how
                 enc(ids, mask)  # capture
                 e2e = time_cuda(lambda: enc(ids, mask), min_ms=100)["median_us"]
                 gpu = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=100)["median_us"]
@@ -94,14 +86,12 @@ def main():
                     enc(ids, mask)
                     wall.append(time.perf_counter() - t0)
                 r = {"B": B, "S": a.seq, "round": rnd, "path": "padded, sync-free" if knob else "packed",
-                     "check_finite": check, "lengths_read": how, "e2e_us": e2e, "gpu_us": gpu,
+                     "check_finite": check, "e2e_us": e2e, "gpu_us": gpu,
                      "forward_wall_us": statistics.median(wall) * 1e6}
                 ab.append(r)
-                print(f"B={B} S={a.seq} {r['path']:17s} check_finite={check!s:5s} lengths {how:8s}: "
-                      f"e2e {e2e:6.1f} us, "
+                print(f"B={B} S={a.seq} {r['path']:17s} check_finite={check!s:5s}: e2e {e2e:6.1f} us, "
                       f"GPU {gpu:6.1f}, forward wall {r['forward_wall_us']:6.1f}", flush=True)
     enc.sync_free_max_tokens, enc.check_finite = E.SYNC_FREE_MAX_TOKENS, True
-    E.LENGTHS_READ = SHIPPED
     res = {"env": env_info(), "command": "python3 scripts/host_overhead.py " + " ".join(sys.argv[1:]), "rows": rows,
            "ab": ab}
     os.makedirs(a.out, exist_ok=True)

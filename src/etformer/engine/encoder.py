@@ -120,12 +120,6 @@ ATTN_PROJ = False
 # and 420 vs 415). Without the check the packed path reads nothing after its replay and stays ahead (390 and 465 us),
 # so it is taken there.
 SYNC_FREE_MAX_TOKENS = 256
-# How the packed path reads a masked batch's sequence lengths before its launch shapes are known (module switch, for
-# A/Bs): "pinned" counts each row's nonzero mask entries in one reduction and copies the B counts into a page-locked
-# host buffer kept per batch size, then waits for the stream; "pageable" builds the boolean mask, sums its rows and
-# copies the sums to pageable memory (.tolist(): two launches and a staged copy). Either way the boolean mask is made
-# only for a batch that has padding (the unpad indices need it).
-LENGTHS_READ = "pinned"
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # Graphs for a (batch, length) shape are captured for the exact token count for the first GRAPH_EXACT_PER_SHAPE
@@ -403,7 +397,6 @@ class ETEncoder(torch.nn.Module):
         self.sync_free_max_tokens = SYNC_FREE_MAX_TOKENS if self.device.type == "cuda" else 0
         self._graphs: OrderedDict = OrderedDict()
         self._const_cache: dict = {}
-        self._host_lengths: dict = {}  # batch size -> page-locked int64 buffer of that many lengths (LENGTHS_READ)
         self._folds: list | None = None  # per layer (QKV folded with the previous layer's LN2, FFN-in with its LN1)
 
     # ------------------------------------------------------------------ inputs
@@ -440,19 +433,11 @@ class ETEncoder(torch.nn.Module):
             raise EtformerError(f"token_type_ids must be {(B, S)} on {self.device}")
 
     def _lengths(self, mask, B, S) -> tuple[int, int]:
-        """(T, max_len) on the host: the only values the launch shapes need. One copy of B lengths (the nonzero
-        entries of each mask row; LENGTHS_READ says how), none without a mask."""
+        """(T, max_len) on the host: the only values the launch shapes need. One copy of B lengths (each mask row's
+        nonzero entries, counted in one launch), none without a mask."""
         if mask is None:
             return B * S, S
-        if LENGTHS_READ == "pinned" and mask.is_cuda:
-            buf = self._host_lengths.get(B)
-            if buf is None:
-                buf = self._host_lengths[B] = torch.empty(B, dtype=torch.int64, pin_memory=True)
-            buf.copy_(torch.count_nonzero(mask, dim=1), non_blocking=True)
-            torch.cuda.current_stream(mask.device).synchronize()
-            lens = buf.tolist()
-        else:
-            lens = mask.ne(0).sum(1).tolist()
+        lens = torch.count_nonzero(mask, dim=1).tolist()
         if 0 in lens:
             raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
         return sum(lens), max(lens)
