@@ -13,6 +13,7 @@ from triton.compiler import ASTSource
 A = importlib.import_module("etformer.kernels.attention")
 T = importlib.import_module("etformer.kernels.tile_linear")
 N = importlib.import_module("etformer.kernels.layernorm")
+EM = importlib.import_module("etformer.kernels.embedding")
 F = importlib.import_module("etformer.kernels.fused_ffn")
 E = importlib.import_module("etformer.kernels.encoder_layer")
 P = importlib.import_module("etformer.kernels.padded")
@@ -249,6 +250,12 @@ comp(N._add_ln_kernel,
       "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C},
      {"SPLIT": 3, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": True, "PDL": True},
      "add_layernorm of partial sums (PDL)")
+comp(EM._embed_ln_kernel,
+     {"ids_ptr": "*i64", "pos_ptr": "*i64", "tt_ptr": "*i64", "word_ptr": p16, "posw_ptr": p16, "type_ptr": p16,
+      "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "N": "i32", "n_word": "i32", "n_pos": "i32", "n_type": "i32",
+      "s_word": "i32", "s_pos": "i32", "s_type": "i32", "stride_y": "i32", "eps": "fp32", "BLOCK": C, "HAS_TYPE": C,
+      "HAS_TT": C, "PDL": C},
+     {"BLOCK": 1024, "HAS_TYPE": True, "HAS_TT": True, "PDL": True}, "embeddings + LayerNorm (PDL)")
 # Wide heads (E.T.'s Transformer: D = 200, padded to 256 on chip). D is a compile-time constant so that the head
 # offsets h*D are known multiples of 8 elements: the loads are then 16-byte vectors and K/V stream through cp.async.
 # With D a run-time integer (not a multiple of 16, so Triton could not assume alignment) every load was a 2-byte

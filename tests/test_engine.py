@@ -240,12 +240,14 @@ def test_deferred_layernorm_matches_hf(plan, monkeypatch):
     monkeypatch.setattr(E, "DEFERRED_LN_TOKENS", None)
     plain = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.float().cpu()
     monkeypatch.setattr(E, "DEFERRED_LN_TOKENS", (0, 1 << 40))
-    lns, folded = [], []
-    real_ln, real_tl = E.add_layernorm, E.tile_linear
+    lns, embs, folded = [], [], []
+    real_ln, real_emb, real_tl = E.add_layernorm, E.embed_layernorm, E.tile_linear
     monkeypatch.setattr(E, "add_layernorm", lambda *a, **k: lns.append(1) or real_ln(*a, **k))
+    monkeypatch.setattr(E, "embed_layernorm", lambda *a, **k: embs.append(1) or real_emb(*a, **k))
     monkeypatch.setattr(E, "tile_linear", lambda *a, **k: folded.append(k.get("x_norm") is not None) or real_tl(*a, **k))
     y = enc(ids.to(DEVICE), mask.to(DEVICE)).last_hidden_state.float().cpu()
-    assert len(lns) == 2 and sum(folded) == 2 * 3 - 1  # embeddings + last; QKV of layers 1, 2 and every FFN-in
+    # the embeddings' LayerNorm (in the embeddings' launch, FUSED_EMBED) and the last; QKV of layers 1, 2, every FFN-in
+    assert len(embs) == int(E.FUSED_EMBED) and len(lns) + len(embs) == 2 and sum(folded) == 2 * 3 - 1
     if DEVICE == "cpu":
         assert _rel_on_tokens(y, ref, mask) < 1e-5 and _rel_on_tokens(y, plain, mask) < 1e-5
     else:
@@ -298,13 +300,17 @@ def test_graphs_recaptured_after_a_switch_changes(monkeypatch):
     ids = torch.randint(1, 100, (2, 24), device="cuda")
     monkeypatch.setattr(E, "DEFERRED_LN_TOKENS", None)
     first = enc(ids).last_hidden_state.clone()
-    lns = []
-    real_ln = E.add_layernorm
+    lns, folded = [], []
+    real_ln, real_tl = E.add_layernorm, E.tile_linear
     monkeypatch.setattr(E, "add_layernorm", lambda *a, **k: lns.append(1) or real_ln(*a, **k))
-    assert torch.equal(enc(ids).last_hidden_state, first) and not lns  # a replay: no Python layer code runs
+    monkeypatch.setattr(E, "tile_linear", lambda *a, **k: folded.append(k.get("x_norm") is not None) or real_tl(*a, **k))
+    assert torch.equal(enc(ids).last_hidden_state, first) and not lns and not folded  # a replay: no layer code runs
     monkeypatch.setattr(E, "DEFERRED_LN_TOKENS", (0, 1 << 40))
     y = enc(ids).last_hidden_state
-    assert lns and len(lns) % 2 == 0  # captured again: two add+LayerNorm launches a run (embeddings and the last)
+    # captured again, in the deferred form: folded GEMMs, and add+LayerNorm launches only for the last LayerNorm (and
+    # the embeddings' where they are not in the embeddings' own launch), the same count in every run
+    per_run = 1 + (not E.FUSED_EMBED)
+    assert any(folded) and lns and len(lns) % per_run == 0 and len(lns) // per_run == sum(folded) // 3
     enc.use_graphs = False
     eager = enc(ids).last_hidden_state.float()
     assert float((y.float() - eager).abs().max()) <= 1e-2 * float(eager.abs().max())
@@ -704,3 +710,29 @@ def test_lengths_count_nonzero_mask_entries(backend):
     assert torch.equal(y2, enc(ids, base.to(dev)).last_hidden_state)
     m = base.to(dev)
     assert E.ETEncoder._keep(m) is m and torch.equal(E.ETEncoder._keep(m.long() * 3), m)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_fused_embeddings(backend, monkeypatch):
+    """The embeddings in one launch (FUSED_EMBED) give the hidden states of the separate gathers, sums and LayerNorm,
+    with and without token types, padded or not; a token id past the vocabulary is reported, not read."""
+    from conftest import tiny_bert
+
+    E = importlib.import_module("etformer.engine.encoder")
+    dev = DEVICE if backend == "triton" else "cpu"
+    model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
+    enc = optimize(model, None, dtype="float32", device=dev, backend=backend)
+    ids = torch.randint(1, 100, (3, 13), device=dev)
+    tt = torch.randint(0, 2, (3, 13), device=dev)
+    mask = (torch.arange(13)[None, :] < torch.tensor([13, 3, 9])[:, None]).long().to(dev)
+    for m, t in ((None, None), (mask, tt), (mask, None)):
+        ys = {}
+        for fused in (True, False):
+            monkeypatch.setattr(E, "FUSED_EMBED", fused)
+            ys[fused] = enc(ids, m, t).last_hidden_state
+        assert float((ys[True] - ys[False]).norm() / ys[False].norm()) < 1e-5
+    monkeypatch.setattr(E, "FUSED_EMBED", True)
+    bad = ids.clone()
+    bad[1, 2] = model.config.vocab_size
+    with pytest.raises(EtformerError, match="vocabulary size"):
+        enc(bad, mask)

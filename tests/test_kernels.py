@@ -8,8 +8,8 @@ import torch
 
 from etformer.errors import EtformerError
 from etformer.kernels import (CompactV, add_layernorm, attention, attention_proj_partials, attention_proj_reference,
-                              attention_reference, fused_ffn_partials, pruned_v_attention, tile_linear,
-                              tile_linear_partials)
+                              attention_reference, embed_layernorm, embed_layernorm_reference, fused_ffn_partials,
+                              pruned_v_attention, tile_linear, tile_linear_partials)
 from etformer.sparse import TileSparseWeight
 from kernel_utils import DEVICE, DTYPES, assert_close, needs_triton
 
@@ -618,6 +618,67 @@ def test_add_layernorm(dtype, M, N, res):
     ref = torch.nn.functional.layer_norm(h64, (N,), w.double(), b.double(), 1e-12)
     peer = torch.nn.functional.layer_norm(x + r if res else x, (N,), w, b, 1e-12)
     assert_close(y, peer, ref, "add_layernorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,d,types", [(1, 64, "given"), (17, 96, "none"), (33, 384, "zero"), (5, 768, "given")])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+def test_embed_layernorm(dtype, T, d, types, idx_dtype):
+    """Gathers + sum + LayerNorm in one launch against fp64 math and PyTorch's own ops at the same precision: with
+    token types given, with the model's type table but no types (type 0), and without a type table."""
+    V, P, NT = 50, 40, 3
+    word = torch.randn(V, d, device=DEVICE, dtype=dtype)
+    pos = torch.randn(P, d, device=DEVICE, dtype=dtype)
+    typ = torch.randn(NT, d, device=DEVICE, dtype=dtype) if types != "none" else None
+    w = torch.randn(d, device=DEVICE, dtype=dtype)
+    b = torch.randn(d, device=DEVICE, dtype=dtype)
+    ids = torch.randint(0, V, (T,), device=DEVICE).to(idx_dtype)
+    positions = torch.randint(0, P, (T,), device=DEVICE).to(idx_dtype)
+    tt = torch.randint(0, NT, (T,), device=DEVICE).to(idx_dtype) if types == "given" else None
+    y = torch.full((T, d), float("nan"), device=DEVICE, dtype=dtype)
+    embed_layernorm(ids, positions, word, pos, w, b, 1e-12, token_types=tt, type_table=typ, out=y, backend="triton")
+
+    def summed(cast):
+        h = cast(word)[ids.long()] + cast(pos)[positions.long()]
+        if typ is not None:
+            h = h + cast(typ)[tt.long() if tt is not None else torch.zeros(T, dtype=torch.long, device=DEVICE)]
+        return h
+
+    ref = torch.nn.functional.layer_norm(summed(torch.Tensor.double), (d,), w.double(), b.double(), 1e-12)
+    peer = torch.nn.functional.layer_norm(summed(lambda t: t), (d,), w, b, 1e-12)
+    assert_close(y, peer, ref, "embed_layernorm")
+    assert_close(embed_layernorm_reference(ids, positions, word, pos, w, b, 1e-12, tt, typ), peer, ref, "reference")
+
+
+def test_embed_layernorm_out_of_range_and_bad_inputs():
+    """An id outside its table makes its row NaN (never read out of bounds), the other rows are unchanged; the
+    launcher refuses mismatched inputs."""
+    d = 64
+    word = torch.randn(10, d, device=DEVICE)
+    pos = torch.randn(8, d, device=DEVICE)
+    typ = torch.randn(2, d, device=DEVICE)
+    w, b = torch.ones(d, device=DEVICE), torch.zeros(d, device=DEVICE)
+    ids = torch.tensor([1, 10, 3, -1, 4, 5], device=DEVICE)
+    positions = torch.tensor([0, 1, 8, 3, 4, 5], device=DEVICE)
+    tt = torch.tensor([0, 1, 0, 1, 2, 1], device=DEVICE)
+    for backend in ("triton", "reference"):
+        y = embed_layernorm(ids, positions, word, pos, w, b, token_types=tt, type_table=typ, backend=backend)
+        bad = torch.tensor([False, True, True, True, True, False], device=DEVICE)  # id 10, position 8, id -1, type 2
+        assert torch.isnan(y[bad]).all(), backend
+        assert torch.isfinite(y[~bad]).all(), backend
+        good = embed_layernorm(ids[~bad], positions[~bad], word, pos, w, b, token_types=tt[~bad], type_table=typ,
+                               backend=backend)
+        assert torch.allclose(y[~bad], good), backend
+    with pytest.raises(EtformerError, match="positions has"):
+        embed_layernorm(ids, positions[:3], word, pos, w, b)
+    with pytest.raises(EtformerError, match="without a type_table"):
+        embed_layernorm(ids, positions, word, pos, w, b, token_types=tt)
+    with pytest.raises(EtformerError, match="features"):
+        embed_layernorm(ids, positions, word, pos[:, :32], w, b)
+    with pytest.raises(EtformerError, match="ids must be one of"):
+        embed_layernorm(ids.float(), positions, word, pos, w, b)
+    with pytest.raises(EtformerError, match="weight has"):
+        embed_layernorm(ids, positions, word, pos, w[:5], b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

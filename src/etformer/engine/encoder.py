@@ -29,6 +29,7 @@ from ..errors import EtformerError
 from ..kernels._common import pdl_on, switch_generation, switch_module
 from ..kernels.attention import attention
 from ..kernels.attention_proj import attention_proj_partials
+from ..kernels.embedding import embed_layernorm
 from ..kernels.encoder_layer import MAX_ROWS as LAYER_MAX_ROWS, encoder_layer
 from ..kernels.fused_ffn import fused_ffn_partials
 from ..kernels.layernorm import add_layernorm
@@ -120,6 +121,11 @@ ATTN_PROJ = False
 # and 420 vs 415). Without the check the packed path reads nothing after its replay and stays ahead (390 and 465 us),
 # so it is taken there.
 SYNC_FREE_MAX_TOKENS = 256
+NONFINITE_MESSAGE = ("the encoder produced NaN or inf; check the weights and the inputs (token ids must be below the "
+                     "vocabulary size and token types below the number of types)")
+# The embeddings' gathers, sums and LayerNorm in one launch (kernels/embedding.py), instead of three gathers, two adds
+# and the LayerNorm kernel. Module switch, for A/Bs.
+FUSED_EMBED = True
 GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # Graphs for a (batch, length) shape are captured for the exact token count for the first GRAPH_EXACT_PER_SHAPE
@@ -597,6 +603,11 @@ class ETEncoder(torch.nn.Module):
 
     def _embed(self, ids, pos, tt):
         e = self.emb
+        if FUSED_EMBED:
+            types = self.cfg.token_types
+            return embed_layernorm(ids, pos, e["word"], e["pos"], e["ln_w"], e["ln_b"], self.cfg.eps,
+                                   token_types=tt if types else None, type_table=e["type"] if types else None,
+                                   backend=self.backend)
         x = F.embedding(ids, e["word"]) + F.embedding(pos, e["pos"])
         if self.cfg.token_types:  # no token_type_ids means type 0 everywhere: one broadcast row, no gather
             x = x + (F.embedding(tt, e["type"]) if tt is not None else e["type"][0])
@@ -665,7 +676,7 @@ class ETEncoder(torch.nn.Module):
         else:
             y = self._run(input_ids, token_type_ids, keep, T, max_len, B, S)
         if self.check_finite and not bool(torch.isfinite(y).all()):
-            raise EtformerError("the encoder produced NaN or inf; check the weights and the inputs")
+            raise EtformerError(NONFINITE_MESSAGE)
         return EncoderOutput(y)
 
     def _sync_free(self, input_ids, attention_mask) -> bool:
@@ -704,7 +715,7 @@ class ETEncoder(torch.nn.Module):
         if 0 in lens:
             raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
         if self.check_finite and bad:
-            raise EtformerError("the encoder produced NaN or inf; check the weights and the inputs")
+            raise EtformerError(NONFINITE_MESSAGE)
         return y
 
     def _run(self, input_ids, token_type_ids, keep, T, max_len, B, S):
