@@ -13,7 +13,6 @@ s. Engine, the same models: full batches of 128 tokens with the one-pass kernel 
    launch (SHORT_ONLINE_MIN_TOKENS never / 0), alternating rounds, at 32x128, 64x128 and 128x128.
 Writes attention_tma_ab.json.
 """
-import copy
 import importlib
 import json
 import sys
@@ -21,13 +20,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from etformer.bench.run import model_shape
 from etformer.bench.timing import env_info, time_cuda
-from etformer.engine import optimize
-from etformer.pruning import PruningPlan, apply_plan
-from etformer.pruning.plan import DEFAULT_TILE
 from etformer.sparse.tiles import atomic_write_json
-from tile_sub_ab import engine_ab  # scripts/
+from tile_sub_ab import bert_encoders, engine_ab  # scripts/
 from tune_attention_varlen import H, D, batch  # scripts/
 
 A = importlib.import_module("etformer.kernels.attention")
@@ -93,23 +88,11 @@ def part_k(bad, cases=CASES):
     return rows
 
 
-def _models():
-    base = model_shape("bert-base").cuda()
-    out = {}
-    for s in (0.0, 0.5):
-        plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
-        hf = apply_plan(copy.deepcopy(base), plan).eval() if s else base.eval()
-        enc = optimize(hf, plan if s else None, dtype=torch.float16, device="cuda")
-        enc.check_finite = False
-        out["dense" if not s else f"tile{int(s * 100)}"] = enc
-    return out
-
-
 def switch_ab(tag, switch, forms, shapes):
     """engine_ab of the attention module's `switch` set to each value of forms {name: value}; restored after."""
     shipped = getattr(A, switch)
     try:
-        return engine_ab(tag, _models(), shapes,
+        return engine_ab(tag, bert_encoders(), shapes,
                          {k: (lambda v=v: setattr(A, switch, v)) for k, v in forms.items()}, 100)
     finally:
         setattr(A, switch, shipped)

@@ -7,20 +7,13 @@ lengths, no token types, as the bench calls it); outputs compared between the fo
 
     python3 scripts/embed_ab.py OUT_DIR
 """
-import copy
 import importlib
 import os
 import sys
 
-import torch
-
-from etformer.bench.run import model_shape
 from etformer.bench.timing import env_info
-from etformer.engine import optimize
-from etformer.pruning import PruningPlan, apply_plan
-from etformer.pruning.plan import DEFAULT_TILE
 from etformer.sparse.tiles import atomic_write_json
-from tile_sub_ab import engine_ab  # scripts/
+from tile_sub_ab import bert_encoders, engine_ab  # scripts/
 
 E = importlib.import_module("etformer.engine.encoder")
 SHAPES = ((1, 128), (8, 128), (32, 128), (8, 512), (32, 512))
@@ -34,14 +27,7 @@ def fused(on):
 
 def main(out_dir):
     os.makedirs(out_dir, exist_ok=True)
-    base = model_shape("bert-base").cuda()
-    encs = {}
-    for s in (0.0, 0.5):
-        plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
-        hf = apply_plan(copy.deepcopy(base), plan).eval() if s else base.eval()
-        enc = optimize(hf, plan if s else None, dtype=torch.float16, device="cuda")
-        enc.check_finite = False  # as the bench runs it
-        encs["dense" if not s else "tile50"] = enc
+    encs = bert_encoders()
     shipped = E.FUSED_EMBED
     try:
         rows = engine_ab("embed", encs, SHAPES, {"fused": fused(True), "separate": fused(False)}, 100)

@@ -121,6 +121,20 @@ def route(rows=SHIPPED, sub=SHIPPED, pair_rows=SHIPPED,
     return put
 
 
+def bert_encoders(sparsities=(0.0, 0.5)):
+    """BERT-base-shaped engines (random weights, fp16, finite check off as the bench runs them): "dense" and
+    "tile<percent>" for each uniform tile sparsity."""
+    base = model_shape("bert-base").cuda()
+    out = {}
+    for s in sparsities:
+        plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)
+        hf = apply_plan(copy.deepcopy(base), plan).eval() if s else base.eval()
+        enc = optimize(hf, plan if s else None, dtype=torch.float16, device="cuda")
+        enc.check_finite = False
+        out["dense" if not s else f"tile{int(s * 100)}"] = enc
+    return out
+
+
 def engine_ab(tag, encs, shapes, forms, min_ms, dense=None):
     """forms_ab of each encoder at each (B, S), shipped form restored after; outputs compared with the first form's."""
     rows = []
