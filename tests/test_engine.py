@@ -736,3 +736,47 @@ def test_fused_embeddings(backend, monkeypatch):
     bad[1, 2] = model.config.vocab_size
     with pytest.raises(EtformerError, match="vocabulary size"):
         enc(bad, mask)
+
+
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="CUDA graphs need a GPU")
+def test_speculated_full_batches(monkeypatch):
+    """A masked batch whose shape's last batch had no padding replays the full-length graph before its lengths are
+    read (SPECULATE_FULL): the same output as reading first; a padded batch of that shape is run again through its
+    real tokens' graph (and the next one is read first); an all-padding row is still refused."""
+    from conftest import tiny_bert
+
+    E = importlib.import_module("etformer.engine.encoder")
+    model = tiny_bert(layers=2, hidden=64, heads=2, inter=128)
+    enc = optimize(model, None, dtype=torch.float16, device="cuda", backend="triton")
+    enc.sync_free_max_tokens = 0  # the packed path
+    ids = torch.randint(1, 100, (3, 24), device="cuda")
+    full = torch.ones(3, 24, dtype=torch.long, device="cuda")
+    padded = full.clone()
+    padded[1, 10:] = 0
+    calls = []
+    real = enc._speculate
+    monkeypatch.setattr(enc, "_speculate", lambda *a: calls.append(1) or real(*a))
+
+    def both(mask):
+        monkeypatch.setattr(E, "SPECULATE_FULL", False)
+        ref = enc(ids, mask).last_hidden_state.clone()
+        monkeypatch.setattr(E, "SPECULATE_FULL", True)
+        return ref
+
+    ref_full = both(full)  # read first: the shape is now known full
+    for _ in range(2):
+        assert torch.equal(enc(ids, full).last_hidden_state, ref_full)
+    assert len(calls) == 2
+    ref_pad = both(padded)
+    enc._full_shapes.add((3, 24, False))
+    y = enc(ids, padded).last_hidden_state  # speculated, missed, run again
+    assert len(calls) == 3 and torch.equal(y, ref_pad) and (3, 24, False) not in enc._full_shapes
+    assert torch.equal(enc(ids, padded).last_hidden_state, ref_pad) and len(calls) == 3  # read first now
+    enc(ids, full)
+    enc(ids, full)
+    assert len(calls) == 4
+    bad = full.clone()
+    bad[2] = 0
+    with pytest.raises(EtformerError, match="row 2 of the batch is all padding"):
+        enc(ids, bad)
+    assert len(calls) == 5

@@ -123,6 +123,12 @@ ATTN_PROJ = False
 SYNC_FREE_MAX_TOKENS = 256
 NONFINITE_MESSAGE = ("the encoder produced NaN or inf; check the weights and the inputs (token ids must be below the "
                      "vocabulary size and token types below the number of types)")
+# Masked batches of a (batch, length) shape whose last batch had no padding replay that shape's graph before their
+# lengths are known (module switch): the lengths are copied to the host behind the launch, and only if they show
+# padding is the batch run again through the graph of its real tokens (the first run's output is dropped). Fixed-
+# length traffic then pays no host round trip before its launch; a shape whose traffic turns padded pays one wasted
+# forward, after which it is read first again.
+SPECULATE_FULL = True
 # The embeddings' gathers, sums and LayerNorm in one launch (kernels/embedding.py), instead of three gathers, two adds
 # and the LayerNorm kernel. Module switch, for A/Bs.
 FUSED_EMBED = True
@@ -403,6 +409,9 @@ class ETEncoder(torch.nn.Module):
         self.sync_free_max_tokens = SYNC_FREE_MAX_TOKENS if self.device.type == "cuda" else 0
         self._graphs: OrderedDict = OrderedDict()
         self._const_cache: dict = {}
+        self._full_shapes: set = set()  # (B, S, token types given) whose last masked batch had no padding
+        self._lengths_host: dict = {}  # batch size -> page-locked buffer the speculated lengths are copied into
+        self._lengths_done = None  # CUDA event recorded behind that copy
         self._folds: list | None = None  # per layer (QKV folded with the previous layer's LN2, FFN-in with its LN1)
 
     # ------------------------------------------------------------------ inputs
@@ -443,7 +452,11 @@ class ETEncoder(torch.nn.Module):
         nonzero entries, counted in one launch), none without a mask."""
         if mask is None:
             return B * S, S
-        lens = torch.count_nonzero(mask, dim=1).tolist()
+        return self._totals(torch.count_nonzero(mask, dim=1).tolist())
+
+    @staticmethod
+    def _totals(lens: list) -> tuple[int, int]:
+        """(T, max_len) of the sequence lengths; an all-padding row is refused."""
         if 0 in lens:
             raise EtformerError(f"row {lens.index(0)} of the batch is all padding")
         return sum(lens), max(lens)
@@ -669,15 +682,41 @@ class ETEncoder(torch.nn.Module):
             return EncoderOutput(self._padded(input_ids, attention_mask, token_type_ids))
         mask = self._validate(input_ids, attention_mask, token_type_ids)
         B, S = input_ids.shape
-        T, max_len = self._lengths(mask, B, S)
-        keep = None if T == B * S else self._keep(mask)  # None: nothing to unpad
-        if self.use_graphs and B * S <= GRAPH_MAX_TOKENS:
-            y = self._graphed(input_ids, token_type_ids, keep, T, max_len, B, S)
+        graphed = self.use_graphs and B * S <= GRAPH_MAX_TOKENS
+        shape = (B, S, token_type_ids is not None)
+        y = None
+        if graphed and mask is not None and SPECULATE_FULL and shape in self._full_shapes:
+            y, lens = self._speculate(input_ids, token_type_ids, mask, B, S)
+            T, max_len = self._totals(lens)
+            if T != B * S:
+                y = None  # padded after all: the real tokens' graph below
         else:
-            y = self._run(input_ids, token_type_ids, keep, T, max_len, B, S)
+            T, max_len = self._lengths(mask, B, S)
+        if mask is not None:
+            (self._full_shapes.add if T == B * S else self._full_shapes.discard)(shape)
+        if y is None:
+            keep = None if T == B * S else self._keep(mask)  # None: nothing to unpad
+            if graphed:
+                y = self._graphed(input_ids, token_type_ids, keep, T, max_len, B, S)
+            else:
+                y = self._run(input_ids, token_type_ids, keep, T, max_len, B, S)
         if self.check_finite and not bool(torch.isfinite(y).all()):
             raise EtformerError(NONFINITE_MESSAGE)
         return EncoderOutput(y)
+
+    def _speculate(self, input_ids, token_type_ids, mask, B, S):
+        """(output of the full-length graph, sequence lengths): the lengths' copy to the host is queued first, the
+        replay of the (B, S) graph without unpadding behind it, and the host waits for the copy alone
+        (SPECULATE_FULL)."""
+        buf = self._lengths_host.get(B)
+        if buf is None:
+            buf = self._lengths_host[B] = torch.empty(B, dtype=torch.int64, pin_memory=True)
+            self._lengths_done = self._lengths_done or torch.cuda.Event()
+        buf.copy_(torch.count_nonzero(mask, dim=1), non_blocking=True)
+        self._lengths_done.record()
+        y = self._graphed(input_ids, token_type_ids, None, B * S, S, B, S)
+        self._lengths_done.synchronize()
+        return y, buf.tolist()
 
     def _sync_free(self, input_ids, attention_mask) -> bool:
         """Whether this batch runs padded, with no host read before its replay: under sync_free_max_tokens tokens, with
