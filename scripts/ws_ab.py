@@ -59,10 +59,37 @@ def time_forms(row, forms, ref, bad, what):
         row[key + "_us"] = t20(fn)
 
 
+def matrix_case(x, b, act, name, K, N, M, d, **weight_kw):
+    """One timed case's weight (a random TileSparseWeight of density d), fp32 reference and row, with cuBLAS's time
+    (F.linear on the dense weight, + GELU) already in it. weight_kw goes to random_tile_weight and into the row."""
+    W = random_tile_weight(K, N, TILE, d, torch.float16, seed=M, **weight_kw)
+    w = TileSparseWeight.from_dense(W, TILE)
+    row = {"matrix": name, "M": M, "density": round(w.density, 4), **weight_kw}
+    row["cublas_us"] = t20((lambda: F.gelu(F.linear(x, W, b))) if act else (lambda: F.linear(x, W, b)))
+    return w, ref_of(x, W, b, act), row
+
+
+def fastest(row, prefix):
+    """The fastest timed form whose name starts with prefix: (its name without the prefix, its µs)."""
+    times = {k: v for k, v in row.items() if k.startswith(prefix) and k.endswith("_us")}
+    best = min(times, key=times.get)
+    return best[len(prefix):-3], times[best]
+
+
 def geomean_ratio(rows, base, key, M):
     """Geometric mean over the rows at M rows of row[base] / row[key]."""
     sel = [r for r in rows if r["M"] == M]
     return round(math.exp(sum(math.log(r[base] / r[key]) for r in sel) / len(sel)), 3)
+
+
+def check_case(K, N, d, M, dtype):
+    """The inputs of one correctness case: a random weight of density d whose block-row 0 keeps no tile (dense and
+    as a TileSparseWeight), X [M, K], a bias and a residual [M, N]."""
+    W = random_tile_weight(K, N, TILE, d, dtype, balanced=False, seed=M + N)
+    W[:TILE[0]] = 0  # block-row 0 keeps no tile
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    b = torch.randn(N, device="cuda", dtype=dtype) * 0.1
+    return W, TileSparseWeight.from_dense(W, TILE), x, b, torch.randn(M, N, device="cuda", dtype=dtype)
 
 
 def check():
@@ -70,12 +97,7 @@ def check():
     for dtype in (torch.float16, torch.bfloat16):
         for M in (1, 77, 300, 4096):
             for (K, N), d in (((768, 2304), 0.5), ((3072, 768), 0.25), ((768, 768), 1.0), ((256, 384), 0.5)):
-                W = random_tile_weight(K, N, TILE, d, dtype, balanced=False, seed=M + N)
-                W[:TILE[0]] = 0  # block-row 0 keeps no tile
-                w = TileSparseWeight.from_dense(W, TILE)
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                b = torch.randn(N, device="cuda", dtype=dtype) * 0.1
-                r = torch.randn(M, N, device="cuda", dtype=dtype)
+                W, w, x, b, r = check_case(K, N, d, M, dtype)
                 for cfg in (CONFIGS if dtype == torch.float16 else CONFIGS[:1] + CONFIGS[3:4]):
                     for act, res, slice_ in ((None, None, False), ("gelu", None, False), ("relu", r, False),
                                              (None, r, True)):
@@ -107,22 +129,15 @@ def time_all(outdir):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             b = torch.randn(N, device="cuda", dtype=torch.float16) * 0.1
             for d, balanced in ((1.0, True), (0.5, True), (0.5, False), (0.25, True)):
-                W = random_tile_weight(K, N, TILE, d, torch.float16, balanced=balanced, seed=M)
-                w = TileSparseWeight.from_dense(W, TILE)
-                ref = ref_of(x, W, b, act)
-                row = {"matrix": name, "M": M, "density": round(w.density, 4), "balanced": balanced}
-                cub = (lambda: F.gelu(F.linear(x, W, b))) if act else (lambda: F.linear(x, W, b))
-                row["cublas_us"] = t20(cub)
+                w, ref, row = matrix_case(x, b, act, name, K, N, M, d, balanced=balanced)
                 forms = {"tile_linear": lambda: tile_linear(x, w, b, activation=act)}
                 for cfg in CONFIGS:
                     forms["ws_" + "_".join(map(str, cfg))] = (lambda c: lambda: ws(x, w, b, act, None, c))(cfg)
                 time_forms(row, forms, ref, bad, f"{name} M={M} d={d}")
-                times = {k: v for k, v in row.items() if k.startswith("ws_")}
-                best = min(times, key=times.get)
-                row["ws_best"] = best[3:-3]
-                row["ws_best_vs_tile_linear"] = round(row["tile_linear_us"] / times[best], 3)
+                row["ws_best"], best_us = fastest(row, "ws_")
+                row["ws_best_vs_tile_linear"] = round(row["tile_linear_us"] / best_us, 3)
                 row["tile_linear_vs_cublas"] = round(row["cublas_us"] / row["tile_linear_us"], 3)
-                row["ws_best_vs_cublas"] = round(row["cublas_us"] / times[best], 3)
+                row["ws_best_vs_cublas"] = round(row["cublas_us"] / best_us, 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     summary = {}

@@ -15,16 +15,14 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from etformer.bench.kernels import random_tile_weight
 from etformer.bench.timing import env_info
 from etformer.kernels import _common as C
 from etformer.kernels import tile_linear_ws as WS
 from etformer.kernels.tile_linear import tile_linear
-from etformer.sparse.tiles import TileSparseWeight, atomic_write_json
-from gelu_epilogue_ab import rel, t20  # scripts/
-from ws_ab import SHAPES, TILE, geomean_ratio, ref_of, time_forms  # scripts/
+from etformer.sparse.tiles import atomic_write_json
+from gelu_epilogue_ab import rel  # scripts/
+from ws_ab import SHAPES, check_case, fastest, geomean_ratio, matrix_case, ref_of, time_forms  # scripts/
 
 # (BLOCK_M, STAGES, CONSUMERS, programs per SM): items of CONSUMERS x BLOCK_M rows
 COOP = ((128, 3, 2, 1), (64, 5, 2, 1), (64, 4, 2, 1))
@@ -35,12 +33,7 @@ def check():
     for dtype in (torch.float16, torch.bfloat16):
         for M in (1, 77, 300, 4096):
             for (K, N), d in (((768, 2304), 0.5), ((3072, 768), 0.25), ((768, 768), 1.0)):
-                W = random_tile_weight(K, N, TILE, d, dtype, balanced=False, seed=M + N)
-                W[:TILE[0]] = 0  # block-row 0 keeps no tile
-                w = TileSparseWeight.from_dense(W, TILE)
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                b = torch.randn(N, device="cuda", dtype=dtype) * 0.1
-                r = torch.randn(M, N, device="cuda", dtype=dtype)
+                W, w, x, b, r = check_case(K, N, d, M, dtype)
                 for cfg in COOP if dtype == torch.float16 else COOP[:1]:
                     for act, res, slice_ in ((None, None, False), ("gelu", None, False), (None, r, True)):
                         if slice_:
@@ -72,23 +65,17 @@ def time_all(outdir):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             b = torch.randn(N, device="cuda", dtype=torch.float16) * 0.1
             for d in (1.0, 0.5, 0.25):
-                W = random_tile_weight(K, N, TILE, d, torch.float16, seed=M)
-                w = TileSparseWeight.from_dense(W, TILE)
-                ref = ref_of(x, W, b, act)
-                row = {"matrix": name, "M": M, "density": round(w.density, 4)}
-                row["cublas_us"] = t20((lambda: F.gelu(F.linear(x, W, b))) if act else (lambda: F.linear(x, W, b)))
+                w, ref, row = matrix_case(x, b, act, name, K, N, M, d)
                 forms = {"grid": lambda: tile_linear(x, w, b, activation=act),
                          "pingpong": lambda: WS.tile_linear_ws(x, w, b, activation=act)}
                 for cfg in COOP:
                     forms["coop_" + "_".join(map(str, cfg))] = (
                         lambda c: lambda: WS.tile_linear_ws(x, w, b, activation=act, config=c, coop=True))(cfg)
                 time_forms(row, forms, ref, bad, f"{name} M={M} d={d}")
-                coops = {k: v for k, v in row.items() if k.startswith("coop_")}
-                best = min(coops, key=coops.get)
-                row["coop_best"] = best[5:-3]
-                row["coop_best_vs_grid"] = round(row["grid_us"] / coops[best], 3)
+                row["coop_best"], best_us = fastest(row, "coop_")
+                row["coop_best_vs_grid"] = round(row["grid_us"] / best_us, 3)
                 row["pingpong_vs_grid"] = round(row["grid_us"] / row["pingpong_us"], 3)
-                row["coop_best_vs_cublas"] = round(row["cublas_us"] / coops[best], 3)
+                row["coop_best_vs_cublas"] = round(row["cublas_us"] / best_us, 3)
                 row["grid_vs_cublas"] = round(row["cublas_us"] / row["grid_us"], 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

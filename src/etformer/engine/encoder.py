@@ -711,7 +711,8 @@ class ETEncoder(torch.nn.Module):
         buf = self._lengths_host.get(B)
         if buf is None:
             buf = self._lengths_host[B] = torch.empty(B, dtype=torch.int64, pin_memory=True)
-            self._lengths_done = self._lengths_done or torch.cuda.Event()
+        if self._lengths_done is None:
+            self._lengths_done = torch.cuda.Event()
         buf.copy_(torch.count_nonzero(mask, dim=1), non_blocking=True)
         self._lengths_done.record()
         y = self._graphed(input_ids, token_type_ids, None, B * S, S, B, S)

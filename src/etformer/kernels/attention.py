@@ -406,7 +406,6 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, num_
     return out
 
 
-
 def _tma_ok(qkv: torch.Tensor, D: int, DV: int, bd: int, bdv: int, q_col: int, k_col: int, v_col: int) -> bool:
     """Whether the heads can come as bulk tensor copies: sm_90+ (or the interpreter), a host tensor-descriptor API,
     Q/K and V heads of one power-of-two width (the box is the head, so no neighbouring column is read), and every
