@@ -111,16 +111,11 @@ def attention_reference(qkv, cu_seqlens, num_heads, head_dim, *, q_col=0, k_col=
 if HAS_TRITON:
 
     @triton.jit
-    def _scores(q, k_base, v_base, start, cols, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row, qk_scale,
-                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr,
-                CACHE: tl.constexpr):
-        """Scores (base 2, masked to -inf) of a q block against key columns `cols`, and the matching V block.
-        HAS_BIAS: bias_row is an additive key bias, or (KEY_MASK) a key mask whose zeros are not attended.
-        CACHE: the loads' cache modifier (".cg" where K and V were written by the same launch)."""
-        n_ok = cols < L
-        krows = (start + cols).to(tl.int64)
-        k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
-                    mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0, cache_modifier=CACHE)
+    def _masked_scores(q, k, cols, n_ok, offs_m, bias_row, qk_scale, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr):
+        """q k (k as [D, BLOCK_N]) scaled to base 2, key columns `cols` of which n_ok lie in the sequence; columns out
+        of range, masked keys (HAS_BIAS and KEY_MASK: bias_row's zeros) and, when CAUSAL, later keys set to -inf; or
+        (HAS_BIAS, not KEY_MASK) bias_row added as an additive key bias."""
         if FP32_DOT:
             s = tl.dot(q, k, input_precision="ieee") * qk_scale
         else:
@@ -133,31 +128,34 @@ if HAS_TRITON:
                 s += tl.load(bias_row + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
+        return tl.where(keep, s, float("-inf"))
+
+    @triton.jit
+    def _scores(q, k_base, v_base, start, cols, offs_m, offs_d, offs_dv, L, D, DV, stride_t, bias_row, qk_scale,
+                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr,
+                CACHE: tl.constexpr):
+        """Scores (base 2, masked to -inf) of a q block against key columns `cols`, and the matching V block.
+        HAS_BIAS: bias_row is an additive key bias, or (KEY_MASK) a key mask whose zeros are not attended.
+        CACHE: the loads' cache modifier (".cg" where K and V were written by the same launch)."""
+        n_ok = cols < L
+        krows = (start + cols).to(tl.int64)
+        k = tl.load(k_base + krows[None, :] * stride_t + offs_d[:, None],
+                    mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0, cache_modifier=CACHE)
+        s = _masked_scores(q, k, cols, n_ok, offs_m, bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
         v = tl.load(v_base + krows[:, None] * stride_t + offs_dv[None, :],
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0, cache_modifier=CACHE)
         return s, v
 
     @triton.jit
-    def _scores_tma(q, kv_desc, start, n0, k_off, v_off, cols, offs_m, bias_row, qk_scale, CAUSAL: tl.constexpr,
+    def _scores_tma(q, kv_desc, start, n0, k_off, v_off, cols, offs_m, L, bias_row, qk_scale, CAUSAL: tl.constexpr,
                     HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, KEY_MASK: tl.constexpr):
         """_scores for a block of keys that lies inside the sequence, K and V read as bulk tensor copies (kv_desc:
-        the packed buffer in [BLOCK_N, BLOCK_D] boxes) at columns k_off and v_off: no key is out of range, so only a
-        causal mask or a key bias or mask applies. A block that reaches past the sequence takes _scores (masked
+        the packed buffer in [BLOCK_N, BLOCK_D] boxes) at columns k_off and v_off: every key lies in the sequence, so
+        the range test of _masked_scores passes throughout. A block that reaches past the sequence takes _scores (masked
         pointer loads): its extra rows would be the next sequence's tokens, and a non-finite value there would
         reach this one's output through the zero weights of the PV product."""
-        k = kv_desc.load([start + n0, k_off])
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_BIAS:
-            if KEY_MASK:
-                s = tl.where((tl.load(bias_row + cols) != 0)[None, :], s, float("-inf"))
-            else:
-                s += tl.load(bias_row + cols).to(tl.float32)[None, :] * 1.4426950408889634
-        if CAUSAL:
-            s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+        k = tl.trans(kv_desc.load([start + n0, k_off]))
+        s = _masked_scores(q, k, cols, cols < L, offs_m, bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
         return s, kv_desc.load([start + n0, v_off])
 
     @triton.jit
@@ -168,7 +166,7 @@ if HAS_TRITON:
         (full > 0), else by masked pointer loads."""
         if TMA:
             if full > 0:
-                s, v = _scores_tma(q, kv_desc, start, 0, k_off, v_off, offs_n, offs_m, bias_row, qk_scale, CAUSAL,
+                s, v = _scores_tma(q, kv_desc, start, 0, k_off, v_off, offs_n, offs_m, L, bias_row, qk_scale, CAUSAL,
                                    HAS_BIAS, FP32_DOT, KEY_MASK)
             else:
                 s, v = _scores(q, k_base, v_base, start, offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
@@ -288,7 +286,7 @@ if HAS_TRITON:
             acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
             for n0 in range(0, full, BLOCK_N):
                 s, v = _scores_tma(q, kv_desc, start, n0, k_col + h * D, v_col + h * DV, n0 + offs_n, offs_m,
-                                   bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
+                                   L, bias_row, qk_scale, CAUSAL, HAS_BIAS, FP32_DOT, KEY_MASK)
                 m, l, acc = _online_step(m, l, acc, s, v, FP32_DOT)
             if full < hi:
                 s, v = _scores(q, k_base, v_base, start, full + offs_n, offs_m, offs_d, offs_dv, L, D, DV, stride_t,
