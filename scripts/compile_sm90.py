@@ -238,18 +238,16 @@ for km in (False, True):
          attrs={(ap_order.index(n),): [["tt.divisibility", 16]] for n in ap_order if ap_sig[n].startswith("*")})
 comp(P._finish_kernel, {"x_ptr": p16, "m_ptr": "*i64", "y_ptr": p16, "st_ptr": i32, "N": "i32", "S": "i32",
                         "BLOCK": C, "PDL": C}, {"BLOCK": 1024, "PDL": True}, "finish padded")
-comp(N._add_ln_kernel,
-     {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
-      "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32", "SPLIT": C,
-      "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C},
-     {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": False},
+ln_sig = {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "M": "i32", "N": "i32",
+          "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32", "SPLIT": C,
+          "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C, "ROWS": C}
+comp(N._add_ln_kernel, ln_sig, {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": False, "ROWS": 1},
      "add_layernorm")
-comp(N._add_ln_kernel,
-     {"x_ptr": "*fp32", "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "N": "i32",
-      "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32", "SPLIT": C,
-      "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C},
-     {"SPLIT": 3, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": True, "PDL": True},
+comp(N._add_ln_kernel, {**ln_sig, "x_ptr": "*fp32"},
+     {"SPLIT": 3, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": True, "PDL": True, "ROWS": 1},
      "add_layernorm of partial sums (PDL)")
+comp(N._add_ln_kernel, ln_sig, {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": True, "ROWS": 4},
+     "add_layernorm, 4 rows a program", warps=8)
 comp(EM._embed_ln_kernel,
      {"ids_ptr": "*i64", "pos_ptr": "*i64", "tt_ptr": "*i64", "word_ptr": p16, "posw_ptr": p16, "type_ptr": p16,
       "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "N": "i32", "n_word": "i32", "n_pos": "i32", "n_type": "i32",

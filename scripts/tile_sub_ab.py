@@ -121,10 +121,10 @@ def route(rows=SHIPPED, sub=SHIPPED, pair_rows=SHIPPED,
     return put
 
 
-def bert_encoders(sparsities=(0.0, 0.5)):
-    """BERT-base-shaped engines (random weights, fp16, finite check off as the bench runs them): "dense" and
-    "tile<percent>" for each uniform tile sparsity."""
-    base = model_shape("bert-base").cuda()
+def bert_encoders(sparsities=(0.0, 0.5), model="bert-base"):
+    """Engines of a bench model (bert-base: BERT-base-shaped, random weights; minilm: the real all-MiniLM-L6-v2), fp16,
+    finite check off as the bench runs them: "dense" and "tile<percent>" for each uniform tile sparsity."""
+    base = model_shape(model).cuda()
     out = {}
     for s in sparsities:
         plan = PruningPlan.uniform("tile", s, DEFAULT_TILE)

@@ -519,12 +519,19 @@ def test_linear_on_dense_weight(dtype, M, K, N, act, res, tma):
     assert_close(out[:, 8:8 + N], f(x, W, b, r), ref, "dense-weight linear")
 
 
+# add+LayerNorm launches: one row a program (the default at few rows), and several, the last program's rows partly
+# past M (layernorm.MULTI_ROW_LAUNCH: (min rows, ROWS, num_warps))
+LN_LAUNCHES = {"row": (), "rows4": ((1, 4, 8),), "rows2": ((1, 2, 4),)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "tiles"])
 @pytest.mark.parametrize("split", [None, 1, 3])
-def test_partial_sums_into_add_layernorm(dtype, dense, split):
+@pytest.mark.parametrize("launch", ["row", "rows4"])
+def test_partial_sums_into_add_layernorm(dtype, dense, split, launch, monkeypatch):
     """Split-K partial sums (fp32, [splits, M, N]) reduced by add_layernorm with the linear's bias and the residual:
     LN(x W^T + b + r) in two launches. Covers a block-row with no tile and K not a multiple of the split."""
+    monkeypatch.setattr(importlib.import_module("etformer.kernels.layernorm"), "MULTI_ROW_LAUNCH", LN_LAUNCHES[launch])
     M, K, N = 33, 320, 96
     W = _sparse_weight(N, K, (32, 32), 0.6, dtype, empty_row=True)
     w = W if dense else TileSparseWeight.from_dense(W, (32, 32))
@@ -607,7 +614,9 @@ def test_partial_sums_bad_inputs():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,res", [(1, 384, True), (17, 768, True), (5, 100, False), (64, 1024, True)])
-def test_add_layernorm(dtype, M, N, res):
+@pytest.mark.parametrize("launch", list(LN_LAUNCHES))
+def test_add_layernorm(dtype, M, N, res, launch, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("etformer.kernels.layernorm"), "MULTI_ROW_LAUNCH", LN_LAUNCHES[launch])
     x = torch.randn(M, N, device=DEVICE, dtype=dtype) * 3 + 1
     r = torch.randn(M, N, device=DEVICE, dtype=dtype) if res else None
     w = torch.randn(N, device=DEVICE, dtype=dtype)

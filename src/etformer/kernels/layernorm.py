@@ -1,7 +1,7 @@
 """Fused residual add + LayerNorm: y = LN(x + residual) * weight + bias, statistics in fp32.
 
-One program normalizes one row (BERT's hidden sizes, 384 to 1024, fit one block); the sum x + residual is never
-written to memory. x may also be the fp32 split-K partial sums of a linear layer, [splits, M, N], with that layer's
+A program normalizes one row, or two from 4096 rows (MULTI_ROW_LAUNCH); BERT's hidden sizes, 384 to 1024, fit one
+block. The sum x + residual is never written to memory. x may also be the fp32 split-K partial sums of a linear layer, [splits, M, N], with that layer's
 bias: the split-K reduction, the bias, the residual and the LayerNorm are then one pass (tile_linear_partials).
 """
 from __future__ import annotations
@@ -28,32 +28,59 @@ def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None, o
 if HAS_TRITON:
 
     @triton.jit
-    def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, N, stride_x, stride_r, stride_y, eps,
+    def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, M, N, stride_x, stride_r, stride_y, eps,
                        stride_s, SPLIT: tl.constexpr,
-                       BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, PDL: tl.constexpr = False):
-        # Every load is issued before any is used: the split-K partial sums (SPLIT a compile-time count, so the
-        # loop unrolls into one basic block), the biases, the residual and the LayerNorm weights are one round trip
-        # to memory, not one each (a 128-token forward is a chain of latency-bound launches).
-        row = tl.program_id(0).to(tl.int64)
+                       BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, PDL: tl.constexpr = False,
+                       ROWS: tl.constexpr = 1):
+        # ROWS rows a program, as one [ROWS, BLOCK] block. Every load is issued before any is used: the split-K
+        # partial sums (SPLIT a compile-time count, so the loop unrolls into one basic block), the biases, the
+        # residual and the LayerNorm weights are one round trip to memory, not one each (a 128-token forward is a
+        # chain of latency-bound launches).
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
+        ok2 = (rows < M)[:, None] & ok[None, :]
         w = tl.load(w_ptr + cols, mask=ok, other=1.0).to(tl.float32)  # parameters: no earlier kernel's output
         b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_XB:
             xb = tl.load(xb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         pdl_enter(PDL)
-        h = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        xo = rows[:, None] * stride_x + cols[None, :]
+        h = tl.load(x_ptr + xo, mask=ok2, other=0.0).to(tl.float32)
         for s in tl.static_range(1, SPLIT):  # further split-K partial sums
-            h += tl.load(x_ptr + s * stride_s + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+            h += tl.load(x_ptr + s * stride_s + xo, mask=ok2, other=0.0).to(tl.float32)
         if HAS_RES:
-            h += tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+            h += tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok2, other=0.0).to(tl.float32)
         if HAS_XB:
-            h += xb
-        mean = tl.sum(h, 0) / N
-        d = tl.where(ok, h - mean, 0.0)
-        var = tl.sum(d * d, 0) / N
+            h += xb[None, :]
+        mean = tl.sum(h, 1) / N
+        d = tl.where(ok2, h - mean[:, None], 0.0)
+        var = tl.sum(d * d, 1) / N
         inv = 1.0 / tl.sqrt(var + eps)
-        tl.store(y_ptr + row * stride_y + cols, (d * inv * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :],
+                 (d * inv[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty), mask=ok2)
+
+
+# Rows a program and warps, by row count: (min rows, ROWS, num_warps), the last entry whose min rows M reaches. One
+# row a program (4 warps; 8 past 1024 features) below MULTI_ROW_LAUNCH's first entry: the small-batch path's
+# latency-bound launches. Same-run on the H200 (benchmarks/results/h200/layernorm_rows/, graphs of 20 calls over input
+# sets that do not stay in L2): x + residual, 2 rows a program with 4 warps against one, N = 768: 6.12 against 6.44 us
+# at 4096 rows, 19.08 against 20.94 at 16384, 69.8 against 80.5 at 65536; N = 384 (MiniLM), where one row leaves 4
+# warps 512 lanes: 4.27 against 5.68, 11.67 against 20.66, 41.4 against 79.7. 4 and 8 warps with 4-16 rows did no
+# better at 768 features; at 1024 rows nothing won. The encoder (graphed forward, GPU time): all-MiniLM-L6-v2
+# 128x128 1195 -> 1117 us dense, 993 -> 887 with 50% tiles, 32x512 1252 -> 1138 with tiles; BERT-base unchanged
+# within the spread (its large batches normalise in the GEMM epilogues: deferred LayerNorm); from 1024 rows MiniLM's
+# 8x128 was 2% slower, hence 4096.
+MULTI_ROW_LAUNCH: tuple[tuple[int, int, int], ...] = ((4096, 2, 4),)
+
+
+def _launch(M: int, block: int) -> tuple[int, int]:
+    """(ROWS, num_warps) of the add+LayerNorm launch for M rows of `block` (padded) features."""
+    rows, warps = 1, 4 if block <= 1024 else 8
+    for min_rows, r, w in MULTI_ROW_LAUNCH:
+        if M >= min_rows:
+            rows, warps = r, w
+    return rows, warps
 
 
 def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
@@ -92,9 +119,11 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     split, stride_s = (x.shape[0], x.stride(0)) if partial else (1, 0)
     stride_x = x.stride(1) if partial else x.stride(0)
     pdl = pdl_on(x)
-    _add_ln_kernel[(M,)](x, residual if residual is not None else x, weight, bias, out,
-                         x_bias if x_bias is not None else weight, N, stride_x,
-                         residual.stride(0) if residual is not None else 0, out.stride(0), eps, stride_s, SPLIT=split,
-                         BLOCK=block, HAS_RES=residual is not None, HAS_XB=x_bias is not None,
-                         num_warps=4 if block <= 1024 else 8, PDL=pdl, **pdl_kwargs(pdl))
+    rows, warps = _launch(M, block)
+    _add_ln_kernel[(triton.cdiv(M, rows),)](x, residual if residual is not None else x, weight, bias, out,
+                                            x_bias if x_bias is not None else weight, M, N, stride_x,
+                                            residual.stride(0) if residual is not None else 0, out.stride(0), eps,
+                                            stride_s, SPLIT=split, BLOCK=block, HAS_RES=residual is not None,
+                                            HAS_XB=x_bias is not None, num_warps=warps, PDL=pdl, ROWS=rows,
+                                            **pdl_kwargs(pdl))
     return out
