@@ -33,12 +33,9 @@ def steps(enc, ids, mask):
     t = [time.perf_counter()]
     mask = enc._validate(ids, mask, None)
     t.append(time.perf_counter())
-    B, S = ids.shape
-    T, max_len = enc._lengths(mask, B, S)
-    keep = None if T == B * S else enc._keep(mask)
+    T, max_len, keep = enc._unpadding(mask, *ids.shape)
     t.append(time.perf_counter())
-    key = E.choose_graph_key(enc._graphs, B, S, T, max_len, (False,), enc._rows(keep, ids), padded=keep is not None)
-    graph, static, out = enc._graphs[key]
+    graph, static, out = enc._graphs[enc._graph_key(ids, None, keep, T, max_len)]
     for dst, src in zip(static, (ids, None, keep)):
         if dst is not None:
             dst.copy_(src)

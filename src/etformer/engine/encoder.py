@@ -466,6 +466,17 @@ class ETEncoder(torch.nn.Module):
         """The packed path's row rounding (graph_rows) for a batch: only when it has padding (keep not None)."""
         return None if keep is None else (lambda t: graph_rows(t, x))
 
+    def _unpadding(self, mask, B, S):
+        """(T, max_len, keep) of a validated mask, read first (the packed path without speculation): keep is None
+        when nothing is padded."""
+        T, max_len = self._lengths(mask, B, S)
+        return T, max_len, (None if T == B * S else self._keep(mask))
+
+    def _graph_key(self, input_ids, token_type_ids, keep, T, max_len):
+        """The packed path's graph key for a batch (choose_graph_key)."""
+        return choose_graph_key(self._graphs, *input_ids.shape, T, max_len, (token_type_ids is not None,),
+                                self._rows(keep, input_ids), padded=keep is not None)
+
     def _consts(self, B, S, device):
         """Positions and cu_seqlens of a batch without padding, made once per (B, S) and kept."""
         key = (B, S, str(device))
@@ -766,8 +777,7 @@ class ETEncoder(torch.nn.Module):
         """Replay the graph for this batch (choose_graph_key: its exact token count, or its bucket's), capturing it on
         first use. Its inputs are the ids, the token types and (when something is padded) the mask; the index work
         runs inside the graph, so a bucket graph serves every token count up to its rows."""
-        key = choose_graph_key(self._graphs, B, S, T, max_len, (token_type_ids is not None,),
-                               self._rows(keep, input_ids), padded=keep is not None)
+        key = self._graph_key(input_ids, token_type_ids, keep, T, max_len)
         T, max_len = key[2], key[3]
         return replay_graph(self._graphs, key, (input_ids, token_type_ids, keep),
                             lambda ids, tt, kp: self._run(ids, tt, kp, T, max_len, B, S)).clone()
@@ -778,10 +788,8 @@ class ETEncoder(torch.nn.Module):
         if self._sync_free(input_ids, attention_mask):
             return self._graphs[("padded", *input_ids.shape, token_type_ids is not None)][0].replay
         mask = self._validate(input_ids, attention_mask, token_type_ids)
-        T, max_len = self._lengths(mask, *input_ids.shape)
-        keep = None if T == input_ids.numel() else self._keep(mask)
-        return self._graphs[choose_graph_key(self._graphs, *input_ids.shape, T, max_len, (token_type_ids is not None,),
-                                             self._rows(keep, input_ids), padded=keep is not None)][0].replay
+        T, max_len, keep = self._unpadding(mask, *input_ids.shape)
+        return self._graphs[self._graph_key(input_ids, token_type_ids, keep, T, max_len)][0].replay
 
     def encode_fn(self):
         """A callable for etformer.evaluate: batch dict -> last_hidden_state (B, S, d)."""
