@@ -132,7 +132,14 @@ SPECULATE_FULL = True
 # The embeddings' gathers, sums and LayerNorm in one launch (kernels/embedding.py), instead of three gathers, two adds
 # and the LayerNorm kernel. Module switch, for A/Bs.
 FUSED_EMBED = True
-GRAPH_MAX_TOKENS = 16384  # batches up to this many (B*S) tokens replay a captured CUDA graph
+# Batches up to this many (B*S) tokens replay a captured CUDA graph; larger ones run eagerly. Above the old bound of
+# 16384 the eager tile path was host-bound for small models: all-MiniLM-L6-v2 with 50% tiles at 64x512 spent 6.4 ms
+# end to end on 2.3 ms of kernels (scripts/eager_host_probe.py). Same-run A/B of 16384 against 65536 on the H200
+# (benchmarks/results/h200/graph_max_tokens/, end to end, finite check off): MiniLM 50% tiles 64x512 3898/5629 ->
+# 2294/2270 us, 128x512 variable length 4449/4330 -> 2533/2538, dense variable length 3270/3304 -> 3052/3075;
+# BERT-base within the spread at every shape (its GPU work hides the host's), one slow eager outlier gone
+# (128x512 variable length, 50% tiles: 13895 -> 11103); the allocator's peak reservation +0.0-0.1 GiB.
+GRAPH_MAX_TOKENS = 65536
 GRAPH_CACHE = 32  # graphs kept (least recently used dropped)
 # Graphs for a (batch, length) shape are captured for the exact token count for the first GRAPH_EXACT_PER_SHAPE
 # counts seen; after that a new count reuses or captures the graph of its bucket (graph_bucket), so variable-length

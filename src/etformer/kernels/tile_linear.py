@@ -809,8 +809,8 @@ TILE_PAIR_ROWS: tuple[int, int] = (129, 512)
 # 4573/4615 -> 4519/4515 us at 128x128 and 5243/5152 -> 5154/5090 at 32x512, 70% tiles 3698/3677 -> 3595/3598 and
 # 4274/4253 -> 4164/4187; from 8192 rows (the output projection's 384 items included) 64x128 gained 0.5-1.2% and
 # 16x512 was even, so the rows stay at 16384, where BERT-base's output projection has its 768 items.
-# Up to WS_MAX_ROWS rows (None: any): the A/B timed graphed forwards, whose rows stop at the engine's
-# GRAPH_MAX_TOKENS (16384). The one bench run with the routing on above that too (bench_ws_route/, 128x512 tokens,
+# Up to WS_MAX_ROWS rows (None: any): the A/B timed graphed forwards, whose rows stopped at the engine's graph bound
+# then (GRAPH_MAX_TOKENS, 16384; now 65536, with the kernel still untimed above 16384 rows). The one bench run with the routing on above that too (bench_ws_route/, 128x512 tokens,
 # eager forwards) had those slower and far more spread (70% tiles 1.92x -> 1.79x the peer; variable length, 30% tiles
 # 13.3 -> 18.1 ms, p10-p90 14.9-19.3), plausibly the Gluon launcher's host cost on every eager call. With this bound
 # (bench_ws_bounded/) they are back at 1.92x and 12.9 ms (p10-p90 12.7-13.1).
