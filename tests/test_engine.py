@@ -282,6 +282,8 @@ def test_switch_generation_counts_switch_changes(monkeypatch):
     T._ORDER_CACHE.clear()
     monkeypatch.setattr(E, "tile_linear", E.tile_linear)
     assert C.switch_generation() == g + 4
+    monkeypatch.setattr(importlib.import_module("etformer.kernels.layernorm"), "MULTI_ROW_LAUNCH", ())
+    assert C.switch_generation() == g + 5
 
 
 @pytest.mark.skipif(not CUDA or INTERPRET, reason="CUDA graphs need a GPU")

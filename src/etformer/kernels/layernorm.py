@@ -1,15 +1,16 @@
 """Fused residual add + LayerNorm: y = LN(x + residual) * weight + bias, statistics in fp32.
 
 A program normalizes one row, or two from 4096 rows (MULTI_ROW_LAUNCH); BERT's hidden sizes, 384 to 1024, fit one
-block. The sum x + residual is never written to memory. x may also be the fp32 split-K partial sums of a linear layer, [splits, M, N], with that layer's
-bias: the split-K reduction, the bias, the residual and the LayerNorm are then one pass (tile_linear_partials).
+block. The sum x + residual is never written to memory. x may also be the fp32 split-K partial sums of a linear
+layer, [splits, M, N], with that layer's bias: the split-K reduction, the bias, the residual and the LayerNorm are
+then one pass (tile_linear_partials).
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import EtformerError
-from ._common import HAS_TRITON, check_tensor, next_pow2, pdl_kwargs, pdl_on, tl, triton, use_triton
+from ._common import HAS_TRITON, check_tensor, next_pow2, pdl_kwargs, pdl_on, switch_module, tl, triton, use_triton
 
 if HAS_TRITON:
     from ._common import pdl_enter
@@ -127,3 +128,6 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
                                             HAS_XB=x_bias is not None, num_warps=warps, PDL=pdl, ROWS=rows,
                                             **pdl_kwargs(pdl))
     return out
+
+
+switch_module(__name__)  # MULTI_ROW_LAUNCH is a switch: see _common.switch_module
