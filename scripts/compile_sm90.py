@@ -246,8 +246,10 @@ comp(N._add_ln_kernel, ln_sig, {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS
 comp(N._add_ln_kernel, {**ln_sig, "x_ptr": "*fp32"},
      {"SPLIT": 3, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": True, "PDL": True, "ROWS": 1},
      "add_layernorm of partial sums (PDL)")
-comp(N._add_ln_kernel, ln_sig, {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": True, "ROWS": 4},
-     "add_layernorm, 4 rows a program", warps=8)
+_, ln_rows, ln_warps = N.MULTI_ROW_LAUNCH[-1]  # the shipped multi-row launch
+comp(N._add_ln_kernel, ln_sig,
+     {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": True, "ROWS": ln_rows},
+     f"add_layernorm, {ln_rows} rows a program", warps=ln_warps)
 comp(EM._embed_ln_kernel,
      {"ids_ptr": "*i64", "pos_ptr": "*i64", "tt_ptr": "*i64", "word_ptr": p16, "posw_ptr": p16, "type_ptr": p16,
       "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "N": "i32", "n_word": "i32", "n_pos": "i32", "n_type": "i32",

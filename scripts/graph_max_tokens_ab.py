@@ -7,25 +7,37 @@ output only.
 
     python3 scripts/graph_max_tokens_ab.py
 """
-import copy, torch, importlib
-from etformer.bench.run import make_inputs, model_shape
+import importlib
+
+import torch
+
+from etformer.bench.run import make_inputs
 from etformer.bench.timing import time_cuda
-from etformer.engine import optimize
-from etformer.pruning import PruningPlan, apply_plan
+from tile_sub_ab import bert_encoders  # scripts/
+
 E = importlib.import_module("etformer.engine.encoder")
-for model in ("bert-base", "minilm"):
-    base = model_shape(model).cuda()
-    plan = PruningPlan.uniform("tile", 0.5, (128, 64))
-    encs = {"dense": optimize(base.eval(), None, dtype=torch.float16, device="cuda"),
-            "tile50": optimize(apply_plan(copy.deepcopy(base), plan).eval(), plan, dtype=torch.float16, device="cuda")}
-    for B, S, v in ((64, 512, False), (128, 512, False), (128, 512, True)):
-        ids, mask = make_inputs(B, S, v, 30522)
-        for name, enc in encs.items():
-            enc.check_finite = False
-            r = []
-            for g in (16384, 65536, 16384, 65536):
-                E.GRAPH_MAX_TOKENS = g
-                enc._graphs.clear(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-                t = time_cuda(lambda: enc(ids, mask), min_ms=200)["median_us"]
-                r.append(f"{g}: {t:.0f} us {torch.cuda.max_memory_reserved()/2**30:.1f} GiB")
-            print(f"{model} {B}x{S}{' varlen' if v else ''} {name}: " + " | ".join(r), flush=True)
+
+
+def main():
+    shipped = E.GRAPH_MAX_TOKENS
+    try:
+        for model in ("bert-base", "minilm"):
+            encs = bert_encoders(model=model)
+            for B, S, v in ((64, 512, False), (128, 512, False), (128, 512, True)):
+                ids, mask = make_inputs(B, S, v, 30522)
+                for name, enc in encs.items():
+                    r = []
+                    for g in (16384, 65536, 16384, 65536):
+                        E.GRAPH_MAX_TOKENS = g
+                        enc._graphs.clear()
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                        t = time_cuda(lambda: enc(ids, mask), min_ms=200)["median_us"]
+                        r.append(f"{g}: {t:.0f} us {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB")
+                    print(f"{model} {B}x{S}{' varlen' if v else ''} {name}: " + " | ".join(r), flush=True)
+    finally:
+        E.GRAPH_MAX_TOKENS = shipped
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,8 @@ SHIPPED = E.SPECULATE_FULL
 
 
 def steps(enc, ids, mask):
-    """One forward, split into its host steps (the same calls ETEncoder.forward makes); returns {step: seconds}."""
+    """One forward, split into its host steps (the calls ETEncoder.forward makes on the packed path when it reads
+    the lengths first, i.e. without SPECULATE_FULL's replay); returns {step: seconds}."""
     t = [time.perf_counter()]
     mask = enc._validate(ids, mask, None)
     t.append(time.perf_counter())

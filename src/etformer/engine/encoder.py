@@ -473,11 +473,14 @@ class ETEncoder(torch.nn.Module):
         """The packed path's row rounding (graph_rows) for a batch: only when it has padding (keep not None)."""
         return None if keep is None else (lambda t: graph_rows(t, x))
 
+    def _keep_if_padded(self, mask, T, B, S):
+        """The keep mask of a batch of T real tokens, None when nothing is padded (nothing to unpad)."""
+        return None if T == B * S else self._keep(mask)
+
     def _unpadding(self, mask, B, S):
-        """(T, max_len, keep) of a validated mask, read first (the packed path without speculation): keep is None
-        when nothing is padded."""
+        """(T, max_len, keep) of a validated mask, read first (the packed path without speculation)."""
         T, max_len = self._lengths(mask, B, S)
-        return T, max_len, (None if T == B * S else self._keep(mask))
+        return T, max_len, self._keep_if_padded(mask, T, B, S)
 
     def _graph_key(self, input_ids, token_type_ids, keep, T, max_len):
         """The packed path's graph key for a batch (choose_graph_key)."""
@@ -713,7 +716,7 @@ class ETEncoder(torch.nn.Module):
         if mask is not None:
             (self._full_shapes.add if T == B * S else self._full_shapes.discard)(shape)
         if y is None:
-            keep = None if T == B * S else self._keep(mask)  # None: nothing to unpad
+            keep = self._keep_if_padded(mask, T, B, S)
             if graphed:
                 y = self._graphed(input_ids, token_type_ids, keep, T, max_len, B, S)
             else:
