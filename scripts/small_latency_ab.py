@@ -41,10 +41,13 @@ SHAPES = [(1, 32), (1, 64), (1, 128), (2, 128), (1, 256)]
 
 
 @triton.jit
-def _add_ln_rolled(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, N, stride_x, stride_r, stride_y, eps, stride_s,
-                   SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr,
-                   PDL: tl.constexpr = False):
-    """The add+LayerNorm kernel before the change: the same arithmetic, its loads one after another."""
+def _add_ln_rolled(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, M, N, stride_x, stride_r, stride_y, eps, stride_s,
+                   rw_ptr, rb_ptr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+                   HAS_XB: tl.constexpr, PDL: tl.constexpr = False, ROWS: tl.constexpr = 1,
+                   RES_LN: tl.constexpr = False):
+    """The add+LayerNorm kernel before the change: the same arithmetic, its loads one after another (one row a
+    program: the launcher's ROWS is 1 below 4096 rows; M, rw_ptr, rb_ptr and RES_LN, arguments of the shipped
+    kernel's later forms, are taken and not used)."""
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)

@@ -174,3 +174,83 @@ def test_reference_path_matches_kernels():
     assert s_r.shape == (20, 1, 2) and s_k.shape[1] == 3  # the reference sums whole rows, the kernel 32-column blocks
     torch.testing.assert_close(y_k.float(), y_r.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(s_k.sum(1), s_r.sum(1), rtol=2e-3, atol=1e-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,act", [(1, 64, 96, "gelu"), (40, 80, 100, None), (70, 96, 128, "gelu")])
+def test_folded_dense_weight(dtype, M, K, N, act):
+    """The small-batch path's form: a dense weight read in place (DENSE_W), folded, with its bias (which the
+    dense-weight kernel otherwise adds before the epilogue, where the fold's row scaling would scale it too)."""
+    W = (torch.randn(N, K, device=DEVICE) / math.sqrt(K)).to(dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    g = (1 + 0.3 * torch.randn(K, device=DEVICE)).to(dtype)
+    be = (0.2 * torch.randn(K, device=DEVICE)).to(dtype)
+    x = _raw(M, K, dtype)
+    eps = 1e-12
+    f = fold_layernorm(W, b, g, be)
+    assert isinstance(f.weight, torch.Tensor) and f.weight.shape == W.shape
+    y = tile_linear(x, f.weight, f.bias, activation=act, x_norm=DeferredLN(_stats(x), K, eps), x_colsum=f.colsum,
+                    backend="triton")
+    act_fn = {None: lambda z: z, "gelu": torch.nn.functional.gelu}[act]
+    ref = act_fn(_ln64(x, g, be, eps) @ W.double().t() + b.double())
+    h = torch.nn.functional.layer_norm(x.float(), (K,), g.float(), be.float(), eps).to(dtype)
+    assert_close(y, act_fn(torch.nn.functional.linear(h, W, b)), ref, "folded dense weight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 33, 64])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_small_path_deferred_chain(dtype, M, rows, monkeypatch):
+    """A post-LN block as the small-batch path runs it with SMALL_DEFERRED_LN, on dense weights: h = a Wo^T + bo + x0
+    (un-normalised, with its row moments), f = gelu(LN1(h) W1^T + b1) through the folded W1, then FFN-out's split-K
+    partial sums into add_layernorm, which normalises the residual h itself: LN2(f W2^T + b2 + LN1(h)). Against
+    the same math in fp64 and PyTorch's in the input dtype."""
+    import importlib
+
+    from etformer.kernels import add_layernorm
+    from etformer.kernels.tile_linear import tile_linear_partials
+
+    monkeypatch.setattr(importlib.import_module("etformer.kernels.layernorm"), "MULTI_ROW_LAUNCH",
+                        ((1, rows, 4),) if rows > 1 else ())
+    d, di, eps = 96, 192, 1e-12
+    Wo, W1, W2 = ((torch.randn(n, k, device=DEVICE) / math.sqrt(k)).to(dtype) for n, k in ((d, d), (di, d), (d, di)))
+    bo, b1, b2 = (torch.randn(n, device=DEVICE, dtype=dtype) * 0.1 for n in (d, di, d))
+    g1, be1, g2, be2 = ((1 + 0.2 * torch.randn(d, device=DEVICE)).to(dtype) if i % 2 == 0 else
+                        (0.1 * torch.randn(d, device=DEVICE)).to(dtype) for i in range(4))
+    a = torch.randn(M, d, device=DEVICE, dtype=dtype)
+    x0 = _raw(M, d, dtype)
+    h, s = tile_linear(a, Wo, bo, residual=x0, row_stats=True, backend="triton")
+    f1 = fold_layernorm(W1, b1, g1, be1)
+    f = tile_linear(h, f1.weight, f1.bias, activation="gelu", x_norm=DeferredLN(s, d, eps), x_colsum=f1.colsum,
+                    backend="triton")
+    ws = tile_linear_partials(f, W2, split=3, backend="triton")
+    out = add_layernorm(ws, h, g2, be2, eps, backend="triton", x_bias=b2, residual_ln=(g1, be1))
+    assert out.dtype == dtype and out.shape == (M, d)
+
+    def chain(t, ln):
+        lin = torch.nn.functional.linear
+        h1 = lin(a.to(t), Wo.to(t), bo.to(t)) + x0.to(t)
+        n1 = ln(h1, g1, be1)
+        return ln(lin(torch.nn.functional.gelu(lin(n1, W1.to(t), b1.to(t))), W2.to(t), b2.to(t)) + n1, g2, be2)
+
+    ref = chain(torch.float64, lambda z, g, b: _ln64(z, g, b, eps))
+    peer = chain(dtype, lambda z, g, b: torch.nn.functional.layer_norm(z.float(), (d,), g.float(), b.float(),
+                                                                        eps).to(dtype))
+    assert_close(out, peer, ref, "small-path deferred post-LN block")
+    # the reference path of the same call agrees
+    out_ref = add_layernorm(ws, h, g2, be2, eps, backend="reference", x_bias=b2, residual_ln=(g1, be1))
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                               atol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+def test_residual_ln_arguments_are_checked():
+    from etformer.kernels import add_layernorm
+
+    x = torch.randn(4, 8, device=DEVICE)
+    g = torch.ones(8, device=DEVICE)
+    with pytest.raises(EtformerError, match="residual_ln without a residual"):
+        add_layernorm(x, None, g, g, residual_ln=(g, g))
+    with pytest.raises(EtformerError, match="residual_ln must be"):
+        add_layernorm(x, x, g, g, residual_ln=g)
+    with pytest.raises(EtformerError, match="residual_ln bias has 7"):
+        add_layernorm(x, x, g, g, residual_ln=(g, torch.ones(7, device=DEVICE)))

@@ -166,18 +166,25 @@ def test_compact_v_at_one_pass_lengths():
 
 @needs_triton
 @pytest.mark.parametrize("plan", [PruningPlan.uniform("tile", 0.5, (16, 16)), PruningPlan.attention_aware(0.6, (16, 16))])
-@pytest.mark.parametrize("fused", ["", "ffn", "layer", "attn"], ids=["", "fused-ffn", "fused-layer", "attn-proj"])
+@pytest.mark.parametrize("fused", ["", "ffn", "layer", "attn", "small", "deferred"],
+                         ids=["", "fused-ffn", "fused-layer", "attn-proj", "small", "small-deferred-ln"])
 def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
     """The whole engine on the Triton kernels (interpreter on the CPU, compiled on a GPU) against HF. fused-ffn: the
     small-batch kernels on dense weights with the optional one-launch FFN block (attention and the O projection
     apart); fused-layer: the small-batch kernels with each layer one persistent launch (FUSED_LAYER); attn-proj: the
-    small-batch kernels with attention and the O projection in one launch (ATTN_PROJ)."""
+    small-batch kernels with attention and the O projection in one launch (ATTN_PROJ); small: the small-batch
+    kernels, 7 launches a layer; small-deferred-ln: with the first LayerNorm of each layer deferred
+    (SMALL_DEFERRED_LN), where every matrix it needs keeps a dense weight."""
     from conftest import tiny_bert
     from etformer.engine import encoder as E
 
-    calls = {"ffn": [], "layer": [], "attn": []}
+    calls = {"ffn": [], "layer": [], "attn": [], "deferred": []}
     monkeypatch.setattr(E, "FUSED_LAYER", fused == "layer")
     monkeypatch.setattr(E, "ATTN_PROJ", fused == "attn")
+    monkeypatch.setattr(E, "SMALL_DEFERRED_LN", fused == "deferred")
+    real_layer = E.ETEncoder._small_deferred_layer
+    monkeypatch.setattr(E.ETEncoder, "_small_deferred_layer",
+                        lambda *a, **k: calls["deferred"].append(1) or real_layer(*a, **k))
     if fused:
         monkeypatch.setattr(E, "SMALL_PATH", "triton")
         monkeypatch.setattr(E, "FUSED_FFN_MAX_TOKENS", 1 << 20 if fused == "ffn" else 0)
@@ -207,6 +214,8 @@ def test_engine_through_kernels_small_bert(plan, fused, monkeypatch):
     # each fused operator ran exactly when switched on: the layer once a layer a call
     assert bool(calls["ffn"]) == (fused == "ffn") and bool(calls["layer"]) == (fused == "layer")
     assert bool(calls["attn"]) == (fused == "attn")
+    dense_copies = all(lin.dense_weight is not None for L in enc.layers for lin in (L.o, L.ffn_in, L.ffn_out))
+    assert bool(calls["deferred"]) == (fused == "deferred" and dense_copies)
     if fused == "layer":
         assert len(calls["layer"]) % 2 == 0 and calls["layer"]
 

@@ -11,7 +11,8 @@
            X   = LN(f W_2^T + b_2 + h)
            (optionally, up to FUSED_FFN_MAX_TOKENS tokens, the last two lines are one fused FFN launch + add&LN)
            (on the small-batch kernel path, ATTN_PROJ: the second and third lines are attention with the O projection
-            as per-head partial sums in one launch, then add&LN)
+            as per-head partial sums in one launch, then add&LN; SMALL_DEFERRED_LN: h stays un-normalised, FFN-in
+            applies its LayerNorm folded into W_1, and the last add&LN normalises the residual h itself)
       -> pad once: last_hidden_state (B, S, d), zeros at padded positions
 
 Each matrix runs on the tile-sparse kernel when it is sparse enough to win, and on cuBLAS otherwise (the cut-off
@@ -180,6 +181,18 @@ GRAPH_ROW_ROUND_MAX_FILL = {128: 48, 256: 32}
 # whose deferred epilogue takes 255 registers. Hidden-state error against HF fp32 1.117e-3 against 1.106e-3 applied
 # (HF's own fp16: 1.499e-3). None turns it off.
 DEFERRED_LN_TOKENS: tuple[int, int] | None = (2048, 4096)
+# The same idea on the small-batch kernel path (dense weights, up to SMALL_KERNEL_MAX_TOKENS rows): a post-LN layer's
+# first LayerNorm gets no launch of its own. The output projection runs whole (no split-K) and writes h = ctx W_O^T +
+# b_O + X un-normalised with its row moments; FFN-in reads h with that LayerNorm folded into a copy of W_1 (made on
+# first use: one more FFN-in matrix per layer in memory); FFN-out's split-K partial sums go to the add+LayerNorm that
+# normalises the residual h from its own row before adding it (add_layernorm's residual_ln). 6 launches a layer
+# instead of 7, and off by default: same-run A/B on the H200 (benchmarks/results/h200/small_deferred/, GPU time of the
+# graphed forward, applied -> deferred) BERT-base dense 228 -> 252 us at 1x32, 269 -> 284 at 1x128, 326 -> 325 at
+# 2x128, 337 -> 334 at 1x256, 316 -> 311 at 4x64; all-MiniLM-L6-v2 97.0 -> 100.8 at 1x128, 119.2 -> 120.0 at 1x256.
+# The output projection run whole (48 programs of 6 K steps at 128 rows) costs more than the launch it saves; its
+# split-K partial sums are what the add+LayerNorm pass exists to reduce. Hidden-state error against HF fp32 the same
+# (1.09e-3 both at 1x128, BERT-base; HF's own fp16 1.52e-3).
+SMALL_DEFERRED_LN = False
 
 
 def tile_min_rows(density: float) -> int:
@@ -420,6 +433,7 @@ class ETEncoder(torch.nn.Module):
         self._lengths_host: dict = {}  # batch size -> page-locked buffer the speculated lengths are copied into
         self._lengths_done = None  # CUDA event recorded behind that copy
         self._folds: list | None = None  # per layer (QKV folded with the previous layer's LN2, FFN-in with its LN1)
+        self._small_folds: list | None = None  # per layer, FFN-in's dense weight folded with LN1 (SMALL_DEFERRED_LN)
 
     # ------------------------------------------------------------------ inputs
     def _validate(self, input_ids, attention_mask, token_type_ids):
@@ -602,6 +616,37 @@ class ETEncoder(torch.nn.Module):
                             fold_layernorm(L.ffn_in.sparse, L.ffn_in.bias, *L.ln1)) for L, p in zip(self.layers, prev)]
         return self._folds
 
+    def _small_deferred_folds(self, x) -> list | None:
+        """FFN-in's dense weights folded with each layer's first LayerNorm when this batch runs the small-batch
+        path's deferred LayerNorm (SMALL_DEFERRED_LN), else None: a post-LN stack whose output projection, FFN-in and
+        FFN-out all run the small-batch kernels on dense weights for x. Built on first use, never inside a capture."""
+        cfg, bk = self.cfg, self.backend
+        if (not SMALL_DEFERRED_LN or cfg.norm_first or ATTN_PROJ or 0 < x.shape[0] <= FUSED_FFN_MAX_TOKENS
+                or not _on_kernels(x, bk)):
+            return None
+        for L in self.layers:  # small_weight: None unless this call runs the small-batch kernels on a dense weight
+            for lin in (L.o, L.ffn_in, L.ffn_out):
+                if lin.small_weight(x, bk) is None:
+                    return None
+        if self._small_folds is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            self._small_folds = [fold_layernorm(L.ffn_in.dense_weight, L.ffn_in.bias, *L.ln1) for L in self.layers]
+        return self._small_folds
+
+    def _small_deferred_layer(self, L: Layer, x, ctx, fold):
+        """A post-LN layer's output projection and FFN on the small-batch path with its first LayerNorm deferred
+        (SMALL_DEFERRED_LN): 3 launches after attention instead of 4. x: the layer's (normalised) input, ctx:
+        attention's output."""
+        cfg, bk = self.cfg, self.backend
+        h, stats = tile_linear(ctx, L.o.dense_weight, L.o.bias, residual=x, row_stats=True, backend=bk)
+        n = DeferredLN(stats, cfg.hidden, cfg.eps)
+        f = tile_linear(h, fold.weight, fold.bias, activation=cfg.activation, x_norm=n, x_colsum=fold.colsum,
+                        backend=bk)
+        ws = L.ffn_out.partial_sums(f, bk)
+        return add_layernorm(ws, h, L.ln2[0], L.ln2[1], cfg.eps, backend=bk, x_bias=L.ffn_out.bias,
+                             residual_ln=L.ln1)
+
     def _deferred_stack(self, x, folds, attend):
         """The post-LN layer stack with deferred LayerNorms (DEFERRED_LN_TOKENS): x normalised on entry (the
         embeddings' LayerNorm), normalised on exit; in between each hidden state exists only un-normalised, with its
@@ -669,7 +714,11 @@ class ETEncoder(torch.nn.Module):
             for i, L in enumerate(self.layers):
                 x = self._layer(L, x, cu, max_len, counters[i:i + 1])
             return x if self.final_norm is None else ln(x, None, self.final_norm)
-        for L in self.layers:
+        small_folds = self._small_deferred_folds(x)
+        for i, L in enumerate(self.layers):
+            if small_folds is not None:
+                x = self._small_deferred_layer(L, x, attend(L.qkv(x, backend=bk), L), small_folds[i])
+                continue
             if cfg.norm_first:
                 x = L.o(attend(L.qkv(ln(x, None, L.ln1), backend=bk), L), residual=x, backend=bk)
                 f = L.ffn_in(ln(x, None, L.ln2), activation=cfg.activation, backend=bk)

@@ -3,7 +3,9 @@
 A program normalizes one row, or two from 4096 rows (MULTI_ROW_LAUNCH); BERT's hidden sizes, 384 to 1024, fit one
 block. The sum x + residual is never written to memory. x may also be the fp32 split-K partial sums of a linear
 layer, [splits, M, N], with that layer's bias: the split-K reduction, the bias, the residual and the LayerNorm are
-then one pass (tile_linear_partials).
+then one pass (tile_linear_partials). The residual may itself be a LayerNorm's un-normalised input (residual_ln):
+the kernel normalises it on the way, from its own row, so that LayerNorm needs no pass of its own (the small-batch
+path's deferred LayerNorm, engine.encoder.SMALL_DEFERRED_LN).
 """
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ if HAS_TRITON:
     from ._common import pdl_enter
 
 
-def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None, out_dtype=None):
+def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None, out_dtype=None, residual_ln=None):
     h = x.float().sum(0) if x.dim() == 3 else x.float()
     if x_bias is not None:
         h = h + x_bias.float()
     if residual is not None:
-        h = h + residual.float()
+        r = residual.float()
+        if residual_ln is not None:
+            r = torch.nn.functional.layer_norm(r, (r.shape[-1],), residual_ln[0].float(), residual_ln[1].float(), eps)
+        h = h + r
     y = torch.nn.functional.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps)
     return y.to(out_dtype or x.dtype)
 
@@ -30,13 +35,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_ln_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, xb_ptr, M, N, stride_x, stride_r, stride_y, eps,
-                       stride_s, SPLIT: tl.constexpr,
+                       stride_s, rw_ptr, rb_ptr, SPLIT: tl.constexpr,
                        BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_XB: tl.constexpr, PDL: tl.constexpr = False,
-                       ROWS: tl.constexpr = 1):
+                       ROWS: tl.constexpr = 1, RES_LN: tl.constexpr = False):
         # ROWS rows a program, as one [ROWS, BLOCK] block. Every load is issued before any is used: the split-K
         # partial sums (SPLIT a compile-time count, so the loop unrolls into one basic block), the biases, the
         # residual and the LayerNorm weights are one round trip to memory, not one each (a 128-token forward is a
-        # chain of latency-bound launches).
+        # chain of latency-bound launches). RES_LN: the residual is normalised first (its own row's statistics,
+        # weight rw, bias rb, the same eps).
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -45,13 +51,22 @@ if HAS_TRITON:
         b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_XB:
             xb = tl.load(xb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        if RES_LN:
+            rw = tl.load(rw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            rb = tl.load(rb_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         pdl_enter(PDL)
         xo = rows[:, None] * stride_x + cols[None, :]
         h = tl.load(x_ptr + xo, mask=ok2, other=0.0).to(tl.float32)
         for s in tl.static_range(1, SPLIT):  # further split-K partial sums
             h += tl.load(x_ptr + s * stride_s + xo, mask=ok2, other=0.0).to(tl.float32)
         if HAS_RES:
-            h += tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok2, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok2, other=0.0).to(tl.float32)
+            if RES_LN:
+                r_mean = tl.sum(r, 1) / N
+                rd = tl.where(ok2, r - r_mean[:, None], 0.0)
+                r_inv = 1.0 / tl.sqrt(tl.sum(rd * rd, 1) / N + eps)
+                r = rd * r_inv[:, None] * rw[None, :] + rb[None, :]
+            h += r
         if HAS_XB:
             h += xb[None, :]
         mean = tl.sum(h, 1) / N
@@ -86,9 +101,10 @@ def _launch(M: int, block: int) -> tuple[int, int]:
 
 def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
                   eps: float = 1e-12, out: torch.Tensor | None = None, backend: str = "auto", *,
-                  x_bias: torch.Tensor | None = None) -> torch.Tensor:
+                  x_bias: torch.Tensor | None = None, residual_ln: tuple | None = None) -> torch.Tensor:
     """LN(x (+ x_bias) (+ residual)). x: [M, N], or fp32 partial sums [splits, M, N] (summed first; the output then
-    takes the residual's dtype, or the weight's without a residual)."""
+    takes the residual's dtype, or the weight's without a residual). residual_ln: (weight, bias) of a LayerNorm
+    (same eps) the residual has not been through yet: LN(x (+ x_bias) + LN'(residual)) is returned."""
     partial = isinstance(x, torch.Tensor) and x.dim() == 3
     if partial:
         check_tensor("x", x, dims=3, dtypes=(torch.float32,))
@@ -103,13 +119,19 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
         if tuple(residual.shape) != (M, N):
             raise EtformerError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
     named = [("weight", weight), ("bias", bias)] + ([("x_bias", x_bias)] if x_bias is not None else [])
+    if residual_ln is not None:
+        if residual is None:
+            raise EtformerError("residual_ln without a residual")
+        if not (isinstance(residual_ln, (tuple, list)) and len(residual_ln) == 2):
+            raise EtformerError("residual_ln must be the residual's LayerNorm (weight, bias)")
+        named += [("residual_ln weight", residual_ln[0]), ("residual_ln bias", residual_ln[1])]
     for n, t in named:
         check_tensor(n, t, dims=1, device=x.device)
         if t.shape[0] != N:
             raise EtformerError(f"{n} has {t.shape[0]} entries, x has {N} features")
     out_dtype = (residual.dtype if residual is not None else weight.dtype) if partial else x.dtype
     if not use_triton(x, backend):
-        y = add_layernorm_reference(x, residual, weight, bias, eps, x_bias, out_dtype)
+        y = add_layernorm_reference(x, residual, weight, bias, eps, x_bias, out_dtype, residual_ln)
         return y if out is None else out.copy_(y)
     if x.stride(-1) != 1 or (residual is not None and residual.stride(1) != 1):
         raise EtformerError("x and residual must have unit stride along features")
@@ -121,12 +143,13 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
     stride_x = x.stride(1) if partial else x.stride(0)
     pdl = pdl_on(x)
     rows, warps = _launch(M, block)
+    rw, rb = residual_ln if residual_ln is not None else (weight, bias)
     _add_ln_kernel[(triton.cdiv(M, rows),)](x, residual if residual is not None else x, weight, bias, out,
                                             x_bias if x_bias is not None else weight, M, N, stride_x,
                                             residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-                                            stride_s, SPLIT=split, BLOCK=block, HAS_RES=residual is not None,
+                                            stride_s, rw, rb, SPLIT=split, BLOCK=block, HAS_RES=residual is not None,
                                             HAS_XB=x_bias is not None, num_warps=warps, PDL=pdl, ROWS=rows,
-                                            **pdl_kwargs(pdl))
+                                            RES_LN=residual_ln is not None, **pdl_kwargs(pdl))
     return out
 
 

@@ -413,17 +413,18 @@ if HAS_TRITON:
         # 369.7 -> 357.2 at 1 x 256). The tile kernels keep the load in the epilogue: a later kernels run had the
         # short-loop, low-density shapes 7-17% slower with it there (kernels_bias_early/), not measured side by side.
         # BIAS_EARLY=False reads it in the epilogue in every form (the earlier kernel, for scripts/small_latency_ab.py).
-        if HAS_BIAS and DENSE_W and BIAS_EARLY:
+        # A folded LayerNorm (XS_P) scales the product before its bias is added: there the bias waits for the epilogue.
+        if HAS_BIAS and DENSE_W and BIAS_EARLY and XS_P == 0:
             bcols = col0 + tl.arange(0, BN)
             bias = tl.load(bias_ptr + bcols, mask=bcols < N, other=0.0).to(tl.float32)
         acc = _tile_dot(x_src, w_src, w_ptr, pid_m * BLOCK_M, M, stride_xm, col_idx, lo, hi, K, w_row, N,
                         BLOCK_M, BN, BK, FP32_DOT, TMA, DENSE_W, PDL, PREFETCH, LINE, "", SUB, PAIR)
-        if HAS_BIAS and DENSE_W and BIAS_EARLY:
+        if HAS_BIAS and DENSE_W and BIAS_EARLY and XS_P == 0:
             acc += bias[None, :]
         _epilogue(acc, pid_m * BLOCK_M, col0, M, N, bias_ptr, res_ptr, y_ptr, y_desc, stride_ym, stride_rm, out_col,
                   xs_ptr, colsum_ptr, rs_ptr, rg_ptr, rb_ptr, so_ptr, x_inv_d, x_eps, r_inv_d, r_eps, r_desc,
-                  BLOCK_M, BN, HAS_BIAS and not (DENSE_W and BIAS_EARLY), ACT, HAS_RES, TMA_STORE, XS_P, RS_P, SO_P,
-                  RES_TMA)
+                  BLOCK_M, BN, HAS_BIAS and not (DENSE_W and BIAS_EARLY and XS_P == 0), ACT, HAS_RES, TMA_STORE, XS_P,
+                  RS_P, SO_P, RES_TMA)
 
 
     @triton.jit
