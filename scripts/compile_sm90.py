@@ -239,13 +239,16 @@ for km in (False, True):
 comp(P._finish_kernel, {"x_ptr": p16, "m_ptr": "*i64", "y_ptr": p16, "st_ptr": i32, "N": "i32", "S": "i32",
                         "BLOCK": C, "PDL": C}, {"BLOCK": 1024, "PDL": True}, "finish padded")
 ln_sig = {"x_ptr": p16, "r_ptr": p16, "w_ptr": p16, "b_ptr": p16, "y_ptr": p16, "xb_ptr": p16, "M": "i32", "N": "i32",
-          "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32", "SPLIT": C,
-          "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C, "ROWS": C}
+          "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32", "stride_s": "i32", "rw_ptr": p16,
+          "rb_ptr": p16, "SPLIT": C, "BLOCK": C, "HAS_RES": C, "HAS_XB": C, "PDL": C, "ROWS": C, "RES_LN": C}
 comp(N._add_ln_kernel, ln_sig, {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": False, "ROWS": 1},
      "add_layernorm")
 comp(N._add_ln_kernel, {**ln_sig, "x_ptr": "*fp32"},
      {"SPLIT": 3, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": True, "PDL": True, "ROWS": 1},
      "add_layernorm of partial sums (PDL)")
+comp(N._add_ln_kernel, {**ln_sig, "x_ptr": "*fp32"},
+     {"SPLIT": 4, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": True, "PDL": True, "ROWS": 1, "RES_LN": True},
+     "add_layernorm of partial sums, residual normalised (PDL)")
 _, ln_rows, ln_warps = N.MULTI_ROW_LAUNCH[-1]  # the shipped multi-row launch
 comp(N._add_ln_kernel, ln_sig,
      {"SPLIT": 1, "BLOCK": 1024, "HAS_RES": True, "HAS_XB": False, "PDL": True, "ROWS": ln_rows},

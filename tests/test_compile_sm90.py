@@ -29,7 +29,7 @@ def test_kernels_compile_for_sm90(toolchain):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [l for l in r.stdout.splitlines() if ": compiled" in l]
-    assert len(lines) == 31, r.stdout
+    assert len(lines) == 32, r.stdout
     for name in ("tile_linear tma=False tma_store=False:", "tile_linear tma=True tma_store=True:",
                  "tile_linear split-K tma=False:", "tile_linear split-K tma=True:", "attention one_pass=True:",
                  "attention one_pass=False:", "tile_linear dense W:", "fused FFN:", "encoder layer (persistent):",
@@ -48,6 +48,8 @@ def test_kernels_compile_for_sm90(toolchain):
     for one in (False, True):
         assert f"  attention TMA one_pass={one}: bulk tensor loads True" in r.stdout.splitlines(), r.stdout
     assert any(l.startswith("finish padded:") and "PDL=True" in l for l in lines), r.stdout
+    assert any(l.startswith("add_layernorm of partial sums, residual normalised (PDL):") and "PDL=True" in l
+               for l in lines), r.stdout
     assert any(l.startswith("embeddings + LayerNorm (PDL):") and "PDL=True" in l for l in lines), r.stdout
     assert any(l.startswith("encoder layer barrier:") and l.endswith("spin: True, pipelined loads (cp.async): True") for l in r.stdout.splitlines()), \
         r.stdout
