@@ -48,3 +48,23 @@ def test_family_matches_hf(kind, plan):
 
         with pytest.raises(EtformerError, match="exceeds"):
             enc(torch.randint(5, 120, (1, 41)))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_task_head_takes_half_precision_hidden_states(kind, dtype):
+    """The engine hands fp16 / bf16 hidden states to a head kept in fp32: apply_head casts them to the head's dtype
+    and gives the logits the HF model gives from the same (rounded) hidden states."""
+    from transformers import AutoModelForSequenceClassification
+
+    from etformer.models import apply_head
+
+    torch.manual_seed(0)
+    cls = AutoModelForSequenceClassification.from_config(_model(kind).config).eval()
+    ids = torch.randint(5, 100, (3, 9))
+    with torch.no_grad():
+        hidden = cls.base_model(input_ids=ids).last_hidden_state.to(dtype)
+        got = apply_head(cls, hidden)
+        want = apply_head(cls, hidden.float())
+    assert got.dtype == torch.float32 and got.shape == (3, 2)
+    torch.testing.assert_close(got, want)

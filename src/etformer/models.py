@@ -194,8 +194,12 @@ def has_task_head(model: nn.Module) -> bool:
 def apply_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Run a sequence-classification head on the encoder's last_hidden_state (B, S, H) -> logits (B, C).
 
-    Lets a faster encoder (the etformer engine) stand in for the HF encoder while the HF head stays as it is.
+    Lets a faster encoder (the etformer engine) stand in for the HF encoder while the HF head stays as it is. The
+    hidden states are cast to the head's dtype: the engine runs in fp16 or bf16 while the head may stay in fp32.
     """
+    head = next(iter(model.classifier.parameters()), None)
+    if head is not None and hidden.dtype != head.dtype:
+        hidden = hidden.to(head.dtype)
     mt = model.config.model_type
     if mt == "distilbert":
         x = torch.relu(model.pre_classifier(hidden[:, 0]))
