@@ -24,7 +24,7 @@ import sys
 import torch
 
 from etformer.bench.peers import cublas_sdpa_graph
-from etformer.bench.run import make_inputs, model_shape
+from etformer.bench.run import _rel, make_inputs, model_shape
 from etformer.bench.timing import env_info, profile_kernels, time_cuda
 from etformer.engine import encoder as E
 from etformer.engine import optimize
@@ -115,12 +115,6 @@ def layer_sweep():
     return out
 
 
-def rel(a, b, mask):
-    keep = mask.bool()
-    a, b = a[keep].float(), b[keep].float()
-    return float((a - b).norm() / b.norm())
-
-
 def main(out_dir, ffn=False, pdl=False, layer=False):
     modes, shapes = ((FFN_MODES, FFN_SHAPES) if ffn else (PDL_MODES, PDL_SHAPES) if pdl else
                      (LAYER_MODES, LAYER_SHAPES) if layer else (MODES, SHAPES))
@@ -161,7 +155,7 @@ def main(out_dir, ffn=False, pdl=False, layer=False):
                 gpu = time_cuda(enc.graph_replay_fn(ids, mask), min_ms=100)["median_us"]
                 r = {"B": B, "S": S, "plan": name, "mode": mode, "round": rnd, "e2e_us": e2e, "gpu_us": gpu,
                      "peer_cublas_sdpa_graph_us": peer_us, "speedup_vs_peer": peer_us / e2e,
-                     "err": rel(y, ref, mask), "hf_fp16_err": rel(hf16, ref, mask)}
+                     "err": _rel(y, ref, mask), "hf_fp16_err": _rel(hf16, ref, mask)}
                 rows.append(r)
                 print(f"B={B:2d} S={S:3d} {name:6s} {mode:20s} e2e {e2e:7.1f} us  gpu {gpu:7.1f} us  "
                       f"peer {peer_us:7.1f} ({peer_us / e2e:.2f}x)  err {r['err']:.2e} (HF fp16 {r['hf_fp16_err']:.2e})",
